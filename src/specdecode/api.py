@@ -1,0 +1,40 @@
+"""Load once, generate many times.
+
+    import specdecode
+    dec = specdecode.load(draft="ngram")               # default target: SmolLM2-135M-Instruct
+    result = dec.generate("Summarise: ...", specdecode.GenerationConfig(max_new_tokens=64))
+    for event in dec.stream("Tell me a story"):        # text as it is accepted
+        print(event.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+from .config import ConfigError
+from .drafters.base import Drafter, NoDrafter
+from .drafters.model import ModelDrafter, check_same_vocabulary
+from .drafters.ngram import NgramDrafter
+from .engine import SpeculativeDecoder
+from .models import load_model
+
+BUILTIN_DRAFTERS = ("none", "ngram")
+
+
+def load(target: str | None = None, draft: str = "ngram", *, dtype: str = "auto", device: str = "auto") -> SpeculativeDecoder:
+    """Load a target (hub id, local directory, GGUF file, or None for the default) and a drafter:
+    ``"none"`` (plain decoding), ``"ngram"`` (prompt lookup) or a draft model's id/path."""
+    loaded = load_model(target, param="target", dtype=dtype, device=device)
+    drafter = make_drafter(draft, loaded, dtype=dtype, device=device)
+    return SpeculativeDecoder(loaded.model, loaded.tokenizer, drafter)
+
+
+def make_drafter(spec: str, target, *, dtype: str = "auto", device: str = "auto") -> Drafter:
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError("draft", f"must be none, ngram or a model id/path (got {spec!r})")
+    if spec == "none":
+        return NoDrafter()
+    if spec == "ngram":
+        return NgramDrafter()
+    loaded = load_model(spec, param="draft", dtype=dtype, device=device)
+    check_same_vocabulary(target.tokenizer, loaded.tokenizer)
+    vocab = min(target.model.get_output_embeddings().weight.shape[0], len(target.tokenizer))
+    return ModelDrafter(loaded.model, vocab_size=vocab, name=f"model:{spec}")

@@ -1,0 +1,84 @@
+"""Configuration as frozen dataclasses, validated in one place.
+
+Every user-facing parameter passes through :func:`GenerationConfig.validate`, which raises
+:class:`ConfigError` naming the parameter and the allowed range, so the CLI and the server can turn
+it into one clear line (or an HTTP 400) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+POLICIES = ("cost", "fixed", "heuristic", "confidence")
+
+
+class SpecDecodeError(Exception):
+    """Base class of errors that are the user's to fix; shown as one line, never a traceback."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+        self.message = message
+
+
+class ConfigError(SpecDecodeError, ValueError):
+    """A parameter is outside what is allowed."""
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 128  # hard bound on emitted tokens; a draft block is cut to fit
+    temperature: float = 0.0  # 0 means greedy (argmax); > 0 samples
+    top_k: int = 0  # 0 disables top-k filtering
+    top_p: float = 1.0  # nucleus mass in (0, 1]; 1 disables it
+    seed: int | None = None  # explicit seed -> identical samples on every run
+    stop: tuple[str, ...] = ()  # stop strings; may span several tokens
+    draft_len: int = 8  # largest draft block tau a step may propose
+    policy: str = "cost"  # how tau is chosen each step; see specdecode.policy
+    confidence: float = 0.3  # for policy="confidence": stop drafting below this draft top-prob
+    ignore_eos: bool = False  # benchmarks may want fixed-length outputs
+    extra: dict = field(default_factory=dict, compare=False)  # free-form, carried into the trace
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def confidence_floor(self) -> float:
+        """Drafters stop a block when their top probability falls below this (0: never)."""
+        return self.confidence if self.policy == "confidence" else 0.0
+
+    def validate(self) -> "GenerationConfig":
+        _check_int("max_new_tokens", self.max_new_tokens, 1)
+        if not _is_number(self.temperature) or not self.temperature >= 0:
+            raise ConfigError("temperature", f"must be a number >= 0 (got {self.temperature!r})")
+        _check_int("top_k", self.top_k, 0)
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ConfigError("top_p", f"must be in (0, 1] (got {self.top_p!r})")
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0)
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ConfigError("stop", "must be a list of non-empty strings")
+        _check_int("draft_len", self.draft_len, 0, 64)
+        if self.policy not in POLICIES:
+            raise ConfigError("policy", f"must be one of {', '.join(POLICIES)} (got {self.policy!r})")
+        if not _is_number(self.confidence) or not 0 <= self.confidence < 1:
+            raise ConfigError("confidence", f"must be in [0, 1) (got {self.confidence!r})")
+        return self
+
+    def with_(self, **changes) -> "GenerationConfig":
+        return replace(self, **changes).validate()
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(name, f"must be an integer {allowed} (got {value!r})")

