@@ -109,7 +109,7 @@ def _extra_commands():
     import importlib
 
     out = []
-    for module in ("serve", "bench", "explain", "check"):
+    for module in ("server", "bench", "explain", "check", "train"):
         try:
             mod = importlib.import_module(f".{module}", __package__)
         except ModuleNotFoundError as exc:

@@ -136,7 +136,11 @@ class SpeculativeDecoder:
         seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little")
         self.last_seed = seed
         generator = torch.Generator().manual_seed(seed)
-        policy = make_policy(config.policy, config.draft_len, self.cost)
+        # Seeded sampling must not depend on timing noise: plan with the fixed prior cost curve.
+        # (Greedy output does not depend on the draft lengths at all.)
+        seeded = config.seed is not None and not config.greedy
+        cost = CostModel.prior(self.drafter.cost_prior) if seeded else self.cost
+        policy = make_policy(config.policy, config.draft_len, cost)
         stats = RunStats(drafter=self.drafter.name, policy=policy.name, prompt_tokens=len(prompt_ids))
         stop = _StopMatcher(config.stop)
         decode = _Detokenizer(self.tokenizer)

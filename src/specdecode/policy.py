@@ -33,6 +33,16 @@ class CostModel:
     target_s: dict[int, float] = field(default_factory=dict)  # n tokens -> seconds
     draft_token_s: float | None = None
     smoothing: float = 0.2
+    # A frozen model ignores observed timings. Seeded sampling plans with one, so that the draft
+    # lengths - and with them the random draws - do not depend on machine noise.
+    frozen: bool = False
+
+    @classmethod
+    def prior(cls, draft_ratio: float = 0.0) -> "CostModel":
+        """The fixed prior curve: a 1-token pass costs 1 unit, a longer one PRIOR_PASS_RATIO units,
+        a drafted token ``draft_ratio`` units."""
+        curve = {n: 0.05 * (1.0 if n == 1 else PRIOR_PASS_RATIO) for n in range(1, 66)}
+        return cls(curve, 0.05 * draft_ratio, frozen=True)
 
     def target(self, n: int) -> float:
         if n in self.target_s:
@@ -50,11 +60,13 @@ class CostModel:
         return self.draft_token_s or 0.0
 
     def observe_target(self, n: int, seconds: float) -> None:
+        if self.frozen:
+            return
         old = self.target_s.get(n)
         self.target_s[n] = seconds if old is None else old + self.smoothing * (seconds - old)
 
     def observe_draft(self, tokens: int, seconds: float) -> None:
-        if tokens <= 0:
+        if tokens <= 0 or self.frozen:
             return
         per = seconds / tokens
         old = self.draft_token_s
