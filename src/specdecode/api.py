@@ -19,15 +19,17 @@ from .models import load_model
 BUILTIN_DRAFTERS = ("none", "ngram")
 
 
-def load(target: str | None = None, draft: str = "ngram", *, dtype: str = "auto", device: str = "auto") -> SpeculativeDecoder:
+def load(target: str | None = None, draft: str = "ngram", *, dtype: str = "auto", device: str = "auto",
+         fast: bool = True) -> SpeculativeDecoder:
     """Load a target (hub id, local directory, GGUF file, or None for the default) and a drafter:
-    ``"none"`` (plain decoding), ``"ngram"`` (prompt lookup) or a draft model's id/path."""
+    ``"none"`` (plain decoding), ``"ngram"`` (prompt lookup) or a draft model's id/path.
+    ``fast=False`` runs the Hugging Face modules instead of the lean Llama forward."""
     loaded = load_model(target, param="target", dtype=dtype, device=device)
-    drafter = make_drafter(draft, loaded, dtype=dtype, device=device)
-    return SpeculativeDecoder(loaded.model, loaded.tokenizer, drafter)
+    drafter = make_drafter(draft, loaded, dtype=dtype, device=device, fast=fast)
+    return SpeculativeDecoder(loaded.model, loaded.tokenizer, drafter, fast=fast)
 
 
-def make_drafter(spec: str, target, *, dtype: str = "auto", device: str = "auto") -> Drafter:
+def make_drafter(spec: str, target, *, dtype: str = "auto", device: str = "auto", fast: bool = True) -> Drafter:
     if not isinstance(spec, str) or not spec:
         raise ConfigError("draft", f"must be none, ngram or a model id/path (got {spec!r})")
     if spec == "none":
@@ -37,4 +39,4 @@ def make_drafter(spec: str, target, *, dtype: str = "auto", device: str = "auto"
     loaded = load_model(spec, param="draft", dtype=dtype, device=device)
     check_same_vocabulary(target.tokenizer, loaded.tokenizer)
     vocab = min(target.model.get_output_embeddings().weight.shape[0], len(target.tokenizer))
-    return ModelDrafter(loaded.model, vocab_size=vocab, name=f"model:{spec}")
+    return ModelDrafter(loaded.model, vocab_size=vocab, name=f"model:{spec}", fast=fast)

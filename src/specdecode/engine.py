@@ -23,7 +23,7 @@ import torch
 from .config import ConfigError, GenerationConfig
 from .drafters.base import Draft, Drafter
 from .policy import CostModel, make_policy
-from .runner import ModelRunner
+from .runner import make_runner
 from .sampling import logits_to_probs
 from .stats import RunStats, StepRecord
 from .verify import verify
@@ -76,12 +76,13 @@ class SpeculativeDecoder:
     server serialises requests through a worker for this reason.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, drafter: Drafter, cost: CostModel | None = None):
+    def __init__(self, model: torch.nn.Module, tokenizer, drafter: Drafter, cost: CostModel | None = None,
+                 fast: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.drafter = drafter
         self.vocab_size = min(model.get_output_embeddings().weight.shape[0], max(len(tokenizer), 1))
-        self.target = ModelRunner(model, vocab_size=self.vocab_size)
+        self.target = make_runner(model, vocab_size=self.vocab_size, fast=fast)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.cost = cost or CostModel()  # shared across calls: what was measured stays measured
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0)

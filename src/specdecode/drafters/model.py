@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ConfigError
-from ..runner import ModelRunner
+from ..runner import make_runner
 from ..sampling import logits_to_probs, sample
 from .base import Draft, Drafter
 
@@ -30,8 +30,8 @@ class ModelDrafter(Drafter):
     name = "model"
     cost_prior = 0.1  # a drafted token costs about a tenth of a target pass, before it is measured
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int, name: str = "model"):
-        self.runner = ModelRunner(model, vocab_size=vocab_size)
+    def __init__(self, model: torch.nn.Module, vocab_size: int, name: str = "model", fast: bool = True):
+        self.runner = make_runner(model, vocab_size=vocab_size, fast=fast)
         self.name = name
 
     def reset(self) -> None:

@@ -1,0 +1,258 @@
+"""A lean forward pass for Llama-family models, used instead of the Hugging Face module when it can.
+
+Why: on a small CPU the Hugging Face forward of the default target spends more time around its
+matrix products than in them, and the product it picks for a block of 2-16 tokens
+(``F.linear``) runs 2-4x slower than the same product written the other way round. Verification
+passes over a block are what speculative decoding pays for, so this matters twice.
+
+What it does (in the spirit of gpt-fast): plain functions over the Hugging Face weights, with
+q/k/v and gate/up fused into one product each, a preallocated KV cache written at explicit
+positions (cutting it back is setting a shorter length), and for every weight both layouts, each
+used for the block sizes where it was measured faster on this machine at load time.
+
+It computes the same function as the Hugging Face model (tests compare logits and greedy
+output); float rounding differs in the last bits, as it does between any two matmul kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED = ("llama", "mistral")
+MAX_TUNED = 16  # block sizes up to this get their own layout choice; larger ones use x @ w.T
+
+
+def supports(model: torch.nn.Module) -> bool:
+    cfg = model.config
+    rope = getattr(cfg, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    params = getattr(cfg, "rope_parameters", None) or {}
+    if isinstance(params, dict):
+        rope_type = params.get("rope_type", rope_type)
+    return (
+        getattr(cfg, "model_type", None) in SUPPORTED
+        and not getattr(cfg, "attention_bias", False)
+        and not getattr(cfg, "mlp_bias", False)
+        and rope_type == "default"
+        and getattr(cfg, "sliding_window", None) in (None, 0)
+        and getattr(cfg, "hidden_act", "silu") == "silu"
+        and next(model.parameters()).device.type == "cpu"
+    )
+
+
+class _Linear:
+    """One weight in both layouts; ``__call__`` uses the one measured faster for the block size."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.w = weight.detach().contiguous()  # [out, in]: (w @ x.T).T
+        self.wt = self.w.t().contiguous()  # [in, out]: x @ wt
+        self.use_wt = [True] * (MAX_TUNED + 1)  # index: block size
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [k, in] -> [k, out]
+        k = x.shape[0]
+        if k > MAX_TUNED or self.use_wt[k]:
+            return x @ self.wt
+        return (self.w @ x.t()).t()
+
+
+def _time(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t) / reps)
+    return best
+
+
+def tune_layouts(linears: list[_Linear], cache_file: Path | None = None) -> dict:
+    """Pick, per weight shape and block size, the faster of ``x @ w.T`` (stored transposed) and
+    ``(w @ x.T).T``. Results are cached per machine and torch version: tuning takes seconds."""
+    key_prefix = f"{platform.processor() or platform.machine()}|{_cpu_name()}|torch{torch.__version__}|threads{torch.get_num_threads()}"
+    table = {}
+    if cache_file is not None and cache_file.is_file():
+        try:
+            table = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            table = {}
+    changed = False
+    for lin in linears:
+        key = f"{key_prefix}|{tuple(lin.w.shape)}|{lin.w.dtype}"
+        if key not in table:
+            choice = [True]
+            for k in range(1, MAX_TUNED + 1):
+                x = torch.randn(k, lin.w.shape[1], dtype=lin.w.dtype)
+                reps = max(3, int(2e7 // lin.w.numel()))
+                choice.append(_time(lambda: x @ lin.wt, reps) <= _time(lambda: lin.w @ x.t(), reps))
+            table[key] = choice
+            changed = True
+        lin.use_wt = list(table[key])
+    if changed and cache_file is not None:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(table))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass
+    return table
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+class FastLlama:
+    """Weights and shapes of a Llama-family model, and its forward over a preallocated cache."""
+
+    def __init__(self, model: torch.nn.Module, tune: bool = True, tuning_cache: Path | None = None):
+        cfg = model.config
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.eps = cfg.rms_norm_eps
+        self.hidden = cfg.hidden_size
+        self.max_positions = cfg.max_position_embeddings
+        inner = model.model
+        with torch.no_grad():
+            self.embed = inner.embed_tokens.weight.detach()
+            self.layers = []
+            for layer in inner.layers:
+                a, m = layer.self_attn, layer.mlp
+                self.layers.append(
+                    (
+                        layer.input_layernorm.weight.detach(),
+                        _Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
+                        _Linear(a.o_proj.weight),
+                        layer.post_attention_layernorm.weight.detach(),
+                        _Linear(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
+                        _Linear(m.down_proj.weight),
+                    )
+                )
+            self.norm = inner.norm.weight.detach()
+            self.lm_head = _Linear(model.get_output_embeddings().weight)
+        theta = _rope_theta(cfg)
+        inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+        freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos, self.sin = emb.cos().to(self.embed.dtype), emb.sin().to(self.embed.dtype)
+        if tune:
+            tune_layouts(list(self.linears()), tuning_cache)
+
+    def linears(self):
+        for _, qkv, o, _, gate_up, down in self.layers:
+            yield from (qkv, o, gate_up, down)
+        yield self.lm_head
+
+    def new_cache(self, capacity: int) -> list[torch.Tensor]:
+        shape = (2, 1, self.n_kv, capacity, self.head_dim)
+        return [torch.empty(shape, dtype=self.embed.dtype) for _ in self.layers]
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, start: int, cache: list[torch.Tensor], num_logits: int) -> torch.Tensor:
+        """ids ``[k]`` at positions ``start..start+k-1``; writes their keys/values into ``cache``;
+        returns logits ``[num_logits, vocab]`` for the last ``num_logits`` positions."""
+        k = ids.shape[0]
+        end = start + k
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        x = self.embed[ids]  # [k, hidden]
+        cos, sin = self.cos[start:end], self.sin[start:end]  # [k, hd]
+        mask = None
+        if k > 1:  # query i (position start+i) sees keys 0..start+i
+            mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]  # [k, end]
+        for (ln1, qkv, o, ln2, gate_up, down), kv in zip(self.layers, cache):
+            h = F.rms_norm(x, (self.hidden,), ln1, self.eps)
+            q, key, val = qkv(h).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+            q = _rope(q.view(k, nh, hd), cos, sin).transpose(0, 1)  # [nh, k, hd]
+            kv[0, 0, :, start:end] = _rope(key.view(k, nkv, hd), cos, sin).transpose(0, 1)
+            kv[1, 0, :, start:end] = val.view(k, nkv, hd).transpose(0, 1)
+            att = F.scaled_dot_product_attention(
+                q[None], kv[0, :, :, :end], kv[1, :, :, :end], attn_mask=mask, enable_gqa=nh != nkv
+            )  # [1, nh, k, hd]
+            x = x + o(att[0].transpose(0, 1).reshape(k, nh * hd))
+            h = F.rms_norm(x, (self.hidden,), ln2, self.eps)
+            g, u = gate_up(h).chunk(2, dim=-1)
+            x = x + down(F.silu(g) * u)
+        if num_logits == 0:
+            return x[:0, :0]
+        x = F.rms_norm(x[-num_logits:], (self.hidden,), self.norm, self.eps)
+        return self.lm_head(x)  # [num_logits, vocab]
+
+
+def _rope_theta(cfg) -> float:
+    params = getattr(cfg, "rope_parameters", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        return float(params["rope_theta"])
+    return float(getattr(cfg, "rope_theta", 10000.0))
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, rotate-half convention (as the Hugging Face Llama): x ``[k, heads, hd]``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class FastRunner:
+    """Same interface as ``runner.ModelRunner``, over :class:`FastLlama`."""
+
+    def __init__(self, fast: FastLlama, vocab_size: int | None = None, capacity: int = 256):
+        self.fast = fast
+        self.vocab_size = vocab_size
+        self.cached: list[int] = []
+        self._cache = fast.new_cache(capacity)
+
+    def reset(self) -> None:
+        self.cached = []
+
+    def truncate(self, length: int) -> None:
+        del self.cached[length:]  # the buffer beyond this length is simply overwritten later
+
+    def sync(self, context: list[int]) -> int:
+        n = 0
+        limit = min(len(self.cached), len(context))
+        while n < limit and self.cached[n] == context[n]:
+            n += 1
+        self.truncate(n)
+        return n
+
+    def _ensure(self, length: int) -> None:
+        capacity = self._cache[0].shape[3]
+        if length <= capacity:
+            return
+        new_capacity = min(max(length, 2 * capacity), self.fast.max_positions)
+        if length > new_capacity:
+            raise ValueError(f"context of {length} tokens exceeds the model's {self.fast.max_positions}")
+        grown = self.fast.new_cache(new_capacity)
+        n = len(self.cached)
+        for old, new in zip(self._cache, grown):
+            new[:, :, :, :n] = old[:, :, :, :n]
+        self._cache = grown
+
+    def forward(self, token_ids: list[int], num_logits: int = 1) -> torch.Tensor:
+        start = len(self.cached)
+        self._ensure(start + len(token_ids))
+        logits = self.fast.forward(torch.tensor(token_ids, dtype=torch.long), start, self._cache, num_logits)
+        self.cached.extend(token_ids)
+        if self.vocab_size is not None:
+            logits = logits[:, : self.vocab_size]
+        return logits.float()
+
+    def cache_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.cached)
+        return [(kv[0, :, :, :n], kv[1, :, :, :n]) for kv in self._cache]
