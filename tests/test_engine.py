@@ -11,7 +11,7 @@ from specdecode.drafters.base import Draft, Drafter, NoDrafter
 from specdecode.drafters.model import ModelDrafter
 from specdecode.drafters.ngram import NgramDrafter
 from specdecode.engine import SpeculativeDecoder
-from specdecode.policy import CostModel
+from specdecode.costmodel import CostModel
 from specdecode.runner import ModelRunner
 
 PROMPTS = ["The cat sat on the mat and the cat", "Write a list of fruits: apple, banana,"]

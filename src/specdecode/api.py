@@ -36,6 +36,10 @@ def make_drafter(spec: str, target, *, dtype: str = "auto", device: str = "auto"
         return NoDrafter()
     if spec == "ngram":
         return NgramDrafter()
+    from .drafters.feature import is_feature_draft, load_feature_draft
+
+    if is_feature_draft(spec):
+        return load_feature_draft(spec, target.model)
     loaded = load_model(spec, param="draft", dtype=dtype, device=device)
     check_same_vocabulary(target.tokenizer, loaded.tokenizer)
     vocab = min(target.model.get_output_embeddings().weight.shape[0], len(target.tokenizer))

@@ -22,7 +22,8 @@ import torch
 
 from .config import ConfigError, GenerationConfig
 from .drafters.base import Draft, Drafter
-from .policy import CostModel, make_policy
+from .costmodel import CostModel
+from .policy import make_policy
 from .runner import make_runner
 from .sampling import logits_to_probs
 from .stats import RunStats, StepRecord
@@ -83,6 +84,7 @@ class SpeculativeDecoder:
         self.drafter = drafter
         self.vocab_size = min(model.get_output_embeddings().weight.shape[0], max(len(tokenizer), 1))
         self.target = make_runner(model, vocab_size=self.vocab_size, fast=fast)
+        drafter.attach(self.target)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.cost = cost or CostModel()  # shared across calls: what was measured stays measured
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0)

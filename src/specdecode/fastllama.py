@@ -188,6 +188,7 @@ class FastLlama:
             h = F.rms_norm(x, (self.hidden,), ln2, self.eps)
             g, u = gate_up(h).chunk(2, dim=-1)
             x = x + down(F.silu(g) * u)
+        self.last_hidden = x  # [k, hidden], before the final norm: features for draft heads
         if num_logits == 0:
             return x[:0, :0]
         x = F.rms_norm(x[-num_logits:], (self.hidden,), self.norm, self.eps)
@@ -216,6 +217,8 @@ class FastRunner:
         self.vocab_size = vocab_size
         self.cached: list[int] = []
         self._cache = fast.new_cache(capacity)
+        self.hidden: torch.Tensor | None = None  # the latest pass's features, from hidden_start on
+        self.hidden_start = 0
 
     def reset(self) -> None:
         self.cached = []
@@ -248,10 +251,19 @@ class FastRunner:
         start = len(self.cached)
         self._ensure(start + len(token_ids))
         logits = self.fast.forward(torch.tensor(token_ids, dtype=torch.long), start, self._cache, num_logits)
+        self.hidden, self.hidden_start = self.fast.last_hidden, start
         self.cached.extend(token_ids)
         if self.vocab_size is not None:
             logits = logits[:, : self.vocab_size]
         return logits.float()
+
+    def hidden_at(self, position: int) -> torch.Tensor | None:
+        """The last layer's output (before the final norm) at ``position``, if the latest pass
+        computed it and it is still in the cache; else None."""
+        i = position - self.hidden_start
+        if self.hidden is None or not 0 <= i < self.hidden.shape[0] or position >= len(self.cached):
+            return None
+        return self.hidden[i]
 
     def cache_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.cached)

@@ -5,98 +5,14 @@
 * ``confidence``: the configured tau, but the drafter stops early once its own top probability
   falls below a threshold (``GenerationConfig.confidence``).
 * ``cost`` (default): each step, pick the tau that maximises expected tokens per second from the
-  online acceptance estimate and the cost curve, including tau = 0 (no speculation) when nothing
-  pays. This is Leviathan et al. 2023, Theorem 3.8 (expected tokens per step
-  ``(1 - a^(tau+1)) / (1 - a)``), generalised to per-position acceptance rates and a measured cost
-  curve instead of a constant cost ratio.
+  online acceptance estimate and the cost curve (``costmodel``), including tau = 0 (no
+  speculation) when nothing pays.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
+from .costmodel import CostModel, best_draft_len
 from .stats import StepRecord
-
-# Prior cost of a target pass over n tokens relative to a 1-token pass, before anything is measured.
-# Measured on the default target on a 2-core CPU: 1 token ~43 ms, 2..8 tokens ~65-70 ms.
-PRIOR_PASS_RATIO = 1.6
-
-
-@dataclass
-class CostModel:
-    """Seconds per target pass over n tokens, and seconds per drafted token.
-
-    Starts from a prior (or from a measured curve, e.g. ``bench``'s calibration) and follows the
-    times the engine observes with an exponential moving average.
-    """
-
-    target_s: dict[int, float] = field(default_factory=dict)  # n tokens -> seconds
-    draft_token_s: float | None = None
-    smoothing: float = 0.2
-    # A frozen model ignores observed timings. Seeded sampling plans with one, so that the draft
-    # lengths - and with them the random draws - do not depend on machine noise.
-    frozen: bool = False
-
-    @classmethod
-    def prior(cls, draft_ratio: float = 0.0) -> "CostModel":
-        """The fixed prior curve: a 1-token pass costs 1 unit, a longer one PRIOR_PASS_RATIO units,
-        a drafted token ``draft_ratio`` units."""
-        curve = {n: 0.05 * (1.0 if n == 1 else PRIOR_PASS_RATIO) for n in range(1, 66)}
-        return cls(curve, 0.05 * draft_ratio, frozen=True)
-
-    def target(self, n: int) -> float:
-        if n in self.target_s:
-            return self.target_s[n]
-        if not self.target_s:
-            return 0.05 * (1.0 if n == 1 else PRIOR_PASS_RATIO)
-        # nearest measured size scaled by the prior shape
-        known = sorted(self.target_s)
-        below = [k for k in known if k <= n]
-        base = below[-1] if below else known[0]
-        scale = 1.0 if (base > 1) == (n > 1) else (PRIOR_PASS_RATIO if n > 1 else 1 / PRIOR_PASS_RATIO)
-        return self.target_s[base] * scale
-
-    def draft(self) -> float:
-        return self.draft_token_s or 0.0
-
-    def observe_target(self, n: int, seconds: float) -> None:
-        if self.frozen:
-            return
-        old = self.target_s.get(n)
-        self.target_s[n] = seconds if old is None else old + self.smoothing * (seconds - old)
-
-    def observe_draft(self, tokens: int, seconds: float) -> None:
-        if tokens <= 0 or self.frozen:
-            return
-        per = seconds / tokens
-        old = self.draft_token_s
-        self.draft_token_s = per if old is None else old + self.smoothing * (per - old)
-
-    def step_seconds(self, tau: int) -> float:
-        return tau * self.draft() + self.target(tau + 1)
-
-
-def expected_tokens(acceptance: list[float], tau: int) -> float:
-    """Expected tokens emitted by one step that drafts tau tokens: 1 + a1 + a1*a2 + ...
-    (``acceptance[i]`` is the chance position i+1 is accepted given all before it were)."""
-    total, run = 1.0, 1.0
-    for i in range(tau):
-        run *= acceptance[i] if i < len(acceptance) else (acceptance[-1] if acceptance else 0.0)
-        total += run
-    return total
-
-
-def best_draft_len(acceptance: list[float], cost: CostModel, max_tau: int) -> tuple[int, float]:
-    """The tau in [0, max_tau] with the most expected tokens per second, and its predicted speedup
-    over plain decoding (one 1-token target pass per token)."""
-    plain = 1.0 / cost.target(1)
-    best, best_rate = 0, plain
-    for tau in range(1, max_tau + 1):
-        rate = expected_tokens(acceptance, tau) / cost.step_seconds(tau)
-        if rate > best_rate * 1.0001:
-            best, best_rate = tau, rate
-    return best, best_rate / plain
-
 
 class Policy:
     name = "fixed"

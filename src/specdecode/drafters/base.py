@@ -46,6 +46,9 @@ class Drafter:
     def reset(self) -> None:
         """Forget per-request state (caches, indexes)."""
 
+    def attach(self, target_runner) -> None:
+        """Called once with the target's runner, for drafters that read the target's features."""
+
 
 class NoDrafter(Drafter):
     """Proposes nothing: every step is one plain target pass. The baseline for every speed figure,

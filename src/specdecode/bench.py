@@ -1,0 +1,369 @@
+"""``specdecode bench``: speculative decoding against plain decoding (and Hugging Face's assisted
+generation) on a Spec-Bench-format question file, side by side in one process.
+
+Each prompt is run by every contender back to back, in an order that alternates from prompt to
+prompt, so that machine noise (other processes, frequency changes) hits them alike. Greedy runs
+are also checked token for token against the baseline.
+
+Speedup is a ratio of wall-clock tokens per second (tokens and seconds summed over the prompts
+of a category); ``median_speedup`` is the median of per-prompt ratios. ``mean_accepted_tokens``
+counts the target's own token (Spec-Bench's convention). ``predicted_speedup`` is what the cost
+model (``costmodel``) says the run's steps should have achieved given the measured pass times;
+``efficiency`` is measured over predicted.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ConfigError, GenerationConfig, SpecDecodeError
+
+
+@dataclass
+class PromptResult:
+    question_id: object
+    category: str
+    base_tokens: int
+    base_s: float
+    spec_tokens: int
+    spec_s: float
+    greedy_match: bool | None
+    steps: list[dict]
+    stats: dict
+    hf_tokens: int = 0
+    hf_s: float = 0.0
+
+    @property
+    def speedup(self) -> float:
+        return (self.spec_tokens / self.spec_s) / (self.base_tokens / self.base_s) if self.base_tokens and self.spec_s else 0.0
+
+
+def load_questions(path: str, categories: list[str] | None, limit: int | None) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("dataset", f"no such file: {path}")
+    questions = []
+    try:
+        with p.open() as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    q = json.loads(line)
+                    if not isinstance(q.get("turns"), list) or not q["turns"] or "category" not in q:
+                        raise ValueError(f"line {n} lacks 'category' or 'turns'")
+                    questions.append(q)
+    except ValueError as exc:
+        raise ConfigError("dataset", f"not a Spec-Bench question file ({exc})") from None
+    known = sorted({q["category"] for q in questions})
+    if categories:
+        unknown = [c for c in categories if c not in known]
+        if unknown:
+            raise ConfigError("categories", f"unknown {', '.join(unknown)}; the file has {', '.join(known)}")
+        questions = [q for q in questions if q["category"] in categories]
+    if limit is not None:
+        if limit < 1:
+            raise ConfigError("limit", f"must be >= 1 (got {limit})")
+        per: dict[str, int] = {}
+        kept = []
+        for q in questions:
+            if per.get(q["category"], 0) < limit:
+                per[q["category"]] = per.get(q["category"], 0) + 1
+                kept.append(q)
+        questions = kept
+    return questions
+
+
+def _hf_generate(model, prompt_ids, config: GenerationConfig, draft_spec: str, assistant):
+    """Hugging Face's own assisted generation with the same drafter, greedy (or sampling)."""
+    import torch
+
+    kwargs = {"max_new_tokens": config.max_new_tokens, "do_sample": not config.greedy, "pad_token_id": model.config.eos_token_id}
+    if not config.greedy:
+        kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or None)
+    if draft_spec == "ngram":
+        kwargs["prompt_lookup_num_tokens"] = 10
+    elif assistant is not None:
+        kwargs["assistant_model"] = assistant
+    ids = torch.tensor([prompt_ids])
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    return out.shape[1] - ids.shape[1], time.perf_counter() - t
+
+
+def summarize(results: list[PromptResult], cost, compare_hf: bool) -> dict:
+    from .costmodel import predicted_speedup_of_steps
+
+    def block(rs: list[PromptResult]) -> dict:
+        base_tps = sum(r.base_tokens for r in rs) / sum(r.base_s for r in rs)
+        spec_tps = sum(r.spec_tokens for r in rs) / sum(r.spec_s for r in rs)
+        drafted = sum(r.stats["drafted"] for r in rs)
+        accepted = sum(r.stats["accepted"] for r in rs)
+        steps = sum(r.stats["steps"] for r in rs)
+        width = max((len(r.stats["drafted_at"]) for r in rs), default=0)
+        d_at = [sum(r.stats["drafted_at"][i] for r in rs if i < len(r.stats["drafted_at"])) for i in range(width)]
+        a_at = [sum(r.stats["accepted_at"][i] for r in rs if i < len(r.stats["accepted_at"])) for i in range(width)]
+        all_steps = [s for r in rs for s in r.steps]
+        predicted = predicted_speedup_of_steps(all_steps, cost)
+        speedup = spec_tps / base_tps
+        out = {
+            "prompts": len(rs),
+            "speedup": speedup,
+            "median_speedup": statistics.median(r.speedup for r in rs),
+            "min_speedup": min(r.speedup for r in rs),
+            "mean_accepted_tokens": sum(r.spec_tokens for r in rs) / steps if steps else 0.0,
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "acceptance_by_position": [a / d if d else 0.0 for a, d in zip(a_at, d_at)],
+            "drafted_by_position": d_at,
+            "tokens_per_second": spec_tps,
+            "baseline_tokens_per_second": base_tps,
+            "greedy_match": all(r.greedy_match for r in rs) if rs[0].greedy_match is not None else None,
+            "greedy_mismatches": sum(1 for r in rs if r.greedy_match is False),
+            "predicted_speedup": predicted,
+            "efficiency": speedup / predicted if predicted else 0.0,
+        }
+        if compare_hf:
+            hf_tps = sum(r.hf_tokens for r in rs) / sum(r.hf_s for r in rs)
+            out["hf_tokens_per_second"] = hf_tps
+            out["ratio_vs_hf"] = spec_tps / hf_tps
+        return out
+
+    cats: dict[str, list[PromptResult]] = {}
+    for r in results:
+        cats.setdefault(r.category, []).append(r)
+    return {"overall": block(results), "categories": {c: block(rs) for c, rs in cats.items()}}
+
+
+def cost_report(cost, acceptance: list[float], max_tau: int) -> dict:
+    from .costmodel import best_draft_len, expected_tokens
+
+    t1 = cost.target(1)
+    by_tau = {}
+    for tau in range(0, max_tau + 1):
+        rate = expected_tokens(acceptance, tau) / cost.step_seconds(tau)
+        by_tau[tau] = rate * t1
+    best, best_speedup = best_draft_len(acceptance, cost, max_tau)
+    return {
+        "target_pass_ms": {n: cost.target_s[n] * 1000 for n in sorted(cost.target_s)},
+        "pass_ratio": {n: cost.target_s[n] / t1 for n in sorted(cost.target_s)},
+        "draft_token_ms": cost.draft() * 1000,
+        "draft_cost_ratio": cost.draft() / t1,
+        "predicted_speedup_by_tau": by_tau,
+        "best_tau": best,
+        "best_predicted_speedup": best_speedup,
+    }
+
+
+def run_bench(args) -> dict:
+    from tqdm import tqdm
+
+    from .api import load, make_drafter
+    from .costmodel import CostModel, measure_target_curve
+    from .drafters.base import NoDrafter
+    from .engine import SpeculativeDecoder
+    from .models import load_model
+    from .trace import TraceWriter
+
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed if args.seed is not None else (None if args.temperature == 0 else 0),
+        draft_len=args.draft_len, policy=args.policy, confidence=args.confidence,
+    ).validate()
+    categories = [c for c in (args.categories or "").split(",") if c] or None
+    questions = load_questions(args.dataset, categories, args.limit)
+    if not questions:
+        raise ConfigError("dataset", "no questions left after --categories/--limit")
+    if args.compare and args.compare != "hf":
+        raise ConfigError("compare", f"only 'hf' is supported (got {args.compare!r})")
+
+    target = load_model(args.target, param="target", dtype=args.dtype, device=args.device)
+    drafter = make_drafter(args.draft, target, dtype=args.dtype, device=args.device)
+    spec = SpeculativeDecoder(target.model, target.tokenizer, drafter)
+    base = SpeculativeDecoder(target.model, target.tokenizer, NoDrafter())
+    assistant = getattr(drafter, "model", None) if args.draft not in ("none", "ngram") else None
+
+    # the cost model: measured pass times 1..16 (and the draft's per-token cost, from the run)
+    curve = measure_target_curve(base.target, n_max=16)
+    spec.cost = CostModel(target_s=dict(curve))
+    if args.policy == "cost":
+        pass  # the policy starts from the measured curve and keeps following live timings
+    trace = TraceWriter(args.trace, meta={"target": args.target or "default", "draft": args.draft, "bench": True}) if args.trace else None
+
+    # warm-up: the first call of each path pays one-time costs (allocations, code paths)
+    warm = spec.encode("Hello", chat=True)
+    base.generate(warm, config.with_(max_new_tokens=4))
+    spec.generate(warm, config.with_(max_new_tokens=4))
+
+    results: list[PromptResult] = []
+    bar = tqdm(questions, desc=f"bench {args.draft}", unit="prompt", file=sys.stderr, disable=args.quiet)
+    for i, q in enumerate(bar):
+        prompt_ids = spec.encode(q["turns"][0], chat=not args.no_chat)
+        contenders = ["base", "spec"] + (["hf"] if args.compare == "hf" else [])
+        if i % 2:
+            contenders.reverse()
+        out = {}
+        for who in contenders:
+            if who == "hf":
+                out["hf"] = _hf_generate(target.model, prompt_ids, config, args.draft, _hf_assistant(assistant))
+            else:
+                dec = base if who == "base" else spec
+                steps: list[dict] = []
+                recorder = _StepRecorder(steps, trace if who == "spec" else None)
+                res = dec.generate(prompt_ids, config, trace=recorder)
+                out[who] = (res, steps)
+        b, s = out["base"][0], out["spec"][0]
+        results.append(PromptResult(
+            q.get("question_id"), q["category"], len(b.token_ids), b.stats.total_s, len(s.token_ids), s.stats.total_s,
+            (b.token_ids == s.token_ids) if config.greedy else None, out["spec"][1], s.stats.to_json(),
+            *(out["hf"] if "hf" in out else (0, 0.0)),
+        ))
+        bar.set_postfix(speedup=f"{results[-1].speedup:.2f}", accepted=f"{s.stats.mean_accepted_length:.2f}")
+    if trace is not None:
+        trace.close()
+
+    spec.cost.observe_draft(1, 0.0) if spec.cost.draft_token_s is None else None
+    summary = summarize(results, spec.cost, args.compare == "hf")
+    summary["cost_model"] = cost_report(spec.cost, _policy_free_acceptance(summary["overall"]), args.draft_len)
+    summary["config"] = {
+        "target": args.target or "default (SmolLM2-135M-Instruct)", "draft": args.draft, "dataset": args.dataset,
+        "limit": args.limit, "categories": categories, "max_new_tokens": config.max_new_tokens,
+        "temperature": config.temperature, "policy": config.policy, "draft_len": config.draft_len,
+        "compare": args.compare, "prompts": len(results),
+    }
+    summary["prompts"] = [
+        {"question_id": r.question_id, "category": r.category, "speedup": r.speedup, "tokens": r.spec_tokens,
+         "greedy_match": r.greedy_match, "mean_accepted_tokens": r.stats["mean_accepted_length"]}
+        for r in results
+    ]
+    return summary
+
+
+def _hf_assistant(assistant):
+    return assistant
+
+
+def _policy_free_acceptance(overall: dict) -> list[float]:
+    """Per-position conditional acceptance from the run (the cost model's input)."""
+    return overall["acceptance_by_position"] or [0.0]
+
+
+class _StepRecorder:
+    """A trace sink that keeps the step records for the cost model (and forwards to a file)."""
+
+    def __init__(self, steps: list, trace=None):
+        self.steps, self.trace = steps, trace
+
+    def header(self, **info):
+        if self.trace is not None:
+            self.trace.header(**info)
+
+    def step(self, rec):
+        self.steps.append(rec.to_json())
+        if self.trace is not None:
+            self.trace.step(rec)
+
+    def summary(self, stats, finish_reason):
+        if self.trace is not None:
+            self.trace.summary(stats, finish_reason)
+
+
+def format_table(summary: dict) -> str:
+    hf = "ratio_vs_hf" in summary["overall"]
+    head = f"{'category':<16}{'n':>4}{'speedup':>9}{'median':>8}{'min':>7}{'pred':>7}{'eff':>6}{'acc.tok':>8}{'acc.rate':>9}{'tok/s':>8}{'base':>7}{'match':>7}"
+    if hf:
+        head += f"{'hf tok/s':>9}{'vs hf':>7}"
+    lines = [head, "-" * len(head)]
+    rows = list(summary["categories"].items()) + [("overall", summary["overall"])]
+    for name, c in rows:
+        match = "-" if c["greedy_match"] is None else ("yes" if c["greedy_match"] else f"no({c['greedy_mismatches']})")
+        line = (f"{name:<16}{c['prompts']:>4}{c['speedup']:>8.2f}x{c['median_speedup']:>7.2f}x{c['min_speedup']:>6.2f}x"
+                f"{c['predicted_speedup']:>6.2f}x{c['efficiency']:>6.2f}{c['mean_accepted_tokens']:>8.2f}{c['acceptance_rate']:>9.2f}"
+                f"{c['tokens_per_second']:>8.1f}{c['baseline_tokens_per_second']:>7.1f}{match:>7}")
+        if hf:
+            line += f"{c['hf_tokens_per_second']:>9.1f}{c['ratio_vs_hf']:>6.2f}x"
+        if name == "overall":
+            lines.append("-" * len(head))
+        lines.append(line)
+    cm = summary["cost_model"]
+    ratios = ", ".join(f"{n}:{r:.2f}" for n, r in cm["pass_ratio"].items() if n in (2, 4, 8, 16))
+    lines.append("")
+    lines.append(f"target pass T(1) = {cm['target_pass_ms'][1]:.1f} ms; T(n)/T(1) {ratios}; draft token = "
+                 f"{cm['draft_cost_ratio']:.3f} T(1); best fixed tau by the cost model: {cm['best_tau']} "
+                 f"(predicted {cm['best_predicted_speedup']:.2f}x)")
+    return "\n".join(lines)
+
+
+def write_plots(summary: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    cats = list(summary["categories"])
+    fig, ax = plt.subplots(figsize=(max(6, len(cats) * 0.7 + 2), 4))
+    values = [summary["categories"][c]["speedup"] for c in cats]
+    bars = ax.bar(cats, values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    ax.axhline(1.0, color="black", lw=0.8)
+    if any("predicted_speedup" in summary["categories"][c] for c in cats):
+        ax.scatter(cats, [summary["categories"][c]["predicted_speedup"] for c in cats], color="black", marker="_", s=300,
+                   label="cost-model prediction", zorder=3)
+        ax.legend()
+    ax.bar_label(bars, fmt="%.2fx", fontsize=8)
+    ax.set_ylabel("speedup over plain decoding")
+    ax.set_title(f"speedup per category ({summary['config']['draft']}, overall {summary['overall']['speedup']:.2f}x)")
+    plt.setp(ax.get_xticklabels(), rotation=35, ha="right")
+    fig.tight_layout()
+    paths.append(out / "speedup_by_category.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, c in list(summary["categories"].items()) + [("overall", summary["overall"])]:
+        acc = c["acceptance_by_position"]
+        if acc:
+            ax.plot(range(1, len(acc) + 1), acc, marker="o", lw=2.5 if name == "overall" else 1,
+                    color="black" if name == "overall" else None, label=name)
+    ax.set_xlabel("draft position")
+    ax.set_ylabel("acceptance (given all earlier accepted)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("acceptance by draft position")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    paths.append(out / "acceptance_by_position.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def cmd_bench(args) -> int:
+    summary = run_bench(args)
+    print(format_table(summary))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(summary, indent=2))
+        plots = write_plots(summary, out)
+        print(f"\nwrote {out / 'results.json'} and {', '.join(p.name for p in plots)}")
+    return 0
+
+
+def register(sub) -> None:
+    from .cli import add_model_args, add_sampling_args
+
+    p = sub.add_parser("bench", help="speculative vs plain decoding (and HF) on a Spec-Bench question file")
+    p.add_argument("--dataset", required=True, help="Spec-Bench-format question.jsonl")
+    p.add_argument("--categories", default=None, help="comma-separated categories (default: all)")
+    p.add_argument("--limit", type=int, default=None, help="at most N questions per category")
+    p.add_argument("--compare", default=None, help="'hf': also run Hugging Face assisted generation")
+    p.add_argument("--out", default=None, help="directory for results.json and plots")
+    p.add_argument("--trace", default=None, help="write the speculative runs' steps to this file")
+    p.add_argument("--no-chat", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_bench, max_new_tokens=128)

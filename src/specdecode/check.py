@@ -1,0 +1,198 @@
+"""``specdecode check``: an empirical losslessness check of a configured target/drafter pair.
+
+* Greedy (temperature 0): speculative output must be token-identical to plain decoding of the
+  same target. On a mismatch we report the first differing position, both tokens, and the target's
+  top-2 logit gap there: a gap near zero is a tie broken differently by float rounding (the
+  1-token and the block pass use different matmul kernels), not a wrong acceptance rule.
+* Sampling: at each context, many seeded speculative generations of ``depth`` tokens; the first
+  token's empirical distribution is compared with the target's own sampling distribution there
+  (computed exactly in one pass), and so is the second token's, among draws whose first token was
+  the most likely one. Test: Pearson chi-square over the tokens expected at least 5 times (the rest
+  pooled), at significance ``alpha``; we also report the total-variation distance.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .config import ConfigError, GenerationConfig
+from .drafters.base import NoDrafter
+from .engine import SpeculativeDecoder
+from .sampling import logits_to_probs
+
+CHECK_PROMPTS = [
+    "Summarize in two sentences: The museum reopened after two years of renovation. Visitors can now see the "
+    "restored ceiling paintings, a new wing for modern art, and an interactive exhibit for children.",
+    "Write a Python function that returns the largest of three numbers.",
+    "What are three benefits of regular exercise?",
+    "Repeat the following list exactly: red, green, blue, red, green, blue, red, green, blue.",
+]
+
+
+@dataclass
+class GreedyCase:
+    prompt: str
+    match: bool
+    position: int | None = None
+    speculative_token: int | None = None
+    plain_token: int | None = None
+    top2_gap: float | None = None
+    verdict: str = "match"
+
+
+def chi_square_test(counts: torch.Tensor, probs: torch.Tensor, alpha: float) -> dict:
+    """Pearson chi-square goodness of fit; cells with expected count < 5 are pooled into one."""
+    n = float(counts.sum())
+    expected = probs.double() * n
+    big = expected >= 5
+    obs = [float(c) for c in counts[big]]
+    exp = [float(e) for e in expected[big]]
+    rest_obs, rest_exp = float(counts[~big].sum()), float(expected[~big].sum())
+    if rest_exp > 0 or rest_obs > 0:
+        obs.append(rest_obs)
+        exp.append(max(rest_exp, 1e-12))
+    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
+    dof = max(1, len(obs) - 1)
+    # chi-square survival function: regularized upper incomplete gamma Q(dof/2, stat/2)
+    p_value = float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
+    tv = 0.5 * float((counts.double() / n - probs.double()).abs().sum())
+    return {"draws": int(n), "chi2": stat, "dof": dof, "p_value": p_value, "tv_distance": tv, "alpha": alpha,
+            "passed": p_value >= alpha}
+
+
+def check_greedy(spec: SpeculativeDecoder, plain: SpeculativeDecoder, prompts: list[str], config: GenerationConfig,
+                 tie_gap: float = 1e-3) -> list[GreedyCase]:
+    cases = []
+    for prompt in prompts:
+        want = plain.generate(prompt, config).token_ids
+        got = spec.generate(prompt, config).token_ids
+        if got == want:
+            cases.append(GreedyCase(prompt, True))
+            continue
+        i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        prefix = plain.encode(prompt) + want[:i]
+        plain.target.reset()
+        logits = plain.target.forward(prefix, num_logits=1)[0]
+        top2 = torch.topk(logits, 2).values
+        gap = float(top2[0] - top2[1])
+        verdict = "numerical tie" if gap < tie_gap else "wrong output"
+        cases.append(GreedyCase(prompt, False, i, got[i] if i < len(got) else None, want[i] if i < len(want) else None,
+                                gap, verdict))
+        plain.target.reset()
+    return cases
+
+
+def check_sampling(spec: SpeculativeDecoder, prompts: list[str], config: GenerationConfig, draws: int, alpha: float,
+                   depth: int = 3, progress: bool = True) -> list[dict]:
+    from tqdm import tqdm
+
+    results = []
+    cfg = config.with_(max_new_tokens=depth, ignore_eos=True)
+    for c, prompt in enumerate(prompts):
+        ids = spec.encode(prompt)
+        # the target's exact sampling distribution at the context (and after its likeliest next token)
+        plain = spec.target
+        plain.reset()
+        first = logits_to_probs(plain.forward(ids, num_logits=1)[0], cfg.temperature, cfg.top_k, cfg.top_p)
+        mode = int(first.argmax())
+        plain.reset()
+        second = logits_to_probs(plain.forward(ids + [mode], num_logits=1)[0], cfg.temperature, cfg.top_k, cfg.top_p)
+        plain.reset()
+        c1 = torch.zeros_like(first)
+        c2 = torch.zeros_like(second)
+        drafted = accepted = 0
+        bar = tqdm(range(draws), desc=f"context {c + 1}/{len(prompts)}", file=sys.stderr, disable=not progress, leave=False)
+        for k in bar:
+            r = spec.generate(ids, cfg.with_(seed=1_000_003 * c + k))
+            c1[r.token_ids[0]] += 1
+            if r.token_ids[0] == mode and len(r.token_ids) > 1:
+                c2[r.token_ids[1]] += 1
+            drafted += r.stats.drafted
+            accepted += r.stats.accepted
+        t1 = chi_square_test(c1, first, alpha)
+        t2 = chi_square_test(c2, second, alpha) if c2.sum() >= 20 else None
+        results.append({
+            "prompt": prompt[:60],
+            "first_token": t1,
+            "second_token_after_mode": t2,
+            "drafted": drafted,
+            "accepted": accepted,
+            "passed": t1["passed"] and (t2 is None or t2["passed"]),
+        })
+    return results
+
+
+def run_check(spec: SpeculativeDecoder, config: GenerationConfig, prompts: list[str] | None = None, draws: int = 1000,
+              alpha: float = 1e-3, progress: bool = True) -> dict:
+    prompts = prompts or CHECK_PROMPTS
+    if config.greedy:
+        plain = SpeculativeDecoder(spec.model, spec.tokenizer, NoDrafter())
+        cases = check_greedy(spec, plain, prompts, config)
+        real = [c for c in cases if not c.match and c.verdict != "numerical tie"]
+        return {"mode": "greedy", "passed": not real, "cases": [c.__dict__ for c in cases]}
+    results = check_sampling(spec, prompts, config, draws, alpha, progress=progress)
+    # several tests: Bonferroni, so that a correct engine passes with probability >= 1 - alpha overall
+    return {"mode": "sampling", "passed": all(r["passed"] for r in results), "contexts": results}
+
+
+def cmd_check(args) -> int:
+    from .api import load
+    from .cli import config_from_args
+
+    config = config_from_args(args)
+    if args.draws < 20:
+        raise ConfigError("draws", f"must be >= 20 (got {args.draws})")
+    if not 0 < args.alpha < 0.5:
+        raise ConfigError("alpha", f"must be in (0, 0.5) (got {args.alpha})")
+    spec = load(args.target, args.draft, dtype=args.dtype, device=args.device)
+    prompts = CHECK_PROMPTS[: args.contexts] if not config.greedy else CHECK_PROMPTS
+    report = run_check(spec, config, prompts, args.draws, args.alpha / max(1, 2 * len(prompts)), progress=not args.json)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report, spec.tokenizer))
+    return 0 if report["passed"] else 1
+
+
+def format_report(report: dict, tokenizer) -> str:
+    lines = []
+    if report["mode"] == "greedy":
+        for c in report["cases"]:
+            if c["match"]:
+                lines.append(f"match      {c['prompt'][:60]!r}")
+            else:
+                lines.append(
+                    f"{c['verdict'].upper():<10} {c['prompt'][:60]!r}: first difference at token {c['position']}: "
+                    f"speculative {c['speculative_token']} {tokenizer.decode([c['speculative_token']])!r} vs plain "
+                    f"{c['plain_token']} {tokenizer.decode([c['plain_token']])!r}; target top-2 logit gap {c['top2_gap']:.2e}"
+                )
+    else:
+        for r in report["contexts"]:
+            for name in ("first_token", "second_token_after_mode"):
+                t = r[name]
+                if t is None:
+                    continue
+                lines.append(
+                    f"{'pass' if t['passed'] else 'FAIL':<5} {name:<24} {r['prompt']!r}: {t['draws']} draws, chi2 {t['chi2']:.1f} "
+                    f"(dof {t['dof']}), p = {t['p_value']:.3g} (alpha {t['alpha']:.1g}), TV distance {t['tv_distance']:.3f}"
+                )
+            lines.append(f"      drafted {r['drafted']} tokens, accepted {r['accepted']}")
+    lines.append("PASSED: output is the target's" if report["passed"] else "FAILED: output differs from the target's")
+    return "\n".join(lines)
+
+
+def register(sub) -> None:
+    from .cli import add_model_args, add_sampling_args
+
+    p = sub.add_parser("check", help="empirical losslessness check of a target/drafter pair")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--draws", type=int, default=1000, help="seeded generations per context (sampling)")
+    p.add_argument("--contexts", type=int, default=2, help="contexts for the sampling check")
+    p.add_argument("--alpha", type=float, default=0.01, help="overall significance level (Bonferroni-split)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check, max_new_tokens=48)

@@ -1,0 +1,89 @@
+"""Prompts for self-distillation, made from templates and word lists with a seeded generator.
+
+Nothing here comes from Spec-Bench (which stays held out for measuring). The mix covers what chat
+users ask - explanations, stories, lists, how-tos, code, arithmetic word problems, rewriting, and
+questions about a passage given in the prompt (the passages are the target's own earlier answers,
+so the draft also learns to copy from its context).
+"""
+
+from __future__ import annotations
+
+import random
+
+TOPICS = """photosynthesis; black holes; the water cycle; compound interest; machine learning; the French Revolution;
+volcanoes; the immune system; climate change; recycling; the stock market; electric cars; the Roman Empire;
+sleep; coffee; honeybees; the internet; vaccines; earthquakes; renewable energy; the moon landing; democracy;
+inflation; plate tectonics; the human heart; gravity; bread baking; chess; the Renaissance; oceans; rainforests;
+cryptography; the printing press; jazz; marathon training; meditation; urban gardening; time zones; rainbows;
+the periodic table; antibiotics; supply and demand; the Great Wall of China; solar panels; dinosaurs; glaciers;
+social media; public libraries; the Olympic Games; tea ceremonies; bicycles; DNA; nuclear fusion; bird migration;
+the Silk Road; budgeting; remote work; volunteering; the Pythagorean theorem; probability; memory; languages;
+museums; trains; satellites; mushrooms; deserts; coral reefs; sourdough; photography; origami; robotics; vitamins""".replace("\n", " ")
+
+THINGS = """a lonely robot; a brave mouse; an old lighthouse keeper; a talking cat; a lost astronaut; a young chef;
+a clockmaker; a dragon who cannot fly; a girl who collects maps; a retired detective; a tiny village; a magic
+umbrella; a forgotten library; a friendly ghost; a traveling musician; twin sisters; a stubborn goat""".replace("\n", " ")
+
+AUDIENCES = ["a ten-year-old", "a beginner", "a busy manager", "a high school student", "a grandparent", "an engineer"]
+
+TASKS = """sort a list of numbers; check if a word is a palindrome; count the vowels in a string; compute the factorial
+of n; find the largest element in a list; reverse a linked list; merge two sorted lists; compute Fibonacci numbers;
+remove duplicates from a list; convert Celsius to Fahrenheit; check if a number is prime; count word frequencies
+in a text; flatten a nested list; compute the average of a list; validate an email address""".replace("\n", " ")
+
+LANGS = ["Python", "JavaScript", "Python", "C", "Python", "Go"]
+
+NAMES = ["Anna", "Ben", "Carlos", "Dana", "Emil", "Fatima", "Greg", "Hana", "Ivan", "Julia", "Kofi", "Lena"]
+ITEMS = ["apples", "books", "marbles", "pencils", "cookies", "stickers", "tickets", "cards"]
+
+
+def _split(s: str) -> list[str]:
+    return [x.strip() for x in s.split(";") if x.strip()]
+
+
+def seed_prompts(n: int, seed: int) -> list[str]:
+    """``n`` prompts that need no passage."""
+    rng = random.Random(seed)
+    topics, things, tasks = _split(TOPICS), _split(THINGS), _split(TASKS)
+    makers = [
+        lambda: f"Explain {rng.choice(topics)} to {rng.choice(AUDIENCES)}.",
+        lambda: f"Write a short story about {rng.choice(things)}.",
+        lambda: f"List five interesting facts about {rng.choice(topics)}.",
+        lambda: f"What are the pros and cons of {rng.choice(topics)}?",
+        lambda: f"Write a {rng.choice(LANGS)} function to {rng.choice(tasks)}. Explain how it works.",
+        lambda: f"Give me step-by-step instructions for getting started with {rng.choice(topics)}.",
+        lambda: f"Write a short poem about {rng.choice(topics)}.",
+        lambda: f"Write a paragraph about {rng.choice(topics)}.",
+        lambda: _word_problem(rng),
+        lambda: f"Compare {rng.choice(topics)} and {rng.choice(topics)} in a few sentences.",
+        lambda: f"Write an email to a friend inviting them to learn about {rng.choice(topics)}.",
+        lambda: f"What is the history of {rng.choice(topics)}?",
+        lambda: f"Answer briefly: why is {rng.choice(topics)} important?",
+    ]
+    return [rng.choice(makers)() for _ in range(n)]
+
+
+def _word_problem(rng: random.Random) -> str:
+    a, b = rng.sample(NAMES, 2)
+    item = rng.choice(ITEMS)
+    x, y, z = rng.randint(3, 40), rng.randint(2, 20), rng.randint(2, 6)
+    return (f"{a} has {x} {item}. {b} gives {a} {y} more, and then {a} shares them equally among {z} friends. "
+            f"How many {item} does each friend get, and how many are left over? Think step by step.")
+
+
+def passage_prompts(passages: list[str], n: int, seed: int) -> list[str]:
+    """``n`` prompts that ask about, summarise or rewrite one of ``passages``."""
+    rng = random.Random(seed)
+    asks = [
+        "Summarize the following text in two sentences.",
+        "Summarize the following text.",
+        "Extract the key facts from the following text as a bulleted list.",
+        "Rewrite the following text in simpler words.",
+        "Based on the passage below, what is the main idea? Quote the sentence that supports it.",
+        "Read the passage and answer: what are the most important details?",
+    ]
+    out = []
+    for _ in range(n):
+        text = rng.choice(passages)
+        out.append(f"{rng.choice(asks)}\n\n{text}")
+    return out
