@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .config import ConfigError
 from .drafters.base import Drafter, NoDrafter
 from .drafters.model import ModelDrafter, check_same_vocabulary
@@ -16,13 +18,18 @@ from .drafters.ngram import NgramDrafter
 from .engine import SpeculativeDecoder
 from .models import load_model
 
-BUILTIN_DRAFTERS = ("none", "ngram")
+BUILTIN_DRAFTERS = ("none", "ngram", "head")
+# The draft head trained for the default target (specdecode train-draft, see README), shipped inside
+# the package; "head" names it, and it is the default drafter for the default target.
+SHIPPED_HEAD = Path(__file__).parent / "drafts" / "smollm2-135m-instruct"
 
 
-def load(target: str | None = None, draft: str = "ngram", *, dtype: str = "auto", device: str = "auto",
+def load(target: str | None = None, draft: str = "auto", *, dtype: str = "auto", device: str = "auto",
          fast: bool = True) -> SpeculativeDecoder:
     """Load a target (hub id, local directory, GGUF file, or None for the default) and a drafter:
-    ``"none"`` (plain decoding), ``"ngram"`` (prompt lookup) or a draft model's id/path.
+    ``"none"`` (plain decoding), ``"ngram"`` (prompt lookup), ``"head"`` (the shipped draft head of
+    the default target), ``"auto"`` (the head for the default target, else ngram) or a draft
+    model's id/path (a trained head's directory too).
     ``fast=False`` runs the Hugging Face modules instead of the lean Llama forward."""
     loaded = load_model(target, param="target", dtype=dtype, device=device)
     drafter = make_drafter(draft, loaded, dtype=dtype, device=device, fast=fast)
@@ -32,6 +39,10 @@ def load(target: str | None = None, draft: str = "ngram", *, dtype: str = "auto"
 def make_drafter(spec: str, target, *, dtype: str = "auto", device: str = "auto", fast: bool = True) -> Drafter:
     if not isinstance(spec, str) or not spec:
         raise ConfigError("draft", f"must be none, ngram or a model id/path (got {spec!r})")
+    if spec == "auto":
+        spec = "head" if target.name in (None, "default") else "ngram"
+    if spec == "head":
+        spec = str(SHIPPED_HEAD)
     if spec == "none":
         return NoDrafter()
     if spec == "ngram":

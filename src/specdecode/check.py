@@ -45,23 +45,42 @@ class GreedyCase:
 
 
 def chi_square_test(counts: torch.Tensor, probs: torch.Tensor, alpha: float) -> dict:
-    """Pearson chi-square goodness of fit; cells with expected count < 5 are pooled into one."""
+    """Pearson chi-square goodness of fit over cells of expected count >= 5: the likeliest tokens
+    one cell each, then the rest, in order of probability, grouped into cells of at least 5 expected
+    draws each (a fixed partition, so the test stays exact for flat distributions too); tokens the
+    target gives probability 0 form a cell of their own, which any draw fails."""
     n = float(counts.sum())
-    expected = probs.double() * n
-    big = expected >= 5
-    obs = [float(c) for c in counts[big]]
-    exp = [float(e) for e in expected[big]]
-    rest_obs, rest_exp = float(counts[~big].sum()), float(expected[~big].sum())
-    if rest_exp > 0 or rest_obs > 0:
-        obs.append(rest_obs)
-        exp.append(max(rest_exp, 1e-12))
-    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
-    dof = max(1, len(obs) - 1)
+    order = torch.argsort(probs, descending=True)
+    expected = (probs.double() * n)[order]
+    observed = counts.double()[order]
+    cells_obs, cells_exp = [], []
+    acc_o = acc_e = 0.0
+    zero = expected <= 0
+    for o, e in zip(observed[~zero].tolist(), expected[~zero].tolist()):
+        acc_o += o
+        acc_e += e
+        if acc_e >= 5:
+            cells_obs.append(acc_o)
+            cells_exp.append(acc_e)
+            acc_o = acc_e = 0.0
+    if acc_e > 0 or acc_o > 0:
+        if cells_exp:
+            cells_obs[-1] += acc_o
+            cells_exp[-1] += acc_e
+        else:
+            cells_obs.append(acc_o)
+            cells_exp.append(acc_e)
+    stat = sum((o - e) ** 2 / e for o, e in zip(cells_obs, cells_exp))
+    impossible = float(observed[zero].sum())
+    dof = max(1, len(cells_obs) - 1)
+    if impossible > 0:
+        stat = float("inf")
     # chi-square survival function: regularized upper incomplete gamma Q(dof/2, stat/2)
-    p_value = float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
+    p_value = 0.0 if impossible > 0 else float(torch.special.gammaincc(
+        torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
     tv = 0.5 * float((counts.double() / n - probs.double()).abs().sum())
     return {"draws": int(n), "chi2": stat, "dof": dof, "p_value": p_value, "tv_distance": tv, "alpha": alpha,
-            "passed": p_value >= alpha}
+            "draws_with_zero_target_probability": int(impossible), "passed": p_value >= alpha}
 
 
 def check_greedy(spec: SpeculativeDecoder, plain: SpeculativeDecoder, prompts: list[str], config: GenerationConfig,

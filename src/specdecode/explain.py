@@ -81,9 +81,8 @@ def _speedup(steps, cost: CostModel, *, accept_all=False, free_draft=False, flat
         draft = 0.0 if free_draft else s["drafted"] * cost.draft()
         overhead = 0.0 if no_overhead else s["overhead_s"]
         spent += verify + draft + overhead
-    # plain decoding pays T(1) per token plus the same per-step overhead (one step per token)
-    mean_overhead = 0.0 if no_overhead else statistics.fmean(s["overhead_s"] for s in steps)
-    return tokens * (t1 + mean_overhead) / spent if spent > 0 else 0.0
+    # plain decoding at its best: T(1) per token and nothing else
+    return tokens * t1 / spent if spent > 0 else 0.0
 
 
 def analyse(steps: list[dict]) -> dict:
