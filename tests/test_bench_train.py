@@ -1,0 +1,88 @@
+"""bench's table and JSON on a small model; train-draft end to end on a tiny model; the shipped head."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from specdecode import GenerationConfig
+from specdecode.api import SHIPPED_HEAD, make_drafter
+from specdecode.bench import format_table, run_bench
+from specdecode.cli import main
+from specdecode.config import ConfigError
+from specdecode.drafters.base import NoDrafter
+from specdecode.engine import SpeculativeDecoder
+from specdecode.models import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_target, tokenizer):
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_target.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+def bench_args(tiny_dir, dataset, **kw):
+    base = dict(dataset=str(dataset), categories=None, limit=2, compare="hf", out=None, trace=None, no_chat=False,
+                quiet=True, target=str(tiny_dir), draft="ngram", dtype="auto", device="cpu", max_new_tokens=12,
+                temperature=0.0, top_k=0, top_p=1.0, seed=None, draft_len=4, policy="cost", confidence=0.3,
+                stop=[], ignore_eos=True)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_bench_table_and_json(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "q.jsonl"
+    rows = [{"question_id": i, "category": c, "turns": [f"Repeat: a b c a b c {i}"]} for i, c in enumerate(["x", "x", "x", "y"])]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    summary = run_bench(bench_args(tiny_dir, data))
+    assert set(summary["categories"]) == {"x", "y"}
+    assert summary["categories"]["x"]["prompts"] == 2  # --limit per category
+    for block in [summary["overall"], *summary["categories"].values()]:
+        for key in ("speedup", "mean_accepted_tokens", "acceptance_rate", "tokens_per_second",
+                    "baseline_tokens_per_second", "greedy_match", "hf_tokens_per_second", "ratio_vs_hf",
+                    "predicted_speedup", "efficiency"):
+            assert key in block
+        assert block["greedy_match"] is True
+        assert block["mean_accepted_tokens"] >= 1.0
+    assert summary["cost_model"]["target_pass_ms"]
+    table = format_table(summary)
+    assert "overall" in table and "vs hf" in table
+    code = main(["bench", "--dataset", str(data), "--target", str(tiny_dir), "--categories", "nope"])
+    assert code == 2 and "--categories: unknown nope" in capsys.readouterr().err
+
+
+def test_train_draft_tiny_run_loads_and_is_refused_elsewhere(tiny_dir, tmp_path, tiny_target, tokenizer, default_target):
+    out = tmp_path / "head"
+    code = main(["train-draft", "--target", str(tiny_dir), "--out", str(out), "--prompts", "6", "--max-new-tokens", "12",
+                 "--batch", "3", "--epochs", "3", "--batch-size", "32", "--draft-vocab", "512", "--inner", "64"])
+    assert code == 0
+    config = json.loads((out / "config.json").read_text())
+    history = config["history"]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]  # training lowered the loss
+    target = load_model(str(tiny_dir))
+    drafter = make_drafter(str(out), target)
+    dec = SpeculativeDecoder(target.model, target.tokenizer, drafter)
+    plain = SpeculativeDecoder(target.model, target.tokenizer, NoDrafter())
+    cfg = GenerationConfig(max_new_tokens=20, policy="fixed", draft_len=3, ignore_eos=True)
+    got = dec.generate("The cat sat on the mat", cfg)
+    assert got.token_ids == plain.generate("The cat sat on the mat", cfg).token_ids
+    assert got.stats.drafted > 0
+    with pytest.raises(ConfigError, match="trained for another target"):
+        make_drafter(str(out), default_target)
+
+
+def test_shipped_head_is_default_and_lossless(default_target):
+    assert (SHIPPED_HEAD / "model.safetensors").stat().st_size < 25 * 2**20
+    drafter = make_drafter("auto", default_target)
+    assert drafter.name.startswith("head")
+    dec = SpeculativeDecoder(default_target.model, default_target.tokenizer, drafter)
+    plain = SpeculativeDecoder(default_target.model, default_target.tokenizer, NoDrafter())
+    cfg = GenerationConfig(max_new_tokens=40)
+    accepted = 0
+    for prompt in ["Explain why the sky is blue.", "Write a haiku about autumn."]:
+        got = dec.generate(prompt, cfg)
+        assert got.token_ids == plain.generate(prompt, cfg).token_ids
+        accepted += got.stats.accepted
+    assert accepted > 0
