@@ -227,10 +227,9 @@ class FastRunner:
         del self.cached[length:]  # the buffer beyond this length is simply overwritten later
 
     def sync(self, context: list[int]) -> int:
-        n = 0
-        limit = min(len(self.cached), len(context))
-        while n < limit and self.cached[n] == context[n]:
-            n += 1
+        from .runner import common_prefix
+
+        n = common_prefix(self.cached, context)
         self.truncate(n)
         return n
 

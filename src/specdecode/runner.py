@@ -11,6 +11,13 @@ from __future__ import annotations
 import torch
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n, limit = 0, min(len(a), len(b))
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, vocab_size: int | None = None):
         self.model = model
@@ -34,10 +41,7 @@ class ModelRunner:
 
     def sync(self, context: list[int]) -> int:
         """Keep the longest cached prefix of ``context``; return how many tokens of it are cached."""
-        n = 0
-        limit = min(len(self.cached), len(context))
-        while n < limit and self.cached[n] == context[n]:
-            n += 1
+        n = common_prefix(self.cached, context)
         self.truncate(n)
         return n
 

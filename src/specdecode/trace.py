@@ -6,12 +6,15 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 
 
 class TraceWriter:
     def __init__(self, path_or_file, meta: dict | None = None):
         self._own = isinstance(path_or_file, (str, bytes)) or hasattr(path_or_file, "__fspath__")
+        if self._own:
+            os.makedirs(os.path.dirname(os.path.abspath(path_or_file)), exist_ok=True)
         self._file = open(path_or_file, "w") if self._own else path_or_file
         self.meta = dict(meta or {})
 
