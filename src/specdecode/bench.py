@@ -188,9 +188,7 @@ def run_bench(args) -> dict:
 
     # the cost model: measured pass times 1..16 (and the draft's per-token cost, from the run)
     curve = measure_target_curve(base.target, n_max=16)
-    spec.cost = CostModel(target_s=dict(curve))
-    if args.policy == "cost":
-        pass  # the policy starts from the measured curve and keeps following live timings
+    spec.cost = CostModel(target_s=dict(curve))  # the cost policy starts here, then follows live timings
     trace = TraceWriter(args.trace, meta={"target": args.target or "default", "draft": args.draft, "bench": True}) if args.trace else None
 
     # warm-up: the first call of each path pays one-time costs (allocations, code paths)
@@ -208,7 +206,7 @@ def run_bench(args) -> dict:
         out = {}
         for who in contenders:
             if who == "hf":
-                out["hf"] = _hf_generate(target.model, prompt_ids, config, args.draft, _hf_assistant(assistant))
+                out["hf"] = _hf_generate(target.model, prompt_ids, config, args.draft, assistant)
             else:
                 dec = base if who == "base" else spec
                 steps: list[dict] = []
@@ -225,9 +223,8 @@ def run_bench(args) -> dict:
     if trace is not None:
         trace.close()
 
-    spec.cost.observe_draft(1, 0.0) if spec.cost.draft_token_s is None else None
     summary = summarize(results, spec.cost, args.compare == "hf")
-    summary["cost_model"] = cost_report(spec.cost, _policy_free_acceptance(summary["overall"]), args.draft_len)
+    summary["cost_model"] = cost_report(spec.cost, summary["overall"]["acceptance_by_position"] or [0.0], args.draft_len)
     summary["config"] = {
         "target": args.target or "default (SmolLM2-135M-Instruct)", "draft": args.draft, "dataset": args.dataset,
         "limit": args.limit, "categories": categories, "max_new_tokens": config.max_new_tokens,
@@ -240,15 +237,6 @@ def run_bench(args) -> dict:
         for r in results
     ]
     return summary
-
-
-def _hf_assistant(assistant):
-    return assistant
-
-
-def _policy_free_acceptance(overall: dict) -> list[float]:
-    """Per-position conditional acceptance from the run (the cost model's input)."""
-    return overall["acceptance_by_position"] or [0.0]
 
 
 class _StepRecorder:

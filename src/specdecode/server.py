@@ -416,7 +416,6 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from .api import load
-    from .models import load_model  # noqa: F401  (fail fast on import problems before binding the port)
 
     if not 1 <= args.max_queue <= 10000:
         raise SpecDecodeError("max_queue", f"must be in [1, 10000] (got {args.max_queue})")

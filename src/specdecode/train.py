@@ -94,18 +94,6 @@ def extract_features(model, records: list[dict], path: Path):
     return data
 
 
-def build_examples(data, vocab_map: torch.Tensor):
-    """Examples at positions t with t+3 <= L: (f_t, x_{t+1}) -> (y_{t+1}, f_{t+1}), then
-    (g, x_{t+2}) -> (y_{t+2}, f_{t+2}). y is the target's greedy token, mapped into the reduced
-    vocabulary (-100 where it falls outside and is ignored)."""
-    idx = []
-    for s, toks in enumerate(data["tokens"]):
-        L = len(toks)
-        for t in range(0, L - 2):
-            idx.append((s, t))
-    return idx
-
-
 def train_head(args) -> Path:
     from .drafters.feature import FeatureHead, TargetParts, save_feature_draft
     from .models import load_model

@@ -31,6 +31,7 @@ class ModelDrafter(Drafter):
     cost_prior = 0.1  # a drafted token costs about a tenth of a target pass, before it is measured
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, name: str = "model", fast: bool = True):
+        self.model = model  # the module itself, for tools that run it another way (bench --compare hf)
         self.runner = make_runner(model, vocab_size=vocab_size, fast=fast)
         self.name = name
 
@@ -41,8 +42,6 @@ class ModelDrafter(Drafter):
         if max_tokens <= 0:
             return Draft([])
         cached = self.runner.sync(context[:-1]) if len(context) > 1 else 0
-        if cached == len(context):  # cannot happen after sync(context[:-1]); kept for clarity
-            raise AssertionError
         logits = self.runner.forward(context[cached:], num_logits=1)[0]
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
