@@ -55,8 +55,9 @@ def test_bench_table_and_json(tiny_dir, tmp_path, capsys):
 
 def test_train_draft_tiny_run_loads_and_is_refused_elsewhere(tiny_dir, tmp_path, tiny_target, tokenizer, default_target):
     out = tmp_path / "head"
-    code = main(["train-draft", "--target", str(tiny_dir), "--out", str(out), "--prompts", "6", "--max-new-tokens", "12",
-                 "--batch", "3", "--epochs", "3", "--batch-size", "32", "--draft-vocab", "512", "--inner", "64"])
+    code = main(["train-draft", "--target", str(tiny_dir), "--out", str(out), "--prompts", "6", "--varied-prompts", "3",
+                 "--max-new-tokens", "12", "--batch", "3", "--epochs", "3", "--batch-tokens", "128", "--draft-vocab", "512",
+                 "--depth", "2"])
     assert code == 0
     config = json.loads((out / "config.json").read_text())
     history = config["history"]
@@ -75,14 +76,22 @@ def test_train_draft_tiny_run_loads_and_is_refused_elsewhere(tiny_dir, tmp_path,
 
 def test_shipped_head_loads_and_is_lossless(default_target):
     assert (SHIPPED_HEAD / "model.safetensors").stat().st_size < 25 * 2**20
-    drafter = make_drafter("head", default_target)
-    assert drafter.name.startswith("head")
-    dec = SpeculativeDecoder(default_target.model, default_target.tokenizer, drafter)
     plain = SpeculativeDecoder(default_target.model, default_target.tokenizer, NoDrafter())
     cfg = GenerationConfig(max_new_tokens=40)
-    accepted = 0
-    for prompt in ["Explain why the sky is blue.", "Write a haiku about autumn."]:
-        got = dec.generate(prompt, cfg)
-        assert got.token_ids == plain.generate(prompt, cfg).token_ids
-        accepted += got.stats.accepted
-    assert accepted > 0
+    prompts = ["Explain why the sky is blue.", "Write a haiku about autumn.",
+               "Repeat this list exactly: apples, pears, plums, apples, pears, plums."]
+    expected = [plain.generate(p, cfg).token_ids for p in prompts]
+    for spec in ("head", "auto"):  # auto is the head with n-gram copies on the default target
+        drafter = make_drafter(spec, default_target)
+        assert drafter.name.startswith("head")
+        dec = SpeculativeDecoder(default_target.model, default_target.tokenizer, drafter)
+        accepted = 0
+        for prompt, want in zip(prompts, expected):
+            got = dec.generate(prompt, cfg)
+            assert got.token_ids == want
+            accepted += got.stats.accepted
+        assert accepted > 0
+
+
+def test_auto_is_ngram_for_a_target_the_head_was_not_trained_for(tiny_dir):
+    assert make_drafter("auto", load_model(str(tiny_dir))).name == "ngram"

@@ -14,22 +14,25 @@ from pathlib import Path
 from .config import ConfigError
 from .drafters.base import Drafter, NoDrafter
 from .drafters.model import ModelDrafter, check_same_vocabulary
-from .drafters.ngram import NgramDrafter
+from .drafters.ngram import HybridDrafter, NgramDrafter
 from .engine import SpeculativeDecoder
 from .models import load_model
 
-BUILTIN_DRAFTERS = ("none", "ngram", "head")
+BUILTIN_DRAFTERS = ("none", "ngram", "head", "head+ngram")
 # The draft head trained for the default target (specdecode train-draft, see README), shipped inside
-# the package; "head" names it. It is not the default: on Spec-Bench it measured 1.09x against
-# n-gram lookup's 1.27x (README), so "auto" picks n-gram until a head beats it.
+# the package; "head" names it, "head+ngram" uses a long n-gram match when there is one and the head
+# otherwise. "auto" is the measured best for the target: see AUTO.
 SHIPPED_HEAD = Path(__file__).parent / "drafts" / "smollm2-135m-instruct"
+AUTO_FOR_SHIPPED = "head+ngram"  # for the default target (README: measured results)
+AUTO_OTHERWISE = "ngram"  # for any other target, which the shipped head was not trained for
 
 
 def load(target: str | None = None, draft: str = "auto", *, dtype: str = "auto", device: str = "auto",
          fast: bool = True) -> SpeculativeDecoder:
     """Load a target (hub id, local directory, GGUF file, or None for the default) and a drafter:
     ``"none"`` (plain decoding), ``"ngram"`` (prompt lookup), ``"head"`` (the shipped draft head of
-    the default target), ``"auto"`` (currently n-gram) or a draft
+    the default target), ``"head+ngram"`` (the head, or a long n-gram match when there is one),
+    ``"auto"`` (the measured best: ``AUTO_FOR_SHIPPED`` on the default target, else n-gram) or a draft
     model's id/path (a trained head's directory too).
     ``fast=False`` runs the Hugging Face modules instead of the lean Llama forward."""
     loaded = load_model(target, param="target", dtype=dtype, device=device)
@@ -39,16 +42,19 @@ def load(target: str | None = None, draft: str = "auto", *, dtype: str = "auto",
 
 def make_drafter(spec: str, target, *, dtype: str = "auto", device: str = "auto", fast: bool = True) -> Drafter:
     if not isinstance(spec, str) or not spec:
-        raise ConfigError("draft", f"must be none, ngram or a model id/path (got {spec!r})")
+        raise ConfigError("draft", f"must be auto, none, ngram, head, head+ngram or a model id/path (got {spec!r})")
+    from .drafters.feature import is_feature_draft, load_feature_draft, trained_for
+
     if spec == "auto":
-        spec = "ngram"
+        spec = AUTO_FOR_SHIPPED if trained_for(SHIPPED_HEAD, target.model) else AUTO_OTHERWISE
+    if spec == "head+ngram":
+        return HybridDrafter(load_feature_draft(str(SHIPPED_HEAD), target.model))
     if spec == "head":
         spec = str(SHIPPED_HEAD)
     if spec == "none":
         return NoDrafter()
     if spec == "ngram":
         return NgramDrafter()
-    from .drafters.feature import is_feature_draft, load_feature_draft
 
     if is_feature_draft(spec):
         return load_feature_draft(spec, target.model)

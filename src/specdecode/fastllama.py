@@ -217,8 +217,8 @@ class FastRunner:
         self.vocab_size = vocab_size
         self.cached: list[int] = []
         self._cache = fast.new_cache(capacity)
-        self.hidden: torch.Tensor | None = None  # the latest pass's features, from hidden_start on
-        self.hidden_start = 0
+        # the last layer's output (before the final norm) at every cached position: what draft heads read
+        self._features = torch.empty(capacity, fast.hidden, dtype=fast.embed.dtype)
 
     def reset(self) -> None:
         self.cached = []
@@ -245,24 +245,26 @@ class FastRunner:
         for old, new in zip(self._cache, grown):
             new[:, :, :, :n] = old[:, :, :, :n]
         self._cache = grown
+        features = torch.empty(new_capacity, self.fast.hidden, dtype=self._features.dtype)
+        features[:n] = self._features[:n]
+        self._features = features
 
     def forward(self, token_ids: list[int], num_logits: int = 1) -> torch.Tensor:
         start = len(self.cached)
         self._ensure(start + len(token_ids))
         logits = self.fast.forward(torch.tensor(token_ids, dtype=torch.long), start, self._cache, num_logits)
-        self.hidden, self.hidden_start = self.fast.last_hidden, start
+        self._features[start:start + len(token_ids)] = self.fast.last_hidden
         self.cached.extend(token_ids)
         if self.vocab_size is not None:
             logits = logits[:, : self.vocab_size]
         return logits.float()
 
-    def hidden_at(self, position: int) -> torch.Tensor | None:
-        """The last layer's output (before the final norm) at ``position``, if the latest pass
-        computed it and it is still in the cache; else None."""
-        i = position - self.hidden_start
-        if self.hidden is None or not 0 <= i < self.hidden.shape[0] or position >= len(self.cached):
+    def features(self, start: int, end: int) -> torch.Tensor | None:
+        """``[end - start, hidden]``: the last layer's output (before the final norm) at positions
+        ``start..end-1``, or None unless all of them are in the cache."""
+        if not 0 <= start <= end <= len(self.cached):
             return None
-        return self.hidden[i]
+        return self._features[start:end]
 
     def cache_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.cached)

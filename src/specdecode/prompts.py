@@ -87,3 +87,52 @@ def passage_prompts(passages: list[str], n: int, seed: int) -> list[str]:
         text = rng.choice(passages)
         out.append(f"{rng.choice(asks)}\n\n{text}")
     return out
+
+
+PEOPLE = """a pirate captain; a medieval knight; a tour guide in Rome; a friendly librarian; a space station commander;
+a personal trainer; a job interviewer; a customer support agent; a chef on a cooking show; a wise old wizard;
+a museum curator; a detective from the 1920s; a travel agent; a science teacher; a sports commentator""".replace("\n", " ")
+
+OBJECTS = """a smartphone; a bicycle helmet; a coffee maker; a pair of running shoes; a garden hose; a laptop bag;
+a desk lamp; a water bottle; a backpack; an umbrella; a board game; a houseplant; a kitchen knife set""".replace("\n", " ")
+
+LANGUAGE_NAMES = ["French", "Spanish", "German", "Italian", "Portuguese"]
+
+FORMATS = ["a haiku", "a limerick", "a tweet", "a news headline", "a product review", "a diary entry", "a short speech",
+           "a recipe", "a letter of complaint", "a movie plot summary", "a job advertisement", "a dialogue between two friends"]
+
+
+def varied_prompts(n: int, seed: int, passages: list[str]) -> list[str]:
+    """``n`` prompts of further kinds (role play, translation, formats, code, reasoning, passages)."""
+    rng = random.Random(seed)
+    topics, things, tasks = _split(TOPICS), _split(THINGS), _split(TASKS)
+    people, objects = _split(PEOPLE), _split(OBJECTS)
+
+    def sentence() -> str:
+        text = rng.choice(passages) if passages else f"{rng.choice(topics)} is interesting."
+        parts = [s.strip() for s in text.replace("\n", " ").split(". ") if len(s.split()) > 4]
+        return (rng.choice(parts) if parts else text[:200]).rstrip(".") + "."
+
+    makers = [
+        lambda: f"Pretend you are {rng.choice(people)}. {rng.choice(['Introduce yourself.', 'Describe your typical day.', 'Give me some advice.', 'Tell me about your biggest challenge.'])}",
+        lambda: f"Translate into {rng.choice(LANGUAGE_NAMES)}: {sentence()}",
+        lambda: f"Write {rng.choice(FORMATS)} about {rng.choice(topics + things)}.",
+        lambda: f"Describe {rng.choice(objects)} and explain how to take care of it.",
+        lambda: f"Write a {rng.choice(LANGS)} program that reads input and does the following: {rng.choice(tasks)}. Add comments.",
+        lambda: f"Fix the bugs in this code and explain them:\n\ndef f(xs):\n    total = 0\n    for i in range(len(xs) + 1):\n        total += xs[i]\n    return total / len(xs)",
+        lambda: f"If a train travels {rng.randint(30, 120)} km/h for {rng.randint(2, 9)} hours, how far does it go? Explain the calculation.",
+        lambda: f"What is {rng.randint(12, 99)} times {rng.randint(3, 19)} plus {rng.randint(5, 500)}? Show your work.",
+        lambda: f"A rectangle is {rng.randint(2, 30)} cm long and {rng.randint(2, 30)} cm wide. What are its area and perimeter?",
+        lambda: f"Is it true that {sentence().rstrip('.').lower()}? Explain your reasoning.",
+        lambda: f"Give three arguments for and three against {rng.choice(topics)}.",
+        lambda: f"Classify the sentiment of this sentence as positive, negative or neutral, and explain why: {sentence()}",
+        lambda: f"Text: {rng.choice(passages) if passages else ''}\n\nQuestion: what does the text say about the main subject? Answer using the text.",
+        lambda: f"Create a multiple-choice quiz question about {rng.choice(topics)} with four options and the answer.",
+        lambda: f"Plan a one-day trip for someone interested in {rng.choice(topics)}.",
+        lambda: f"What would happen if {rng.choice(topics)} disappeared from the world tomorrow?",
+        lambda: f"Write a conversation between {rng.choice(people)} and {rng.choice(things)}.",
+        lambda: f"Summarize in one paragraph what {rng.choice(AUDIENCES)} should know about {rng.choice(topics)}.",
+        lambda: f"Extract every number and what it refers to from this text:\n\n{rng.choice(passages) if passages else ''}",
+        lambda: f"Explain the difference between {rng.choice(topics)} and {rng.choice(topics)} using a table.",
+    ]
+    return [rng.choice(makers)() for _ in range(n)]

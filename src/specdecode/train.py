@@ -4,12 +4,14 @@ Stages, each resumable (its output is kept under ``OUT/work`` and skipped when a
 
 1. prompts: made from templates (``prompts``), never from the benchmark;
 2. answers: the target's own greedy answers, generated in batches; a second round asks about
-   passages the target wrote in the first round, so the head also learns to copy;
+   passages the target wrote in the first round, so the head also learns to copy; a third round
+   (``--varied-prompts``) asks further kinds of request and samples the answers (temperature 0.7)
+   for variety - the labels are always the target's greedy tokens;
 3. features: one target pass per sequence gives, at every position, the feature ``f_t`` and the
    target's greedy next token (the label the verifier will check drafts against);
-4. training: the head learns to predict the next feature and token, unrolled over two draft
-   positions so that it also learns to continue from its own predictions; checkpoints every
-   epoch, so a stopped run resumes where it was;
+4. training: the head learns to predict the next feature and the target's token at answer
+   positions, unrolled over ``--depth`` draft steps so that it also learns to continue from its own
+   predictions; checkpoints every epoch, so a stopped run resumes where it was;
 5. export: ``OUT/model.safetensors`` and ``OUT/config.json`` (with the target's fingerprint).
 """
 
@@ -34,8 +36,10 @@ def _progress(total, desc, unit):
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
 
 
-def generate_answers(model, tokenizer, prompts: list[str], path: Path, max_new_tokens: int, batch: int) -> list[dict]:
-    """Greedy answers of the target, appended to ``path`` as they come (resumable)."""
+def generate_answers(model, tokenizer, prompts: list[str], path: Path, max_new_tokens: int, batch: int,
+                     temperature: float = 0.0, seed: int = 0) -> list[dict]:
+    """The target's answers (greedy, or sampled at ``temperature`` from a seed per batch), appended
+    to ``path`` as they come (resumable)."""
     done = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
     todo = prompts[len(done):]
     if not todo:
@@ -53,8 +57,12 @@ def generate_answers(model, tokenizer, prompts: list[str], path: Path, max_new_t
             width = max(len(e) for e in encoded)
             ids = torch.tensor([[pad] * (width - len(e)) + list(e) for e in encoded])
             mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+            sampling = {"do_sample": False}
+            if temperature > 0:
+                torch.manual_seed(seed * 100003 + len(done))
+                sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
             with torch.inference_mode():
-                out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
             for prompt, e, row in zip(chunk, encoded, out):
                 answer = row[width:].tolist()
                 eos = model.config.eos_token_id
@@ -79,12 +87,12 @@ def extract_features(model, records: list[dict], path: Path):
     fast = getattr(model, "_specdecode_fast", None) or FastLlama(model, tune=False)
     runner = FastRunner(fast, capacity=512)
     feats, labels, tokens = [], [], []
-    bar = _progress(len(records), "features", "seq")
+    bar = _progress(len(records), f"features -> {path.name}", "seq")
     for r in records:
         ids = r["prompt_ids"] + r["answer_ids"]
         runner.reset()
         logits = runner.forward(ids, num_logits=len(ids))
-        feats.append(runner.hidden.to(torch.float16).clone())
+        feats.append(runner.features(0, len(ids)).to(torch.float16).clone())
         labels.append(logits.argmax(-1).to(torch.int32))
         tokens.append(torch.tensor(ids, dtype=torch.int32))
         bar.update(1)
@@ -94,10 +102,53 @@ def extract_features(model, records: list[dict], path: Path):
     return data
 
 
+class Sequences:
+    """Self-distillation sequences, batched by length, as the head's training inputs.
+
+    Index i of a sequence is fed the target's feature ``f_i`` and the token ``x_{i+1}``; it must
+    predict ``f_{i+1}`` and the target's greedy token after ``x_{i+1}``. Only indices whose label is
+    part of the target's answer count in the loss: drafting happens there and nowhere else."""
+
+    def __init__(self, items: list[tuple], vocab_map: torch.Tensor):
+        self.items = sorted(items, key=lambda it: it[0].shape[0])  # (features, labels, tokens, prompt_len)
+        self.vocab_map = vocab_map
+
+    def batches(self, max_tokens: int, rng: random.Random | None = None) -> list[list[int]]:
+        out, cur, width = [], [], 0
+        for k, it in enumerate(self.items):
+            width = max(width, it[0].shape[0])
+            if cur and width * (len(cur) + 1) > max_tokens:
+                out.append(cur)
+                cur, width = [], it[0].shape[0]
+            cur.append(k)
+        if cur:
+            out.append(cur)
+        if rng is not None:
+            rng.shuffle(out)
+        return out
+
+    def batch(self, sel: list[int], embed: torch.Tensor):
+        items = [self.items[k] for k in sel]
+        width = max(it[0].shape[0] for it in items)
+        feats = torch.zeros(len(items), width, items[0][0].shape[1])
+        tokens = torch.zeros(len(items), width, dtype=torch.long)
+        labels = torch.full((len(items), width), -100, dtype=torch.long)
+        mask = torch.zeros(len(items), width - 1, dtype=torch.bool)
+        for b, (f, lab, tok, prompt_len) in enumerate(items):
+            n = f.shape[0]
+            feats[b, :n] = f.float()
+            tokens[b, :n] = tok.long()
+            labels[b, :n] = self.vocab_map[lab.long()]
+            mask[b, max(0, prompt_len - 2):n - 2] = True  # label index i+1 in [prompt_len-1, n-2]
+        y = labels[:, 1:]
+        mask &= y >= 0
+        return feats[:, :-1], embed[tokens[:, 1:]], feats[:, 1:], y, mask
+
+
 def train_head(args) -> Path:
     from .drafters.feature import FeatureHead, TargetParts, save_feature_draft
     from .models import load_model
-    from .prompts import passage_prompts, seed_prompts
+    from .prompts import passage_prompts, seed_prompts, varied_prompts
 
     out = Path(args.out)
     work = out / "work"
@@ -107,42 +158,45 @@ def train_head(args) -> Path:
     target = load_model(args.target, param="target", dtype="float32", device=args.device)
     model, tok = target.model, target.tokenizer
 
-    # 1-2. prompts and answers
+    # 1-2. prompts and answers: greedy answers to template prompts, then questions about passages
+    # the target wrote, then (sampled, for variety) further kinds of request
     n_seed = int(args.prompts * 0.7)
     first = generate_answers(model, tok, seed_prompts(n_seed, args.seed), work / "answers_1.jsonl", args.max_new_tokens, args.batch)
     passages = [r["answer"] for r in first if r["prompt"].startswith(("Write a paragraph", "What is the history", "Explain"))
                 and len(r["answer"]) > 200] or [r["answer"] for r in first if r["answer"]]
     second = generate_answers(model, tok, passage_prompts(passages, args.prompts - n_seed, args.seed + 1),
                               work / "answers_2.jsonl", args.max_new_tokens, args.batch)
-    records = first + second
+    rounds = [first, second]
+    if args.varied_prompts:
+        rounds.append(generate_answers(model, tok, varied_prompts(args.varied_prompts, args.seed + 2, passages),
+                                       work / "answers_3.jsonl", args.max_new_tokens, args.batch,
+                                       temperature=0.7, seed=args.seed + 2))
+
+    # 3. features, one target pass per sequence
+    items = []
+    for r, records in enumerate(rounds):
+        data = extract_features(model, records, work / f"features_{r + 1}.pt")
+        items += [(f, lab, t, len(rec["prompt_ids"])) for f, lab, t, rec in
+                  zip(data["features"], data["labels"], data["tokens"], records)]
     rng = random.Random(args.seed)
-    order = list(range(len(records)))
-    rng.shuffle(order)
-    n_val = max(1, len(records) // 20)
-    val_records = [records[i] for i in order[:n_val]]
-    train_records = [records[i] for i in order[n_val:]]
+    rng.shuffle(items)
+    n_val = max(1, len(items) // 20)
 
-    # 3. features
-    train_data = extract_features(model, train_records, work / "features_train.pt")
-    val_data = extract_features(model, val_records, work / "features_val.pt")
-
-    # reduced vocabulary: the tokens the target itself predicts most often (always with EOS)
-    counts = torch.zeros(model.config.vocab_size, dtype=torch.long)
-    for lab in train_data["labels"]:
-        counts += torch.bincount(lab.long(), minlength=model.config.vocab_size)
+    # reduced vocabulary: the tokens the target itself predicts most often in answers (always EOS)
+    vocab_size = model.config.vocab_size
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for f, lab, t, prompt_len in items[n_val:]:
+        counts += torch.bincount(lab[max(0, prompt_len - 1):].long(), minlength=vocab_size)
     eos = model.config.eos_token_id
     counts[eos] = counts.max() + 1
     vocab_ids = torch.argsort(counts, descending=True)[: args.draft_vocab].sort().values
-    vocab_map = torch.full((model.config.vocab_size,), -100, dtype=torch.long)
+    vocab_map = torch.full((vocab_size,), -100, dtype=torch.long)
     vocab_map[vocab_ids] = torch.arange(len(vocab_ids))
-    coverage = float(counts[vocab_ids].sum() - counts[eos] + 1) / float(counts.sum() - counts[eos] + 1)
+    coverage = float(counts[vocab_ids].sum() - counts[eos]) / max(1.0, float(counts.sum() - counts[eos]))
+    val, train = Sequences(items[:n_val], vocab_map), Sequences(items[n_val:], vocab_map)
 
     parts = TargetParts(model, vocab_ids)
-    head = FeatureHead(model.config.hidden_size, args.inner)
-    with torch.no_grad():  # start as "pass the feature through": g = f
-        head.fuse.weight.zero_()
-        head.fuse.weight[:, : model.config.hidden_size].copy_(torch.eye(model.config.hidden_size))
-        head.down.weight.mul_(0.1)
+    head = FeatureHead.for_target(model, args.inner)
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.0)
     ckpt = work / "checkpoint.pt"
     start_epoch = 0
@@ -154,88 +208,103 @@ def train_head(args) -> Path:
         torch.set_rng_state(state["rng"])
         print(f"resuming after epoch {start_epoch}", file=sys.stderr)
 
-    def tensors(data):
-        f = torch.cat([x[:-2] for x in data["features"]]).float()
-        f1 = torch.cat([x[1:-1] for x in data["features"]]).float()
-        f2 = torch.cat([x[2:] for x in data["features"]]).float()
-        x1 = torch.cat([x[1:-1] for x in data["tokens"]]).long()
-        x2 = torch.cat([x[2:] for x in data["tokens"]]).long()
-        y1 = vocab_map[torch.cat([x[1:-1] for x in data["labels"]]).long()]
-        y2 = vocab_map[torch.cat([x[2:] for x in data["labels"]]).long()]
-        return f, f1, f2, x1, x2, y1, y2
-
-    train_t, val_t = tensors(train_data), tensors(val_data)
-    n = train_t[0].shape[0]
     # features of a Llama's last layer are large and uneven; the regression works in units of
     # their overall spread so that it neither swamps nor vanishes beside the cross-entropy
-    scale = float(train_t[0].std())
-    steps_per_epoch = math.ceil(n / args.batch_size)
-    total = steps_per_epoch * args.epochs
+    scale = float(torch.cat([it[0][:64].float() for it in train.items[:256]]).std())
+    weights = [0.8 ** s for s in range(args.depth)]
 
     def loss_fn(batch):
-        f, f1, f2, x1, x2, y1, y2 = batch
-        g1 = head(f, parts.embed[x1])
-        g2 = head(g1, parts.embed[x2])
-        l1 = parts.logits(g1)
-        l2 = parts.logits(g2)
-        ce = F.cross_entropy(l1, y1, ignore_index=-100) + F.cross_entropy(l2, y2, ignore_index=-100)
-        reg = F.smooth_l1_loss(g1 / scale, f1 / scale) + F.smooth_l1_loss(g2 / scale, f2 / scale)
-        acc1 = ((l1.argmax(-1) == y1) & (y1 >= 0)).float().sum() / max(1, int((y1 >= 0).sum()))
-        acc2 = ((l2.argmax(-1) == y2) & (y2 >= 0)).float().sum() / max(1, int((y2 >= 0).sum()))
-        return ce + args.reg_weight * reg, acc1, acc2
+        f, emb, f_next, y, mask = batch
+        outs = head(f, emb, depth=args.depth)
+        yy, total, correct = y[mask], 0.0, []
+        for w, g in zip(weights, outs):
+            gm = g[mask]
+            logits = parts.logits(gm)
+            total = total + w * (F.cross_entropy(logits, yy) + args.reg_weight * F.smooth_l1_loss(gm / scale, f_next[mask] / scale))
+            correct.append(logits.argmax(-1) == yy)
+        return total, correct
 
-    def evaluate():
+    def evaluate() -> dict:
+        """Loss, accuracy per draft depth, and the expected accepted draft length over answer positions."""
+        loss, n, hits, accepted, starts = 0.0, 0, [0] * args.depth, 0.0, 0
         with torch.no_grad():
-            loss, a1, a2 = loss_fn(val_t)
-        return float(loss), float(a1), float(a2)
+            for sel in val.batches(args.batch_tokens):
+                f, emb, f_next, y, mask = val.batch(sel, parts.embed)
+                outs = head(f, emb, depth=args.depth)
+                ok = []
+                for s, g in enumerate(outs):
+                    right = (parts.logits(g).argmax(-1) == y) & mask
+                    hits[s] += int(right.sum())
+                    ok.append(right)
+                l, _ = loss_fn((f, emb, f_next, y, mask))
+                m = int(mask.sum())
+                loss, n = loss + float(l) * m, n + m
+                # a draft starting at index j gets token s+1 right when depth s is right at j+s
+                run = mask.clone()
+                for s in range(args.depth):
+                    shifted = torch.zeros_like(run)
+                    shifted[:, : run.shape[1] - s] = ok[s][:, s:]
+                    run &= shifted
+                    accepted += float(run.sum())
+                starts += m
+        return {"val_loss": loss / max(1, n), **{f"val_acc_depth{s}": hits[s] / max(1, n) for s in range(args.depth)},
+                "val_accepted_per_draft": accepted / max(1, starts)}
 
     history = json.loads((work / "history.json").read_text()) if (work / "history.json").is_file() else []
     if not history:
-        history.append({"epoch": 0, **dict(zip(("val_loss", "val_acc_pos1", "val_acc_pos2"), evaluate()))})
+        history.append({"epoch": 0, **evaluate()})
+    steps_per_epoch = len(train.batches(args.batch_tokens))
+    total = steps_per_epoch * args.epochs
+    warmup = min(50, total // 10)
     bar = _progress(total, "train", "step")
     bar.update(start_epoch * steps_per_epoch)
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, args.epochs):
-        perm = torch.randperm(n)
-        for i in range(steps_per_epoch):
-            sel = perm[i * args.batch_size:(i + 1) * args.batch_size]
-            lr = args.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+        for sel in train.batches(args.batch_tokens, random.Random(args.seed * 1000 + epoch)):
+            lr = args.lr * min(1.0, (step + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * step / total))
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss, a1, _ = loss_fn([t[sel] for t in train_t])
+            loss, correct = loss_fn(train.batch(sel, parts.embed))
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
             opt.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc1=f"{a1.item():.2f}", lr=f"{lr:.1e}")
-        vl, va1, va2 = evaluate()
-        history.append({"epoch": epoch + 1, "val_loss": vl, "val_acc_pos1": va1, "val_acc_pos2": va2})
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc0=f"{correct[0].float().mean().item():.2f}", lr=f"{lr:.1e}")
+        history.append({"epoch": epoch + 1, **evaluate()})
+        bar.write(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in history[-1].items() if k != "epoch"))
         torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1, "rng": torch.get_rng_state()}, ckpt)
         (work / "history.json").write_text(json.dumps(history, indent=1))
     bar.close()
 
     meta = {
         "target": args.target or "default",
-        "trained_with": {k: getattr(args, k) for k in ("prompts", "max_new_tokens", "epochs", "lr", "batch_size", "inner",
-                                                       "draft_vocab", "reg_weight", "seed")},
-        "train_sequences": len(train_records),
-        "train_positions": n,
+        "trained_with": {k: getattr(args, k) for k in ("prompts", "varied_prompts", "max_new_tokens", "epochs", "lr",
+                                                       "batch_tokens", "depth", "inner", "draft_vocab", "reg_weight", "seed")},
+        "train_sequences": len(train.items),
+        "train_positions": sum(int(it[0].shape[0]) - it[3] for it in train.items),
         "draft_vocab_coverage": coverage,
         "history": history,
     }
     save_feature_draft(out, head, vocab_ids, model, meta)
-    print(f"wrote {out}: validation accuracy pos1 {history[-1]['val_acc_pos1']:.3f}, pos2 {history[-1]['val_acc_pos2']:.3f}; "
-          f"draft vocabulary covers {coverage:.3f} of the target's tokens", file=sys.stderr)
+    last = history[-1]
+    print(f"wrote {out}: validation accuracy by draft depth "
+          + " ".join(f"{last[f'val_acc_depth{s}']:.3f}" for s in range(args.depth))
+          + f", {last['val_accepted_per_draft']:.2f} tokens accepted per {args.depth}-token draft; "
+          f"draft vocabulary covers {coverage:.3f} of the target's answer tokens", file=sys.stderr)
     return out
 
 
 def cmd_train(args) -> int:
-    for name, low in (("prompts", 2), ("max_new_tokens", 1), ("epochs", 1), ("batch", 1), ("batch_size", 1),
-                      ("draft_vocab", 16), ("inner", 1)):
+    for name, low in (("prompts", 2), ("varied_prompts", 0), ("max_new_tokens", 1), ("epochs", 1), ("batch", 1),
+                      ("batch_tokens", 16), ("depth", 1), ("draft_vocab", 16)):
         if getattr(args, name) < low:
             raise ConfigError(name, f"must be >= {low} (got {getattr(args, name)})")
+    if args.inner is not None and args.inner < 1:
+        raise ConfigError("inner", f"must be >= 1 (got {args.inner})")
+    if not args.lr > 0:
+        raise ConfigError("lr", f"must be > 0 (got {args.lr})")
     train_head(args)
     return 0
 
@@ -244,15 +313,17 @@ def register(sub) -> None:
     p = sub.add_parser("train-draft", help="train a feature draft head for a target (self-distillation)")
     p.add_argument("--target", default=None, help="hub id, local directory or .gguf (default: SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="output directory (resumable: rerun the same command to continue)")
-    p.add_argument("--prompts", type=int, default=1200, help="self-distillation prompts")
+    p.add_argument("--prompts", type=int, default=1200, help="self-distillation prompts answered greedily")
+    p.add_argument("--varied-prompts", type=int, default=1600, help="further prompts of other kinds, answered by sampling")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch", type=int, default=16, help="generation batch size")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--batch-size", type=int, default=256, help="training batch (positions)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--inner", type=int, default=1024, help="the head's MLP width")
+    p.add_argument("--batch", type=int, default=32, help="generation batch size")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-tokens", type=int, default=4096, help="training batch size, in padded positions")
+    p.add_argument("--depth", type=int, default=3, help="draft steps unrolled in training")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--inner", type=int, default=None, help="the head's MLP width (default: the target's, copied from its last layer)")
     p.add_argument("--draft-vocab", type=int, default=8192, help="reduced output vocabulary")
-    p.add_argument("--reg-weight", type=float, default=1.0, help="weight of the feature regression loss")
+    p.add_argument("--reg-weight", type=float, default=0.5, help="weight of the feature regression loss")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_train)

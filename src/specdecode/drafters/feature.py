@@ -1,23 +1,27 @@
-"""A trained draft head that reads the target's own features (in the spirit of EAGLE, Li et al.
-2024, without its attention layer).
+"""A trained draft head that reads the target's own features (EAGLE, Li et al. 2024).
 
 The target's last layer output at position t (before the final norm), ``f_t``, already encodes
 what the target knows about the context. The head takes ``f_t`` and the embedding of the token at
-t+1, predicts the feature ``g_{t+1}`` the target would compute there, and reads a token
-distribution off it with the target's own final norm and output embedding, restricted to a
-reduced vocabulary (the tokens the target actually produces) to keep it cheap. Drafting further
-feeds ``g`` back in place of the target's feature. The verification pass of each step hands the
-head fresh target features, so errors do not accumulate across steps.
+t+1, fuses them (one product 2H -> H) and runs them through one Llama decoder layer of its own,
+whose attention looks back over the head's states at earlier positions; the output ``g_{t+1}``
+predicts the feature the target would compute at t+1. A token distribution is read off ``g`` with
+the target's own final norm and output embedding, restricted to a reduced vocabulary (the tokens
+the target produces most) to keep it cheap. Drafting further feeds ``g`` back in place of the
+target's feature; training unrolls those steps ("training-time test", EAGLE-3) so the head learns
+to continue from its own predictions. The verification pass of each step hands the head fresh
+target features, so errors do not accumulate across steps.
 
-Cost per drafted token: one fused product (2H -> H), a gated MLP (H -> 2I -> H) and the reduced
-output product (H -> V'), about 7M multiply-adds for the default target's head, against 135M for a
-target pass.
+The head keeps a KV cache over the context, like the target: at each proposal it adds the positions
+the target has verified since the last one, then drafts token by token. Cost per drafted token for
+the default target: one decoder layer plus the reduced output product, about 9M multiply-adds
+against 135M for a target pass.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -28,24 +32,147 @@ from ..sampling import logits_to_probs, sample
 from .base import Draft, Drafter
 
 FORMAT = "specdecode-feature-draft"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, rotate-half convention: x ``[..., T, heads, hd]``, cos/sin ``[T, hd]``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 class FeatureHead(torch.nn.Module):
-    def __init__(self, hidden: int, inner: int):
+    """fc(2H -> H) followed by one Llama decoder layer (GQA attention with RoPE, gated MLP)."""
+
+    def __init__(self, hidden: int, inner: int, n_heads: int, n_kv: int, head_dim: int,
+                 eps: float = 1e-5, rope_theta: float = 10000.0, max_positions: int = 8192):
         super().__init__()
-        self.fuse = torch.nn.Linear(2 * hidden, hidden, bias=False)
-        self.norm = torch.nn.Parameter(torch.ones(hidden))
+        self.hidden, self.inner, self.n_heads, self.n_kv, self.head_dim = hidden, inner, n_heads, n_kv, head_dim
+        self.eps, self.rope_theta, self.max_positions = eps, rope_theta, max_positions
+        self.fc = torch.nn.Linear(2 * hidden, hidden, bias=False)
+        self.ln1 = torch.nn.Parameter(torch.ones(hidden))
+        self.qkv = torch.nn.Linear(hidden, (n_heads + 2 * n_kv) * head_dim, bias=False)
+        self.o = torch.nn.Linear(n_heads * head_dim, hidden, bias=False)
+        self.ln2 = torch.nn.Parameter(torch.ones(hidden))
         self.gate_up = torch.nn.Linear(hidden, 2 * inner, bias=False)
         self.down = torch.nn.Linear(inner, hidden, bias=False)
-        self.eps = 1e-5
+        inv_freq = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, feature: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
-        """``[..., H]`` feature at t and embedding of token t+1 -> predicted feature at t+1."""
-        x = self.fuse(torch.cat([feature, token_embedding], dim=-1))
-        h = F.rms_norm(x, (x.shape[-1],), self.norm, self.eps)
+    def shape_config(self) -> dict:
+        return {"hidden_size": self.hidden, "inner_size": self.inner, "num_heads": self.n_heads, "num_kv_heads": self.n_kv,
+                "head_dim": self.head_dim, "rms_norm_eps": self.eps, "rope_theta": self.rope_theta,
+                "max_positions": self.max_positions}
+
+    @classmethod
+    def for_target(cls, model, inner: int | None = None) -> "FeatureHead":
+        """A head shaped like the target's decoder layers, started from the target's last layer."""
+        from ..fastllama import _rope_theta
+
+        cfg = model.config
+        n_heads = cfg.num_attention_heads
+        n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+        head = cls(cfg.hidden_size, inner or cfg.intermediate_size, n_heads, n_kv, head_dim, cfg.rms_norm_eps,
+                   _rope_theta(cfg), min(cfg.max_position_embeddings, 8192))
+        last = model.model.layers[-1]
+        a, m = last.self_attn, last.mlp
+        with torch.no_grad():
+            head.ln1.copy_(last.input_layernorm.weight)
+            head.ln2.copy_(last.post_attention_layernorm.weight)
+            head.qkv.weight.copy_(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+            head.o.weight.copy_(a.o_proj.weight)
+            if head.inner == cfg.intermediate_size:
+                head.gate_up.weight.copy_(torch.cat([m.gate_proj.weight, m.up_proj.weight]))
+                head.down.weight.copy_(m.down_proj.weight)
+        return head
+
+    # -- pieces shared by training and drafting ---------------------------------------------
+    def _project(self, x: torch.Tensor, start: int):
+        """``[..., T, H]`` -> q ``[..., nh, T, hd]``, k, v ``[..., nkv, T, hd]`` (RoPE from ``start``)."""
+        T = x.shape[-2]
+        h = F.rms_norm(x, (self.hidden,), self.ln1, self.eps)
+        q, k, v = self.qkv(h).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                                     self.n_kv * self.head_dim], dim=-1)
+        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
+        lead = x.shape[:-2]
+        q = _rope(q.view(*lead, T, self.n_heads, self.head_dim), cos, sin).transpose(-2, -3)
+        k = _rope(k.view(*lead, T, self.n_kv, self.head_dim), cos, sin).transpose(-2, -3)
+        v = v.view(*lead, T, self.n_kv, self.head_dim).transpose(-2, -3)
+        return q, k, v
+
+    def _finish(self, x: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+        """Residual stream ``x`` and attention output ``[..., nh, T, hd]`` -> layer output."""
+        att = att.transpose(-2, -3).reshape(*x.shape[:-1], self.n_heads * self.head_dim)
+        x = x + self.o(att)
+        h = F.rms_norm(x, (self.hidden,), self.ln2, self.eps)
         gate, up = self.gate_up(h).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
+
+    def _expand(self, kv: torch.Tensor) -> torch.Tensor:
+        return kv.repeat_interleave(self.n_heads // self.n_kv, dim=-3) if self.n_heads != self.n_kv else kv
+
+    # -- training: all positions at once, unrolled over draft depths ---------------------------
+    def forward(self, features: torch.Tensor, token_embeddings: torch.Tensor, depth: int = 1) -> list[torch.Tensor]:
+        """features ``[B, T, H]`` (``f_i``) and embeddings of the next tokens ``[B, T, H]`` (``x_{i+1}``)
+        -> for each draft depth s < ``depth``, predicted features ``[B, T, H]`` (for ``f_{i+1}``).
+
+        Depth 0 is the first draft step: every input is the target's. At depth s the input at index
+        i is the head's own depth-(s-1) prediction from index i-1, and attention sees, as it will
+        when drafting, the target-fed states at indices <= i-s and the depth-k states at index
+        i-s+k for k = 1..s."""
+        T = features.shape[1]
+        scale = 1.0 / math.sqrt(self.head_dim)
+        idx = torch.arange(T)
+        keys, values, outs = [], [], []
+        prev = features
+        for s in range(depth):
+            if s:
+                prev = torch.cat([torch.zeros_like(prev[:, :1]), prev[:, :-1]], dim=1)  # g^{s-1}_{i-1} at i
+            x = self.fc(torch.cat([prev, token_embeddings], dim=-1))
+            q, k, v = self._project(x, 0)
+            keys.append(self._expand(k))
+            values.append(self._expand(v))
+            scores = [(q @ keys[0].transpose(-1, -2)).masked_fill(idx[None, :] > idx[:, None] - s, float("-inf"))]
+            shifted = []
+            for j in range(1, s + 1):  # the depth-j state at index i - (s - j)
+                lag = s - j
+                kj = F.pad(keys[j], (0, 0, lag, 0))[..., :T, :]
+                vj = F.pad(values[j], (0, 0, lag, 0))[..., :T, :]
+                sc = (q * kj).sum(-1, keepdim=True)
+                scores.append(sc.masked_fill((idx < lag)[:, None], float("-inf")))
+                shifted.append(vj)
+            probs = torch.softmax(torch.cat(scores, dim=-1) * scale, dim=-1)
+            att = probs[..., :T] @ values[0]
+            for j, vj in enumerate(shifted):
+                att = att + probs[..., T + j:T + j + 1] * vj
+            prev = self._finish(x, att)
+            outs.append(prev)
+        return outs
+
+    # -- drafting: one sequence, a KV cache --------------------------------------------------
+    def new_cache(self, capacity: int) -> torch.Tensor:
+        return torch.zeros(2, self.n_kv, capacity, self.head_dim)
+
+    def step(self, features: torch.Tensor, token_embeddings: torch.Tensor, start: int, cache: torch.Tensor) -> torch.Tensor:
+        """Indices ``start..start+k-1``: ``[k, H]`` inputs -> ``[k, H]`` predicted features; writes
+        their keys/values into ``cache`` (``[2, nkv, capacity, hd]``)."""
+        k_len = features.shape[0]
+        end = start + k_len
+        x = self.fc(torch.cat([features, token_embeddings], dim=-1))
+        q, k, v = self._project(x, start)
+        cache[0, :, start:end] = k
+        cache[1, :, start:end] = v
+        mask = None
+        if k_len > 1:
+            mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+        att = F.scaled_dot_product_attention(q[None], cache[None, 0, :, :end], cache[None, 1, :, :end], attn_mask=mask,
+                                             enable_gqa=self.n_heads != self.n_kv)[0]
+        return self._finish(x, att)
 
 
 def target_fingerprint(model) -> str:
@@ -85,8 +212,7 @@ def save_feature_draft(out: Path, head: FeatureHead, vocab_ids: torch.Tensor, ta
     config = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "hidden_size": head.fuse.out_features,
-        "inner_size": head.down.in_features,
+        **head.shape_config(),
         "draft_vocab_size": int(vocab_ids.numel()),
         "target_fingerprint": target_fingerprint(target),
         "target_vocab_size": int(target.config.vocab_size),
@@ -105,12 +231,22 @@ def is_feature_draft(path: str) -> bool:
         return False
 
 
+def trained_for(path, target) -> bool:
+    """Whether the feature draft at ``path`` was trained for ``target``."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return cfg.get("version") == FORMAT_VERSION and cfg.get("target_fingerprint") == target_fingerprint(target)
+
+
 def load_feature_draft(path: str, target, param: str = "draft") -> "FeatureDrafter":
     from safetensors.torch import load_file
 
     cfg = json.loads((Path(path) / "config.json").read_text())
     if cfg.get("version") != FORMAT_VERSION:
-        raise ConfigError(param, f"{path}: draft format version {cfg.get('version')} is not supported")
+        raise ConfigError(param, f"{path}: draft format version {cfg.get('version')} is not supported "
+                                 f"(this specdecode reads version {FORMAT_VERSION}); retrain it with specdecode train-draft")
     if cfg["target_fingerprint"] != target_fingerprint(target):
         raise ConfigError(
             param,
@@ -118,7 +254,8 @@ def load_feature_draft(path: str, target, param: str = "draft") -> "FeatureDraft
             f"this target is {target_fingerprint(target)}); train one with specdecode train-draft",
         )
     tensors = load_file(str(Path(path) / "model.safetensors"))
-    head = FeatureHead(cfg["hidden_size"], cfg["inner_size"])
+    head = FeatureHead(cfg["hidden_size"], cfg["inner_size"], cfg["num_heads"], cfg["num_kv_heads"], cfg["head_dim"],
+                       cfg["rms_norm_eps"], cfg["rope_theta"], cfg["max_positions"])
     head.load_state_dict({k: v for k, v in tensors.items() if k != "vocab_ids"})
     return FeatureDrafter(head.eval(), TargetParts(target, tensors["vocab_ids"]), vocab_size=cfg["target_vocab_size"],
                           name=f"head:{Path(path).name}")
@@ -126,33 +263,58 @@ def load_feature_draft(path: str, target, param: str = "draft") -> "FeatureDraft
 
 class FeatureDrafter(Drafter):
     name = "head"
-    cost_prior = 0.03
+    cost_prior = 0.08
 
     def __init__(self, head: FeatureHead, parts: TargetParts, vocab_size: int, name: str = "head"):
         self.head, self.parts, self.vocab_size, self.name = head, parts, vocab_size, name
         self.target_runner = None
+        self._cache = head.new_cache(256)
+        # the context at the last proposal: the head's cache holds index i (fed with f_i and token
+        # i+1) for i < len(_tokens) - 1; indices beyond hold drafted states, overwritten next time
+        self._tokens: list[int] = []
 
     def attach(self, target_runner) -> None:
-        if not hasattr(target_runner, "hidden_at"):
+        if not hasattr(target_runner, "features"):
             raise ConfigError("draft", "a feature draft head needs the lean Llama runner for the target (CPU, Llama family)")
         self.target_runner = target_runner
+        self.reset()
+
+    def reset(self) -> None:
+        self._tokens = []
+
+    def _ensure(self, length: int) -> None:
+        capacity = self._cache.shape[2]
+        if length > capacity:
+            grown = self.head.new_cache(max(length, 2 * capacity))
+            grown[:, :, :capacity] = self._cache
+            self._cache = grown
 
     @torch.inference_mode()
     def propose(self, context, max_tokens, config, generator) -> Draft:
-        feature = self.target_runner.hidden_at(len(context) - 2) if len(context) > 1 else None
-        if max_tokens <= 0 or feature is None:
+        from ..runner import common_prefix
+
+        n_ctx = len(context)
+        if max_tokens <= 0 or n_ctx < 2:
             return Draft([])
-        token = context[-1]
+        # index i is fed f_i and token i+1, so it stays valid while tokens 0..i+1 are unchanged
+        # (the last index is always recomputed: its output is where drafting starts)
+        start = max(0, min(common_prefix(self._tokens, context) - 1, n_ctx - 2))
+        features = self.target_runner.features(start, n_ctx - 1)  # f_start .. f_{n-2}
+        if features is None:
+            return Draft([])
+        self._ensure(n_ctx + max_tokens)
+        embed, ids = self.parts.embed, self.parts.vocab_ids
+        g = self.head.step(features, embed[torch.tensor(context[start + 1:], dtype=torch.long)], start, self._cache)[-1:]
+        self._tokens = list(context)
         tokens, probs, confidence = [], [], []
-        ids = self.parts.vocab_ids
-        for _ in range(max_tokens):
-            feature = self.head(feature, self.parts.embed[token])
-            logits = self.parts.logits(feature)  # [V']
+        for i in range(max_tokens):
+            if i:
+                g = self.head.step(g, embed[tokens[-1]][None], n_ctx - 2 + i, self._cache)
+            logits = self.parts.logits(g[0])  # [V']
             dist = logits_to_probs(logits, config.temperature, config.top_k, config.top_p)
             top = float(torch.softmax(logits, -1).max()) if config.greedy else float(dist.max())
             pick = int(dist.argmax()) if config.greedy else sample(dist, generator)
-            token = int(ids[pick])
-            tokens.append(token)
+            tokens.append(int(ids[pick]))
             confidence.append(top)
             if not config.greedy:
                 full = torch.zeros(self.vocab_size)

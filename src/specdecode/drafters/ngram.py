@@ -41,13 +41,45 @@ class NgramDrafter(Drafter):
                     self._latest[tuple(context[start : end + 1])] = start
         self._indexed = list(context)
 
-    def propose(self, context, max_tokens, config, generator) -> Draft:
+    def match(self, context: list[int], max_tokens: int) -> tuple[int, list[int]]:
+        """The longest n (max_ngram..min_ngram) whose last-n-token suffix occurred before, and up to
+        ``max_tokens`` tokens that followed it; (0, []) when there is none."""
         if max_tokens <= 0 or len(context) < 2:
-            return Draft([])
+            return 0, []
         self._update_index(context)
         for n in range(min(self.max_ngram, len(context) - 1), self.min_ngram - 1, -1):
             start = self._latest.get(tuple(context[-n:]))
             if start is not None:
-                follow = context[start + n : start + n + max_tokens]
-                return Draft(follow, None, [1.0] * len(follow))
-        return Draft([])
+                return n, context[start + n : start + n + max_tokens]
+        return 0, []
+
+    def propose(self, context, max_tokens, config, generator) -> Draft:
+        _, follow = self.match(context, max_tokens)
+        return Draft(follow, None, [1.0] * len(follow))
+
+
+class HybridDrafter(Drafter):
+    """A long n-gram match when the context has one (copying a span of the prompt), else the
+    trained head. Each step's draft is verified against the distribution it came from, so mixing
+    drafters step by step keeps the output exact."""
+
+    def __init__(self, head: Drafter, ngram: NgramDrafter | None = None, min_match: int = 3):
+        self.head, self.ngram, self.min_match = head, ngram or NgramDrafter(max_ngram=max(3, min_match)), min_match
+        self.name = f"{head.name}+ngram"
+        self.cost_prior = head.cost_prior
+
+    def attach(self, target_runner) -> None:
+        self.head.attach(target_runner)
+
+    def reset(self) -> None:
+        self.head.reset()
+        self.ngram.reset()
+
+    def propose(self, context, max_tokens, config, generator) -> Draft:
+        n, follow = self.ngram.match(context, max_tokens)
+        if n >= self.min_match and follow:
+            return Draft(follow, None, [1.0] * len(follow))
+        return self.head.propose(context, max_tokens, config, generator)
+
+    def observe(self, draft: Draft, num_accepted: int) -> None:
+        self.head.observe(draft, num_accepted)

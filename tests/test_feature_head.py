@@ -1,0 +1,63 @@
+"""The draft head: training sees exactly what drafting will compute, and the drafter's own KV
+cache, kept across steps, equals one built afresh."""
+
+import pytest
+import torch
+
+from specdecode import GenerationConfig
+from specdecode.drafters.feature import FeatureDrafter, FeatureHead, TargetParts
+from specdecode.engine import SpeculativeDecoder
+from specdecode.runner import make_runner
+
+
+def test_unrolled_training_forward_equals_step_by_step_drafting():
+    torch.manual_seed(0)
+    head = FeatureHead(32, 48, n_heads=4, n_kv=2, head_dim=8).eval()
+    T = 10
+    f, e = torch.randn(1, T, 32), torch.randn(1, T, 32)
+    with torch.no_grad():
+        outs = head(f, e, depth=3)
+        for m in range(2, T - 2):  # indices 0..m-1 fed by the target, then two drafted steps
+            cache = head.new_cache(32)
+            g0 = head.step(f[0, :m], e[0, :m], 0, cache)[-1:]
+            g1 = head.step(g0, e[0, m:m + 1], m, cache)
+            g2 = head.step(g1, e[0, m + 1:m + 2], m + 1, cache)
+            torch.testing.assert_close(g0, outs[0][0, m - 1:m], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(g1, outs[1][0, m:m + 1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(g2, outs[2][0, m + 1:m + 2], atol=1e-5, rtol=1e-5)
+        # negative control: depth 1 fed the target's own feature instead of its prediction differs
+        wrong = head(f, e, depth=1)[0]
+        assert not torch.allclose(wrong[0, 3:], outs[1][0, 3:], atol=1e-3)
+
+
+def _drafter(model, seed=3):
+    torch.manual_seed(seed)
+    head = FeatureHead.for_target(model).eval()
+    with torch.no_grad():  # a random head: its drafts are wrong often, which exercises rollback
+        head.fc.weight.normal_(0, 0.05)
+    return FeatureDrafter(head, TargetParts(model, torch.arange(model.config.vocab_size)), model.config.vocab_size)
+
+
+def test_drafter_cache_across_steps_equals_a_fresh_one(tiny_target, tokenizer):
+    drafter = _drafter(tiny_target)
+    dec = SpeculativeDecoder(tiny_target, tokenizer, drafter)
+    cfg = GenerationConfig(max_new_tokens=40, policy="fixed", draft_len=3, ignore_eos=True)
+    result = dec.generate("Once upon a time", cfg)
+    assert result.stats.drafted > 0 and result.stats.accepted < result.stats.drafted  # rejections happened
+    context = result.prompt_token_ids + result.token_ids
+    gen = torch.Generator()
+    kept = drafter.propose(context, 4, cfg, gen)
+    fresh = _drafter(tiny_target)
+    fresh.attach(dec.target)
+    again = fresh.propose(context, 4, cfg, gen)
+    assert kept.tokens == again.tokens
+    assert drafter.propose(context, 4, cfg, gen).tokens == kept.tokens  # the same context twice
+    assert kept.confidence == pytest.approx(again.confidence, abs=1e-5)
+
+
+def test_head_needs_the_lean_runner(tiny_target):
+    from specdecode.config import ConfigError
+
+    drafter = _drafter(tiny_target)
+    with pytest.raises(ConfigError, match="draft"):
+        drafter.attach(make_runner(tiny_target, tiny_target.config.vocab_size, fast=False))
