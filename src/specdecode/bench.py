@@ -125,6 +125,8 @@ def summarize(results: list[PromptResult], cost, compare_hf: bool) -> dict:
             "greedy_mismatches": sum(1 for r in rs if r.greedy_match is False),
             "predicted_speedup": predicted,
             "efficiency": speedup / predicted if predicted else 0.0,
+            # seconds per drafted token over the target's 1-token pass
+            "draft_cost_ratio": (sum(r.stats["draft_s"] for r in rs) / drafted / cost.target(1)) if drafted else 0.0,
         }
         if compare_hf:
             hf_tps = sum(r.hf_tokens for r in rs) / sum(r.hf_s for r in rs)
@@ -261,7 +263,7 @@ class _StepRecorder:
 
 def format_table(summary: dict) -> str:
     hf = "ratio_vs_hf" in summary["overall"]
-    head = f"{'category':<16}{'n':>4}{'speedup':>9}{'median':>8}{'min':>7}{'pred':>7}{'eff':>6}{'acc.tok':>8}{'acc.rate':>9}{'tok/s':>8}{'base':>7}{'match':>7}"
+    head = f"{'category':<16}{'n':>4}{'speedup':>9}{'median':>8}{'min':>7}{'pred':>7}{'eff':>6}{'acc.tok':>8}{'acc.rate':>9}{'draft':>7}{'tok/s':>8}{'base':>7}{'match':>7}"
     if hf:
         head += f"{'hf tok/s':>9}{'vs hf':>7}"
     lines = [head, "-" * len(head)]
@@ -270,7 +272,7 @@ def format_table(summary: dict) -> str:
         match = "-" if c["greedy_match"] is None else ("yes" if c["greedy_match"] else f"no({c['greedy_mismatches']})")
         line = (f"{name:<16}{c['prompts']:>4}{c['speedup']:>8.2f}x{c['median_speedup']:>7.2f}x{c['min_speedup']:>6.2f}x"
                 f"{c['predicted_speedup']:>6.2f}x{c['efficiency']:>6.2f}{c['mean_accepted_tokens']:>8.2f}{c['acceptance_rate']:>9.2f}"
-                f"{c['tokens_per_second']:>8.1f}{c['baseline_tokens_per_second']:>7.1f}{match:>7}")
+                f"{c['draft_cost_ratio']:>7.3f}{c['tokens_per_second']:>8.1f}{c['baseline_tokens_per_second']:>7.1f}{match:>7}")
         if hf:
             line += f"{c['hf_tokens_per_second']:>9.1f}{c['ratio_vs_hf']:>6.2f}x"
         if name == "overall":

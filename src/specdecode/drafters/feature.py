@@ -231,15 +231,6 @@ def is_feature_draft(path: str) -> bool:
         return False
 
 
-def trained_for(path, target) -> bool:
-    """Whether the feature draft at ``path`` was trained for ``target``."""
-    try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return cfg.get("version") == FORMAT_VERSION and cfg.get("target_fingerprint") == target_fingerprint(target)
-
-
 def load_feature_draft(path: str, target, param: str = "draft") -> "FeatureDrafter":
     from safetensors.torch import load_file
 
