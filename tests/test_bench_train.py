@@ -95,3 +95,15 @@ def test_shipped_head_loads_and_is_lossless(default_target):
 
 def test_auto_is_the_measured_default(tiny_dir):
     assert make_drafter("auto", load_model(str(tiny_dir))).name == "ngram"
+
+
+def test_train_draft_refuses_a_target_it_cannot_read_features_from(tmp_path, tokenizer, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=49152, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    code = main(["train-draft", "--target", str(d), "--out", str(tmp_path / "out"), "--prompts", "2"])
+    assert code == 2
+    assert "--target: train-draft needs a Llama-family target on the CPU" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "work" / "answers_1.jsonl").exists()

@@ -157,6 +157,11 @@ def train_head(args) -> Path:
     random.seed(args.seed)
     target = load_model(args.target, param="target", dtype="float32", device=args.device)
     model, tok = target.model, target.tokenizer
+    from .fastllama import supports
+
+    if not supports(model):  # the feature pass and drafting both read features from the lean runner
+        raise ConfigError("target", "train-draft needs a Llama-family target on the CPU (--device cpu); "
+                                    f"got {model.config.model_type} on {next(model.parameters()).device}")
 
     # 1-2. prompts and answers: greedy answers to template prompts, then questions about passages
     # the target wrote, then (sampled, for variety) further kinds of request
