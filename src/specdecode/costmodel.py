@@ -93,8 +93,6 @@ def best_draft_len(acceptance: list[float], cost: CostModel, max_tau: int) -> tu
     return best, best_rate / plain
 
 
-
-
 def measure_target_curve(runner, n_max: int = 16, context: int = 128, reps: int = 5) -> dict[int, float]:
     """Median seconds of a target pass over n = 1..n_max new tokens after a ``context``-token prefix."""
     runner.reset()

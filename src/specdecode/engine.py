@@ -70,6 +70,14 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def chat_token_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The chat template applied to ``messages``, with the assistant's turn opened."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # newer tokenizers return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
 class SpeculativeDecoder:
     """Holds a loaded target and a drafter; generates many times.
 
@@ -106,10 +114,7 @@ class SpeculativeDecoder:
                 raise ConfigError("prompt", "must be a non-empty string")
             messages = [{"role": "user", "content": prompt}]
         if chat and getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            return list(ids)
+            return chat_token_ids(self.tokenizer, messages)
         if isinstance(prompt, list):
             text = "\n".join(m["content"] for m in messages)
         else:

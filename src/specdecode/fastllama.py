@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .runner import common_prefix
+
 SUPPORTED = ("llama", "mistral")
 MAX_TUNED = 16  # block sizes up to this get their own layout choice; larger ones use x @ w.T
 
@@ -117,14 +119,27 @@ def _cpu_name() -> str:
     return "cpu"
 
 
+def attention_shape(cfg) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head dim) of a Llama-family config."""
+    n_heads = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+    return n_heads, n_kv, getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+
+
+def rope_tables(theta: float, head_dim: int, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``[positions, head_dim]`` for the rotate-half rotary embedding (``_rope``)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
 class FastLlama:
     """Weights and shapes of a Llama-family model, and its forward over a preallocated cache."""
 
     def __init__(self, model: torch.nn.Module, tune: bool = True, tuning_cache: Path | None = None):
         cfg = model.config
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.n_heads, self.n_kv, self.head_dim = attention_shape(cfg)
         self.eps = cfg.rms_norm_eps
         self.hidden = cfg.hidden_size
         self.max_positions = cfg.max_position_embeddings
@@ -147,10 +162,8 @@ class FastLlama:
             self.norm = inner.norm.weight.detach()
             self.lm_head = _Linear(model.get_output_embeddings().weight)
         theta = _rope_theta(cfg)
-        inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
-        freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32), inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos, self.sin = emb.cos().to(self.embed.dtype), emb.sin().to(self.embed.dtype)
+        cos, sin = rope_tables(theta, self.head_dim, self.max_positions)
+        self.cos, self.sin = cos.to(self.embed.dtype), sin.to(self.embed.dtype)
         if tune:
             tune_layouts(list(self.linears()), tuning_cache)
 
@@ -203,7 +216,8 @@ def _rope_theta(cfg) -> float:
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding, rotate-half convention (as the Hugging Face Llama): x ``[k, heads, hd]``."""
+    """Rotary embedding, rotate-half convention (as the Hugging Face Llama): x ``[..., k, heads, hd]``,
+    cos/sin ``[k, hd]``."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]
@@ -227,8 +241,6 @@ class FastRunner:
         del self.cached[length:]  # the buffer beyond this length is simply overwritten later
 
     def sync(self, context: list[int]) -> int:
-        from .runner import common_prefix
-
         n = common_prefix(self.cached, context)
         self.truncate(n)
         return n

@@ -44,18 +44,19 @@ def generate_answers(model, tokenizer, prompts: list[str], path: Path, max_new_t
     todo = prompts[len(done):]
     if not todo:
         return done
+    from .engine import chat_token_ids, eos_token_ids
+
     tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.eos_token_id
+    eos = eos_token_ids(model, tokenizer)
     bar = _progress(len(prompts), f"answers -> {path.name}", "prompt")
     bar.update(len(done))
     with path.open("a") as f:
         for i in range(0, len(todo), batch):
             chunk = todo[i:i + batch]
-            encoded = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
-                       for p in chunk]
-            encoded = [e["input_ids"] if isinstance(e, dict) or hasattr(e, "input_ids") else e for e in encoded]
+            encoded = [chat_token_ids(tokenizer, [{"role": "user", "content": p}]) for p in chunk]
             width = max(len(e) for e in encoded)
-            ids = torch.tensor([[pad] * (width - len(e)) + list(e) for e in encoded])
+            ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
             mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
             sampling = {"do_sample": False}
             if temperature > 0:
@@ -65,10 +66,10 @@ def generate_answers(model, tokenizer, prompts: list[str], path: Path, max_new_t
                 out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
             for prompt, e, row in zip(chunk, encoded, out):
                 answer = row[width:].tolist()
-                eos = model.config.eos_token_id
-                if eos in answer:
-                    answer = answer[: answer.index(eos) + 1]
-                record = {"prompt": prompt, "prompt_ids": list(e), "answer_ids": answer,
+                end = next((i for i, t in enumerate(answer) if t in eos), None)
+                if end is not None:
+                    answer = answer[: end + 1]
+                record = {"prompt": prompt, "prompt_ids": e, "answer_ids": answer,
                           "answer": tokenizer.decode(answer, skip_special_tokens=True)}
                 f.write(json.dumps(record) + "\n")
                 done.append(record)
@@ -147,6 +148,7 @@ class Sequences:
 
 def train_head(args) -> Path:
     from .drafters.feature import FeatureHead, TargetParts, save_feature_draft
+    from .fastllama import supports
     from .models import load_model
     from .prompts import passage_prompts, seed_prompts, varied_prompts
 
@@ -157,8 +159,6 @@ def train_head(args) -> Path:
     random.seed(args.seed)
     target = load_model(args.target, param="target", dtype="float32", device=args.device)
     model, tok = target.model, target.tokenizer
-    from .fastllama import supports
-
     if not supports(model):  # the feature pass and drafting both read features from the lean runner
         raise ConfigError("target", "train-draft needs a Llama-family target on the CPU (--device cpu); "
                                     f"got {model.config.model_type} on {next(model.parameters()).device}")
@@ -234,14 +234,15 @@ def train_head(args) -> Path:
         loss, n, hits, accepted, starts = 0.0, 0, [0] * args.depth, 0.0, 0
         with torch.no_grad():
             for sel in val.batches(args.batch_tokens):
-                f, emb, f_next, y, mask = val.batch(sel, parts.embed)
-                outs = head(f, emb, depth=args.depth)
+                batch = val.batch(sel, parts.embed)
+                mask = batch[-1]
+                l, correct = loss_fn(batch)
                 ok = []
-                for s, g in enumerate(outs):
-                    right = (parts.logits(g).argmax(-1) == y) & mask
-                    hits[s] += int(right.sum())
+                for s, c in enumerate(correct):  # back from answer positions to [B, T]
+                    right = torch.zeros_like(mask)
+                    right[mask] = c
+                    hits[s] += int(c.sum())
                     ok.append(right)
-                l, _ = loss_fn((f, emb, f_next, y, mask))
                 m = int(mask.sum())
                 loss, n = loss + float(l) * m, n + m
                 # a draft starting at index j gets token s+1 right when depth s is right at j+s

@@ -28,18 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
+from ..fastllama import _rope, _rope_theta, attention_shape, rope_tables
+from ..runner import common_prefix
 from ..sampling import logits_to_probs, sample
 from .base import Draft, Drafter
 
 FORMAT = "specdecode-feature-draft"
 FORMAT_VERSION = 2
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding, rotate-half convention: x ``[..., T, heads, hd]``, cos/sin ``[T, hd]``."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 class FeatureHead(torch.nn.Module):
@@ -57,11 +52,9 @@ class FeatureHead(torch.nn.Module):
         self.ln2 = torch.nn.Parameter(torch.ones(hidden))
         self.gate_up = torch.nn.Linear(hidden, 2 * inner, bias=False)
         self.down = torch.nn.Linear(inner, hidden, bias=False)
-        inv_freq = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        cos, sin = rope_tables(rope_theta, head_dim, max_positions)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def shape_config(self) -> dict:
         return {"hidden_size": self.hidden, "inner_size": self.inner, "num_heads": self.n_heads, "num_kv_heads": self.n_kv,
@@ -71,12 +64,8 @@ class FeatureHead(torch.nn.Module):
     @classmethod
     def for_target(cls, model, inner: int | None = None) -> "FeatureHead":
         """A head shaped like the target's decoder layers, started from the target's last layer."""
-        from ..fastllama import _rope_theta
-
         cfg = model.config
-        n_heads = cfg.num_attention_heads
-        n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+        n_heads, n_kv, head_dim = attention_shape(cfg)
         head = cls(cfg.hidden_size, inner or cfg.intermediate_size, n_heads, n_kv, head_dim, cfg.rms_norm_eps,
                    _rope_theta(cfg), min(cfg.max_position_embeddings, 8192))
         last = model.model.layers[-1]
@@ -194,8 +183,8 @@ class TargetParts:
         self.norm = model.model.norm.weight.detach()
         self.eps = model.config.rms_norm_eps
         self.vocab_ids = vocab_ids
-        self.out_rows = model.get_output_embeddings().weight.detach()[vocab_ids].contiguous()  # [V', H]
-        self.out_rows_t = self.out_rows.t().contiguous()  # [H, V']: the fast layout for one row at a time
+        # [H, V']: the target's output rows for the reduced vocabulary, in the fast layout for one row at a time
+        self.out_rows_t = model.get_output_embeddings().weight.detach()[vocab_ids].t().contiguous()
 
     def logits(self, g: torch.Tensor) -> torch.Tensor:
         """``[..., H]`` predicted features -> ``[..., V']`` logits over the reduced vocabulary."""
@@ -282,8 +271,6 @@ class FeatureDrafter(Drafter):
 
     @torch.inference_mode()
     def propose(self, context, max_tokens, config, generator) -> Draft:
-        from ..runner import common_prefix
-
         n_ctx = len(context)
         if max_tokens <= 0 or n_ctx < 2:
             return Draft([])
