@@ -53,14 +53,24 @@ def test_bench_table_and_json(tiny_dir, tmp_path, capsys):
     assert code == 2 and "--categories: unknown nope" in capsys.readouterr().err
 
 
-def test_train_draft_tiny_run_loads_and_is_refused_elsewhere(tiny_dir, tmp_path, tiny_target, tokenizer, default_target):
+def test_train_draft_tiny_run_loads_and_is_refused_elsewhere(tiny_dir, tmp_path, tiny_target, tokenizer, default_target,
+                                                              capsys):
     out = tmp_path / "head"
-    code = main(["train-draft", "--target", str(tiny_dir), "--out", str(out), "--prompts", "6", "--varied-prompts", "3",
-                 "--max-new-tokens", "12", "--batch", "3", "--epochs", "3", "--batch-tokens", "128", "--draft-vocab", "512",
-                 "--depth", "2"])
-    assert code == 0
+    args = ["train-draft", "--target", str(tiny_dir), "--out", str(out), "--prompts", "6", "--varied-prompts", "3",
+            "--max-new-tokens", "12", "--batch", "3", "--batch-tokens", "128", "--draft-vocab", "512", "--depth", "2"]
+    assert main(args + ["--broad-prompts", "0", "--epochs", "2"]) == 0
+    first = json.loads((out / "config.json").read_text())["history"]
+    assert [h["epoch"] for h in first] == [0, 1, 2]
+    # a round added later continues from the checkpoint with a schedule of its own, and needs epochs to do it in
+    capsys.readouterr()
+    assert main(args + ["--broad-prompts", "6", "--epochs", "2"]) == 2
+    assert "--epochs: the checkpoint has 2 epochs already" in capsys.readouterr().err
+    assert main(args + ["--broad-prompts", "6", "--epochs", "3"]) == 0
+    assert "on new data" in capsys.readouterr().err
+    assert len((out / "work" / "answers_4.jsonl").read_text().splitlines()) == 6
     config = json.loads((out / "config.json").read_text())
     history = config["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 2, 3] and history[3]["new_data"] == config["train_sequences"]
     assert history[-1]["val_loss"] < history[0]["val_loss"]  # training lowered the loss
     target = load_model(str(tiny_dir))
     drafter = make_drafter(str(out), target)

@@ -186,3 +186,61 @@ def test_seeded_sampling_does_not_depend_on_measured_costs(tiny_target, tiny_dra
     # pretend the machine got much slower at long passes: live timings would now pick other taus
     dec.cost = CostModel(target_s={n: 0.01 * n for n in range(1, 20)}, draft_token_s=0.02, smoothing=0.0)
     assert dec.generate(PROMPTS[1], cfg, chat=False).token_ids == first
+
+
+def test_dynamic_draft_ends_block_where_confidence_product_falls_below_floor(tiny_target, tiny_draft, tokenizer):
+    drafter = ModelDrafter(tiny_draft, vocab_size=len(tokenizer))
+    ctx = tokenizer("The cat sat on the mat and the cat").input_ids
+    cfg = GenerationConfig(max_new_tokens=40)
+    full = drafter.propose(ctx, 8, cfg, torch.Generator())
+    assert len(full) == 8  # floor 0: the whole block
+    products = torch.tensor(full.confidence).cumprod(0).tolist()
+    floor = (products[1] + products[2]) / 2  # between the 2nd and 3rd token's products
+    assert products[2] < floor <= products[1]
+    drafter.reset()
+    drafter.path_floor = floor
+    cut = drafter.propose(ctx, 8, cfg, torch.Generator())
+    assert cut.tokens == full.tokens[:3]  # the token that crosses the floor is kept, no further one
+
+
+def test_cost_policy_with_dynamic_drafter_offers_full_block_and_break_even_floor(tiny_target, tiny_draft, tokenizer):
+    from specdecode.policy import make_policy
+
+    cost = CostModel(target_s={n: 0.05 + 0.004 * (n - 1) for n in range(1, 18)}, draft_token_s=0.005, smoothing=0.0)
+    static = make_policy("cost", 8, cost)
+    dynamic = make_policy("cost", 8, cost, dynamic=True)
+    assert static.path_floor() == 0.0
+    assert dynamic.choose() == 8 and static.choose() < 8
+    # one more token pays while its chance exceeds rate x (draft + verification share) / T(1);
+    # before anything is measured the drafter's confidence is taken at its word (bin edges of 0.1)
+    needed = max(1.0, dynamic.last_prediction) * (0.005 + 0.004) / 0.05
+    assert dynamic.path_floor() == pytest.approx(int(needed * 10) / 10)
+    # greedy output is still plain decoding's
+    drafter = ModelDrafter(tiny_draft, vocab_size=len(tokenizer))
+    dec = SpeculativeDecoder(tiny_target, tokenizer, drafter, cost=cost)
+    for prompt in PROMPTS:
+        got = dec.generate(prompt, GenerationConfig(max_new_tokens=40, ignore_eos=True), chat=False)
+        assert got.token_ids == plain(tiny_target, tokenizer, prompt).token_ids
+        assert got.stats.drafted > 0
+
+
+def test_calibration_learns_an_overconfident_drafter_and_raises_the_floor():
+    from specdecode.policy import Calibration
+
+    cal = Calibration()
+    assert cal.threshold(0.35) == pytest.approx(0.3)  # prior: confidence 0.3-0.4 is accepted ~35%
+    for _ in range(200):  # a drafter that says 0.35 but is right a tenth of the time
+        cal.observe([0.35], accepted=0)
+    for _ in range(20):
+        cal.observe([0.35], accepted=1)
+    rates = cal.rates()
+    # bins 1-3 pooled: the well-measured bin 3 outweighs the priors of 0.15 and 0.25 below it
+    assert rates[3] == pytest.approx((20 + 4 * (0.15 + 0.25 + 0.35)) / (220 + 3 * 4), abs=1e-9)
+    assert rates[1] == rates[3] and rates[0] == pytest.approx(0.05) and rates[4] == pytest.approx(0.45)
+    assert rates == sorted(rates)  # monotone in confidence
+    assert cal.threshold(0.35) == pytest.approx(0.4)  # the 0.3-0.4 bin no longer pays
+    assert cal.threshold(2.0) > 1.0  # nothing reaches it: one token only
+    # the product of confidences is what is binned: 0.9 then 0.5 -> 0.45 for the second token
+    cal2 = Calibration(prior_weight=0.0001)
+    cal2.observe([0.9, 0.5], accepted=1)
+    assert cal2.tried[9] > 0.99 and cal2.passed[9] > 0.99 and cal2.tried[4] > 0.99 and cal2.passed[4] < 0.01

@@ -8,8 +8,9 @@ are also checked token for token against the baseline.
 Speedup is a ratio of wall-clock tokens per second (tokens and seconds summed over the prompts
 of a category); ``median_speedup`` is the median of per-prompt ratios. ``mean_accepted_tokens``
 counts the target's own token (Spec-Bench's convention). ``predicted_speedup`` is what the cost
-model (``costmodel``) says the run's steps should have achieved given the measured pass times;
-``efficiency`` is measured over predicted.
+model (``costmodel``) says the run's steps should have achieved given the pass times measured
+before the run and the run's mean cost per drafted token; ``efficiency`` is measured over
+predicted (1.0: the loop costs nothing beyond the passes and drafting).
 """
 
 from __future__ import annotations
@@ -225,8 +226,13 @@ def run_bench(args) -> dict:
     if trace is not None:
         trace.close()
 
-    summary = summarize(results, spec.cost, args.compare == "hf")
-    summary["cost_model"] = cost_report(spec.cost, summary["overall"]["acceptance_by_position"] or [0.0], args.draft_len)
+    # predictions and draft cost ratios use the pass times measured before the run (the live model
+    # the policy followed drifts with whatever else the machine did) and the run's mean draft cost
+    drafted = sum(r.stats["drafted"] for r in results)
+    measured = CostModel(target_s=dict(curve), smoothing=0.0,
+                         draft_token_s=sum(r.stats["draft_s"] for r in results) / drafted if drafted else 0.0)
+    summary = summarize(results, measured, args.compare == "hf")
+    summary["cost_model"] = cost_report(measured, summary["overall"]["acceptance_by_position"] or [0.0], args.draft_len)
     summary["config"] = {
         "target": args.target or "default (SmolLM2-135M-Instruct)", "draft": args.draft, "dataset": args.dataset,
         "limit": args.limit, "categories": categories, "max_new_tokens": config.max_new_tokens,

@@ -23,7 +23,7 @@ import torch
 from .config import ConfigError, GenerationConfig
 from .drafters.base import Draft, Drafter
 from .costmodel import CostModel
-from .policy import make_policy
+from .policy import Calibration, make_policy
 from .runner import make_runner
 from .sampling import logits_to_probs
 from .stats import RunStats, StepRecord
@@ -95,6 +95,7 @@ class SpeculativeDecoder:
         drafter.attach(self.target)
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.cost = cost or CostModel()  # shared across calls: what was measured stays measured
+        self.calibration = Calibration()  # how far the drafter's confidence is to be trusted, likewise
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         self.last_seed: int | None = None  # the seed of the latest call, for reproducing it
 
@@ -144,11 +145,13 @@ class SpeculativeDecoder:
         seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little")
         self.last_seed = seed
         generator = torch.Generator().manual_seed(seed)
-        # Seeded sampling must not depend on timing noise: plan with the fixed prior cost curve.
-        # (Greedy output does not depend on the draft lengths at all.)
+        # Seeded sampling must not depend on timing noise or on earlier requests: plan with the
+        # fixed prior cost curve and a fresh calibration. (Greedy output does not depend on the
+        # draft lengths at all.)
         seeded = config.seed is not None and not config.greedy
         cost = CostModel.prior(self.drafter.cost_prior) if seeded else self.cost
-        policy = make_policy(config.policy, config.draft_len, cost)
+        calibration = Calibration() if seeded else self.calibration
+        policy = make_policy(config.policy, config.draft_len, cost, dynamic=self.drafter.dynamic, calibration=calibration)
         stats = RunStats(drafter=self.drafter.name, policy=policy.name, prompt_tokens=len(prompt_ids))
         stop = _StopMatcher(config.stop)
         decode = _Detokenizer(self.tokenizer)
@@ -167,6 +170,7 @@ class SpeculativeDecoder:
             t0 = time.perf_counter()
             remaining = config.max_new_tokens - len(generated)
             tau = max(0, min(policy.choose(), remaining - 1))
+            self.drafter.path_floor = policy.path_floor()
             draft = self.drafter.propose(context, tau, config, generator) if tau else Draft([])
             t1 = time.perf_counter()
             logits = self.target.forward([context[-1]] + draft.tokens, num_logits=len(draft) + 1)  # [tau+1, V]
@@ -176,6 +180,7 @@ class SpeculativeDecoder:
             # cache holds context + all drafted tokens; keep context + accepted ones
             self.target.truncate(len(context) + verdict.num_accepted)
             self.drafter.observe(draft, verdict.num_accepted)
+            policy.observe_confidence(draft.confidence, verdict.num_accepted)
 
             new = verdict.tokens
             finish = None

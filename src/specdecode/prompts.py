@@ -41,10 +41,21 @@ def _split(s: str) -> list[str]:
     return [x.strip() for x in s.split(";") if x.strip()]
 
 
-def seed_prompts(n: int, seed: int) -> list[str]:
-    """``n`` prompts that need no passage."""
+def vocabulary_words(tokenizer, min_len: int = 5) -> list[str]:
+    """Whole lower-case words of the target's own vocabulary (SmolLM2: ~18,000), as topics far
+    beyond the hand-written lists; a few are word pieces, which the target reads as the word."""
+    words = set()
+    for piece in tokenizer.get_vocab():
+        text = tokenizer.convert_tokens_to_string([piece])
+        if text.startswith(" ") and text[1:].isascii() and text[1:].isalpha() and text[1:].islower() and len(text) > min_len:
+            words.add(text[1:])
+    return sorted(words)
+
+
+def seed_prompts(n: int, seed: int, topics: list[str] | None = None) -> list[str]:
+    """``n`` prompts that need no passage (topics from ``topics``, else the hand-written list)."""
     rng = random.Random(seed)
-    topics, things, tasks = _split(TOPICS), _split(THINGS), _split(TASKS)
+    topics, things, tasks = topics or _split(TOPICS), _split(THINGS), _split(TASKS)
     makers = [
         lambda: f"Explain {rng.choice(topics)} to {rng.choice(AUDIENCES)}.",
         lambda: f"Write a short story about {rng.choice(things)}.",
@@ -102,10 +113,10 @@ FORMATS = ["a haiku", "a limerick", "a tweet", "a news headline", "a product rev
            "a recipe", "a letter of complaint", "a movie plot summary", "a job advertisement", "a dialogue between two friends"]
 
 
-def varied_prompts(n: int, seed: int, passages: list[str]) -> list[str]:
+def varied_prompts(n: int, seed: int, passages: list[str], topics: list[str] | None = None) -> list[str]:
     """``n`` prompts of further kinds (role play, translation, formats, code, reasoning, passages)."""
     rng = random.Random(seed)
-    topics, things, tasks = _split(TOPICS), _split(THINGS), _split(TASKS)
+    topics, things, tasks = topics or _split(TOPICS), _split(THINGS), _split(TASKS)
     people, objects = _split(PEOPLE), _split(OBJECTS)
 
     def sentence() -> str:
@@ -136,3 +147,23 @@ def varied_prompts(n: int, seed: int, passages: list[str]) -> list[str]:
         lambda: f"Explain the difference between {rng.choice(topics)} and {rng.choice(topics)} using a table.",
     ]
     return [rng.choice(makers)() for _ in range(n)]
+
+
+ASKS = ["Can you help me understand {t}?", "What is {t}?", "How does {t} work?", "Tell me something surprising about {t}.",
+        "I'm writing a school report on {t}. What should I include?", "Why do people care about {t}?",
+        "What are common mistakes people make with {t}?", "Give me a simple example of {t}.",
+        "How would you explain {t} in one sentence, and then in more detail?", "What's the connection between {t} and {u}?",
+        "Write a short essay on {t}.", "Describe a day in the life of someone who works with {t}.",
+        "What questions should I ask an expert on {t}?", "Write a story in which {t} and {u} both matter."]
+
+
+def broad_prompts(n: int, seed: int, words: list[str], passages: list[str]) -> list[str]:
+    """``n`` prompts over topics drawn from ``words`` (the target's vocabulary): a third in the
+    phrasings of the seed round, a third of the varied kinds, a third as users ask in their own words."""
+    rng = random.Random(seed)
+    out = seed_prompts(n // 3, seed + 1, words) + varied_prompts(n // 3, seed + 2, passages, words)
+    while len(out) < n:
+        t, u = rng.sample(words, 2)
+        out.append(rng.choice(ASKS).format(t=t, u=u))
+    rng.shuffle(out)
+    return out

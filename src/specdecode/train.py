@@ -150,7 +150,7 @@ def train_head(args) -> Path:
     from .drafters.feature import FeatureHead, TargetParts, save_feature_draft
     from .fastllama import supports
     from .models import load_model
-    from .prompts import passage_prompts, seed_prompts, varied_prompts
+    from .prompts import broad_prompts, passage_prompts, seed_prompts, varied_prompts, vocabulary_words
 
     out = Path(args.out)
     work = out / "work"
@@ -176,21 +176,26 @@ def train_head(args) -> Path:
         rounds.append(generate_answers(model, tok, varied_prompts(args.varied_prompts, args.seed + 2, passages),
                                        work / "answers_3.jsonl", args.max_new_tokens, args.batch,
                                        temperature=0.7, seed=args.seed + 2))
+    if args.broad_prompts:
+        rounds.append(generate_answers(model, tok, broad_prompts(args.broad_prompts, args.seed + 3, vocabulary_words(tok), passages),
+                                       work / "answers_4.jsonl", args.max_new_tokens, args.batch))
 
-    # 3. features, one target pass per sequence
-    items = []
+    # 3. features, one target pass per sequence; 5% of each round held out for validation (per
+    # round, so that adding a round leaves the earlier rounds' split as it was)
+    val_items, items = [], []
     for r, records in enumerate(rounds):
         data = extract_features(model, records, work / f"features_{r + 1}.pt")
-        items += [(f, lab, t, len(rec["prompt_ids"])) for f, lab, t, rec in
-                  zip(data["features"], data["labels"], data["tokens"], records)]
-    rng = random.Random(args.seed)
-    rng.shuffle(items)
-    n_val = max(1, len(items) // 20)
+        got = [(f, lab, t, len(rec["prompt_ids"])) for f, lab, t, rec in
+               zip(data["features"], data["labels"], data["tokens"], records)]
+        random.Random(args.seed * 1000 + r).shuffle(got)
+        n_val = max(1, len(got) // 20)
+        val_items += got[:n_val]
+        items += got[n_val:]
 
     # reduced vocabulary: the tokens the target itself predicts most often in answers (always EOS)
     vocab_size = model.config.vocab_size
     counts = torch.zeros(vocab_size, dtype=torch.long)
-    for f, lab, t, prompt_len in items[n_val:]:
+    for f, lab, t, prompt_len in items:
         counts += torch.bincount(lab[max(0, prompt_len - 1):].long(), minlength=vocab_size)
     eos = model.config.eos_token_id
     counts[eos] = counts.max() + 1
@@ -198,20 +203,28 @@ def train_head(args) -> Path:
     vocab_map = torch.full((vocab_size,), -100, dtype=torch.long)
     vocab_map[vocab_ids] = torch.arange(len(vocab_ids))
     coverage = float(counts[vocab_ids].sum() - counts[eos]) / max(1.0, float(counts.sum() - counts[eos]))
-    val, train = Sequences(items[:n_val], vocab_map), Sequences(items[n_val:], vocab_map)
+    val, train = Sequences(val_items, vocab_map), Sequences(items, vocab_map)
 
     parts = TargetParts(model, vocab_ids)
     head = FeatureHead.for_target(model, args.inner)
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.0)
     ckpt = work / "checkpoint.pt"
-    start_epoch = 0
+    start_epoch = phase_start = 0
     if ckpt.is_file():
         state = torch.load(ckpt)
         head.load_state_dict(state["head"])
         opt.load_state_dict(state["opt"])
-        start_epoch = state["epoch"]
+        start_epoch = phase_start = state["epoch"]
         torch.set_rng_state(state["rng"])
-        print(f"resuming after epoch {start_epoch}", file=sys.stderr)
+        if state.get("train_sequences", len(train.items)) == len(train.items):
+            phase_start = state.get("phase_start", 0)
+            print(f"resuming after epoch {start_epoch}", file=sys.stderr)
+        else:  # a round was added: continue from these weights with a fresh learning-rate schedule
+            print(f"resuming after epoch {start_epoch} on new data ({state.get('train_sequences')} -> "
+                  f"{len(train.items)} sequences): new warm-up and cosine schedule over epochs "
+                  f"{start_epoch + 1}-{args.epochs}", file=sys.stderr)
+    if start_epoch >= args.epochs and phase_start == start_epoch:
+        raise ConfigError("epochs", f"the checkpoint has {start_epoch} epochs already; give more to train on the new data")
 
     # features of a Llama's last layer are large and uneven; the regression works in units of
     # their overall spread so that it neither swamps nor vanishes beside the cross-entropy
@@ -257,14 +270,14 @@ def train_head(args) -> Path:
                 "val_accepted_per_draft": accepted / max(1, starts)}
 
     history = json.loads((work / "history.json").read_text()) if (work / "history.json").is_file() else []
-    if not history:
-        history.append({"epoch": 0, **evaluate()})
+    if not history or (phase_start == start_epoch > 0 and history[-1].get("new_data") != len(train.items)):
+        history.append({"epoch": start_epoch, **evaluate(), "new_data": len(train.items)})
     steps_per_epoch = len(train.batches(args.batch_tokens))
-    total = steps_per_epoch * args.epochs
+    total = steps_per_epoch * (args.epochs - phase_start)  # steps of the current schedule
     warmup = min(50, total // 10)
-    bar = _progress(total, "train", "step")
+    bar = _progress(steps_per_epoch * args.epochs, "train", "step")
     bar.update(start_epoch * steps_per_epoch)
-    step = start_epoch * steps_per_epoch
+    step = (start_epoch - phase_start) * steps_per_epoch
     for epoch in range(start_epoch, args.epochs):
         for sel in train.batches(args.batch_tokens, random.Random(args.seed * 1000 + epoch)):
             lr = args.lr * min(1.0, (step + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * step / total))
@@ -279,14 +292,15 @@ def train_head(args) -> Path:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc0=f"{correct[0].float().mean().item():.2f}", lr=f"{lr:.1e}")
         history.append({"epoch": epoch + 1, **evaluate()})
-        bar.write(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in history[-1].items() if k != "epoch"))
-        torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1, "rng": torch.get_rng_state()}, ckpt)
+        bar.write(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in history[-1].items() if k.startswith("val")))
+        torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1, "rng": torch.get_rng_state(),
+                    "phase_start": phase_start, "train_sequences": len(train.items)}, ckpt)
         (work / "history.json").write_text(json.dumps(history, indent=1))
     bar.close()
 
     meta = {
         "target": args.target or "default",
-        "trained_with": {k: getattr(args, k) for k in ("prompts", "varied_prompts", "max_new_tokens", "epochs", "lr",
+        "trained_with": {k: getattr(args, k) for k in ("prompts", "varied_prompts", "broad_prompts", "max_new_tokens", "epochs", "lr",
                                                        "batch_tokens", "depth", "inner", "draft_vocab", "reg_weight", "seed")},
         "train_sequences": len(train.items),
         "train_positions": sum(int(it[0].shape[0]) - it[3] for it in train.items),
@@ -303,7 +317,7 @@ def train_head(args) -> Path:
 
 
 def cmd_train(args) -> int:
-    for name, low in (("prompts", 2), ("varied_prompts", 0), ("max_new_tokens", 1), ("epochs", 1), ("batch", 1),
+    for name, low in (("prompts", 2), ("varied_prompts", 0), ("broad_prompts", 0), ("max_new_tokens", 1), ("epochs", 1), ("batch", 1),
                       ("batch_tokens", 16), ("depth", 1), ("draft_vocab", 16)):
         if getattr(args, name) < low:
             raise ConfigError(name, f"must be >= {low} (got {getattr(args, name)})")
@@ -321,6 +335,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (resumable: rerun the same command to continue)")
     p.add_argument("--prompts", type=int, default=1200, help="self-distillation prompts answered greedily")
     p.add_argument("--varied-prompts", type=int, default=1024, help="further prompts of other kinds, answered by sampling")
+    p.add_argument("--broad-prompts", type=int, default=2048,
+                   help="prompts over topics from the target's own vocabulary, answered greedily")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=32, help="generation batch size")
     p.add_argument("--epochs", type=int, default=8)

@@ -19,7 +19,7 @@ class Draft:
     # [len(tokens), vocab]: the exact distribution each token was drawn from. None means every
     # token was drawn from a one-hot distribution on itself (greedy drafts, n-gram lookup).
     probs: torch.Tensor | None = None
-    # the drafter's own probability of each drafted token; 1.0 for one-hot drafts
+    # the drafter's own probability of each drafted token; empty when it has none (n-gram lookup)
     confidence: list[float] = field(default_factory=list)
     seconds: float = 0.0  # wall time spent drafting, filled in by the engine
 
@@ -34,6 +34,11 @@ class Drafter:
     # Per-token drafting cost as a fraction of the target's one-token pass; the cost-aware policy
     # measures it online, this is only its prior.
     cost_prior = 0.0
+    # True for drafters whose per-token confidence tracks how likely the target is to accept the
+    # token (trained heads, draft models): the cost policy then lets them end a block early, at
+    # ``path_floor`` (set by the loop before each proposal; 0 means draft all ``max_tokens``)
+    dynamic = False
+    path_floor = 0.0
 
     def propose(
         self, context: list[int], max_tokens: int, config: GenerationConfig, generator: torch.Generator

@@ -244,6 +244,7 @@ def load_feature_draft(path: str, target, param: str = "draft") -> "FeatureDraft
 class FeatureDrafter(Drafter):
     name = "head"
     cost_prior = 0.08
+    dynamic = True
 
     def __init__(self, head: FeatureHead, parts: TargetParts, vocab_size: int, name: str = "head"):
         self.head, self.parts, self.vocab_size, self.name = head, parts, vocab_size, name
@@ -284,7 +285,7 @@ class FeatureDrafter(Drafter):
         embed, ids = self.parts.embed, self.parts.vocab_ids
         g = self.head.step(features, embed[torch.tensor(context[start + 1:], dtype=torch.long)], start, self._cache)[-1:]
         self._tokens = list(context)
-        tokens, probs, confidence = [], [], []
+        tokens, probs, confidence, path = [], [], [], 1.0
         for i in range(max_tokens):
             if i:
                 g = self.head.step(g, embed[tokens[-1]][None], n_ctx - 2 + i, self._cache)
@@ -298,6 +299,7 @@ class FeatureDrafter(Drafter):
                 full = torch.zeros(self.vocab_size)
                 full[ids] = dist
                 probs.append(full)
-            if top < config.confidence_floor:
+            path *= top
+            if top < config.confidence_floor or path < self.path_floor:
                 break
         return Draft(tokens, torch.stack(probs) if probs else None, confidence)

@@ -29,6 +29,7 @@ def check_same_vocabulary(target_tokenizer, draft_tokenizer, param: str = "draft
 class ModelDrafter(Drafter):
     name = "model"
     cost_prior = 0.1  # a drafted token costs about a tenth of a target pass, before it is measured
+    dynamic = True
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, name: str = "model", fast: bool = True):
         self.model = model  # the module itself, for tools that run it another way (bench --compare hf)
@@ -46,6 +47,7 @@ class ModelDrafter(Drafter):
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
         confidence: list[float] = []
+        path = 1.0
         for i in range(max_tokens):
             dist = logits_to_probs(logits, config.temperature, config.top_k, config.top_p)  # [vocab]
             token = int(dist.argmax()) if config.greedy else sample(dist, generator)
@@ -56,7 +58,8 @@ class ModelDrafter(Drafter):
             tokens.append(token)
             probs.append(dist)
             confidence.append(top)
-            if i + 1 == max_tokens or top < config.confidence_floor:
+            path *= top
+            if i + 1 == max_tokens or top < config.confidence_floor or path < self.path_floor:
                 break
             logits = self.runner.forward([token], num_logits=1)[0]
         # greedy draws are one-hot on the drafted token: no need to carry the distributions

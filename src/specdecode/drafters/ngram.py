@@ -55,7 +55,7 @@ class NgramDrafter(Drafter):
 
     def propose(self, context, max_tokens, config, generator) -> Draft:
         _, follow = self.match(context, max_tokens)
-        return Draft(follow, None, [1.0] * len(follow))
+        return Draft(follow)  # one-hot, and no confidence to calibrate
 
 
 class HybridDrafter(Drafter):
@@ -63,10 +63,14 @@ class HybridDrafter(Drafter):
     trained head. Each step's draft is verified against the distribution it came from, so mixing
     drafters step by step keeps the output exact."""
 
-    def __init__(self, head: Drafter, ngram: NgramDrafter | None = None, min_match: int = 3):
+    def __init__(self, head: Drafter, ngram: NgramDrafter | None = None, min_match: int = 3, ngram_tokens: int = 4):
         self.head, self.ngram, self.min_match = head, ngram or NgramDrafter(max_ngram=max(3, min_match)), min_match
+        # a copied span carries no confidence to end it early, so its block is capped: verifying up
+        # to 5 tokens costs about one 1-token pass on the CPU, 9 tokens about 1.6
+        self.ngram_tokens = ngram_tokens
         self.name = f"{head.name}+ngram"
         self.cost_prior = head.cost_prior
+        self.dynamic = head.dynamic
 
     def attach(self, target_runner) -> None:
         self.head.attach(target_runner)
@@ -76,9 +80,10 @@ class HybridDrafter(Drafter):
         self.ngram.reset()
 
     def propose(self, context, max_tokens, config, generator) -> Draft:
-        n, follow = self.ngram.match(context, max_tokens)
+        n, follow = self.ngram.match(context, min(max_tokens, self.ngram_tokens))
         if n >= self.min_match and follow:
-            return Draft(follow, None, [1.0] * len(follow))
+            return Draft(follow)  # one-hot, and no confidence to calibrate
+        self.head.path_floor = self.path_floor
         return self.head.propose(context, max_tokens, config, generator)
 
     def observe(self, draft: Draft, num_accepted: int) -> None:
