@@ -103,8 +103,22 @@ def test_shipped_head_loads_and_is_lossless(default_target):
         assert accepted > 0
 
 
-def test_auto_is_the_measured_default(tiny_dir):
-    assert make_drafter("auto", load_model(str(tiny_dir))).name == "ngram"
+def test_auto_is_the_head_where_it_fits_and_ngram_elsewhere(tiny_dir, default_target):
+    assert make_drafter("auto", default_target).name == "head:smollm2-135m-instruct+ngram"
+    assert make_drafter("auto", default_target, fast=False).name == "ngram"  # no lean runner, no features
+    assert make_drafter("auto", load_model(str(tiny_dir))).name == "ngram"  # trained for another target
+
+
+def test_compare_hf_runs_the_nearest_hugging_face_drafter(default_target, tiny_draft):
+    from specdecode.bench import hf_counterpart
+    from specdecode.drafters.model import ModelDrafter
+
+    assert hf_counterpart(make_drafter("ngram", default_target)) == ("prompt_lookup", None)
+    assert hf_counterpart(make_drafter("auto", default_target)) == ("prompt_lookup", None)
+    assert hf_counterpart(make_drafter("none", default_target)) == ("none", None)
+    assert hf_counterpart(ModelDrafter(tiny_draft, vocab_size=100)) == ("assistant", tiny_draft)
+    with pytest.raises(ConfigError, match="compare.*no counterpart of the head"):
+        hf_counterpart(make_drafter("head", default_target))
 
 
 def test_train_draft_refuses_a_target_it_cannot_read_features_from(tmp_path, tokenizer, capsys):

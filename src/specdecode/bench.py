@@ -78,16 +78,35 @@ def load_questions(path: str, categories: list[str] | None, limit: int | None) -
     return questions
 
 
-def _hf_generate(model, prompt_ids, config: GenerationConfig, draft_spec: str, assistant):
-    """Hugging Face's own assisted generation with the same drafter, greedy (or sampling)."""
+def hf_counterpart(drafter) -> tuple[str, object]:
+    """What ``--compare hf`` runs for this drafter: ("prompt_lookup", None) for n-gram lookup (and
+    for head+ngram, whose nearest Hugging Face feature it is), ("assistant", model) for a draft
+    model, ("none", None) for plain decoding. A lone feature head has no counterpart there."""
+    from .drafters.base import NoDrafter
+    from .drafters.ngram import HybridDrafter, NgramDrafter
+
+    if isinstance(drafter, (NgramDrafter, HybridDrafter)):
+        return "prompt_lookup", None
+    if isinstance(drafter, NoDrafter):
+        return "none", None
+    model = getattr(drafter, "model", None)
+    if model is None:
+        raise ConfigError("compare", f"Hugging Face has no counterpart of the {drafter.name} drafter; "
+                                     "compare with --draft ngram, head+ngram or a draft model")
+    return "assistant", model
+
+
+def _hf_generate(model, prompt_ids, config: GenerationConfig, counterpart: tuple[str, object]):
+    """Hugging Face's own assisted generation with the nearest drafter it has, greedy (or sampling)."""
     import torch
 
     kwargs = {"max_new_tokens": config.max_new_tokens, "do_sample": not config.greedy, "pad_token_id": model.config.eos_token_id}
     if not config.greedy:
         kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or None)
-    if draft_spec == "ngram":
+    kind, assistant = counterpart
+    if kind == "prompt_lookup":
         kwargs["prompt_lookup_num_tokens"] = 10
-    elif assistant is not None:
+    elif kind == "assistant":
         kwargs["assistant_model"] = assistant
     ids = torch.tensor([prompt_ids])
     t = time.perf_counter()
@@ -187,7 +206,7 @@ def run_bench(args) -> dict:
     drafter = make_drafter(args.draft, target, dtype=args.dtype, device=args.device)
     spec = SpeculativeDecoder(target.model, target.tokenizer, drafter)
     base = SpeculativeDecoder(target.model, target.tokenizer, NoDrafter())
-    assistant = getattr(drafter, "model", None) if args.draft not in ("none", "ngram") else None
+    counterpart = hf_counterpart(drafter) if args.compare == "hf" else None
 
     # the cost model: measured pass times 1..16 (and the draft's per-token cost, from the run)
     curve = measure_target_curve(base.target, n_max=16)
@@ -209,7 +228,7 @@ def run_bench(args) -> dict:
         out = {}
         for who in contenders:
             if who == "hf":
-                out["hf"] = _hf_generate(target.model, prompt_ids, config, args.draft, assistant)
+                out["hf"] = _hf_generate(target.model, prompt_ids, config, counterpart)
             else:
                 dec = base if who == "base" else spec
                 steps: list[dict] = []

