@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .config import ConfigError
@@ -33,13 +32,11 @@ SHIPPED_HEAD = Path(__file__).parent / "drafts" / "smollm2-135m-instruct"
 def auto_drafter(target, fast: bool = True) -> str:
     """What ``--draft auto`` means for this target: the shipped head with n-gram lookup where the
     head was trained for it and the lean runner it reads features from applies, else n-gram."""
-    from . import fastllama
-    from .drafters.feature import target_fingerprint
+    from .drafters.feature import draft_config, trained_for
+    from .runner import runs_lean
 
-    if not fast or not fastllama.supports(target.model):
-        return "ngram"
-    trained_for = json.loads((SHIPPED_HEAD / "config.json").read_text())["target_fingerprint"]
-    return "head+ngram" if trained_for == target_fingerprint(target.model) else "ngram"
+    fits = runs_lean(target.model, fast) and trained_for(draft_config(SHIPPED_HEAD), target.model)
+    return "head+ngram" if fits else "ngram"
 
 
 def load(target: str | None = None, draft: str = "auto", *, dtype: str = "auto", device: str = "auto",

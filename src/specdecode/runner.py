@@ -70,18 +70,24 @@ class ModelRunner:
         return [(layer.keys, layer.values) for layer in self._cache.layers]
 
 
+def runs_lean(model: torch.nn.Module, fast: bool = True) -> bool:
+    """Whether ``make_runner`` gives this model the lean Llama forward (see ``fastllama``)."""
+    from . import fastllama
+
+    return fast and fastllama.supports(model)
+
+
 def make_runner(model: torch.nn.Module, vocab_size: int | None = None, fast: bool = True):
     """The fastest runner that computes this model exactly: the lean Llama forward where it
-    supports the architecture (see ``fastllama``), else the Hugging Face module itself."""
-    if fast:
+    supports the architecture, else the Hugging Face module itself."""
+    if runs_lean(model, fast):
         from . import fastllama
 
-        if fastllama.supports(model):
-            built = getattr(model, "_specdecode_fast", None)
-            if built is None:  # one per model: a drafter and a decoder over it share the weights
-                from .models import cache_dir
+        built = getattr(model, "_specdecode_fast", None)
+        if built is None:  # one per model: a drafter and a decoder over it share the weights
+            from .models import cache_dir
 
-                built = fastllama.FastLlama(model, tuning_cache=cache_dir() / "layout-tuning.json")
-                model._specdecode_fast = built
-            return fastllama.FastRunner(built, vocab_size=vocab_size)
+            built = fastllama.FastLlama(model, tuning_cache=cache_dir() / "layout-tuning.json")
+            model._specdecode_fast = built
+        return fastllama.FastRunner(built, vocab_size=vocab_size)
     return ModelRunner(model, vocab_size=vocab_size)

@@ -210,6 +210,15 @@ def save_feature_draft(out: Path, head: FeatureHead, vocab_ids: torch.Tensor, ta
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
+def draft_config(path: str | Path) -> dict:
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+def trained_for(cfg: dict, target) -> bool:
+    """Whether the draft head with config ``cfg`` was trained for ``target`` (by its weights)."""
+    return cfg.get("target_fingerprint") == target_fingerprint(target)
+
+
 def is_feature_draft(path: str) -> bool:
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
@@ -223,11 +232,11 @@ def is_feature_draft(path: str) -> bool:
 def load_feature_draft(path: str, target, param: str = "draft") -> "FeatureDrafter":
     from safetensors.torch import load_file
 
-    cfg = json.loads((Path(path) / "config.json").read_text())
+    cfg = draft_config(path)
     if cfg.get("version") != FORMAT_VERSION:
         raise ConfigError(param, f"{path}: draft format version {cfg.get('version')} is not supported "
                                  f"(this specdecode reads version {FORMAT_VERSION}); retrain it with specdecode train-draft")
-    if cfg["target_fingerprint"] != target_fingerprint(target):
+    if not trained_for(cfg, target):
         raise ConfigError(
             param,
             f"{path} was trained for another target (fingerprint {cfg['target_fingerprint']}, "
