@@ -230,9 +230,9 @@ def test_calibration_learns_an_overconfident_drafter_and_raises_the_floor():
     cal = Calibration()
     assert cal.threshold(0.35) == pytest.approx(0.3)  # prior: confidence 0.3-0.4 is accepted ~35%
     for _ in range(200):  # a drafter that says 0.35 but is right a tenth of the time
-        cal.observe([0.35], accepted=0)
+        cal.observe([0.35], [False])
     for _ in range(20):
-        cal.observe([0.35], accepted=1)
+        cal.observe([0.35], [True])
     rates = cal.rates()
     # bins 1-3 pooled: the well-measured bin 3 outweighs the priors of 0.15 and 0.25 below it
     assert rates[3] == pytest.approx((20 + 4 * (0.15 + 0.25 + 0.35)) / (220 + 3 * 4), abs=1e-9)
@@ -242,5 +242,5 @@ def test_calibration_learns_an_overconfident_drafter_and_raises_the_floor():
     assert cal.threshold(2.0) > 1.0  # nothing reaches it: one token only
     # the product of confidences is what is binned: 0.9 then 0.5 -> 0.45 for the second token
     cal2 = Calibration(prior_weight=0.0001)
-    cal2.observe([0.9, 0.5], accepted=1)
+    cal2.observe(Draft([1, 2], confidence=[0.9, 0.5]).path_scores(), [True, False])
     assert cal2.tried[9] > 0.99 and cal2.passed[9] > 0.99 and cal2.tried[4] > 0.99 and cal2.passed[4] < 0.01

@@ -38,10 +38,11 @@ def _drafter(model, seed=3):
     return FeatureDrafter(head, TargetParts(model, torch.arange(model.config.vocab_size)), model.config.vocab_size)
 
 
-def test_drafter_cache_across_steps_equals_a_fresh_one(tiny_target, tokenizer):
+@pytest.mark.parametrize("tree", [False, True])
+def test_drafter_cache_across_steps_equals_a_fresh_one(tiny_target, tokenizer, tree):
     drafter = _drafter(tiny_target)
     dec = SpeculativeDecoder(tiny_target, tokenizer, drafter)
-    cfg = GenerationConfig(max_new_tokens=40, policy="fixed", draft_len=3, ignore_eos=True)
+    cfg = GenerationConfig(max_new_tokens=40, policy="fixed", draft_len=3, ignore_eos=True, tree=tree)
     result = dec.generate("Once upon a time", cfg)
     assert result.stats.drafted > 0 and result.stats.accepted < result.stats.drafted  # rejections happened
     context = result.prompt_token_ids + result.token_ids
@@ -49,8 +50,9 @@ def test_drafter_cache_across_steps_equals_a_fresh_one(tiny_target, tokenizer):
     kept = drafter.propose(context, 4, cfg, gen)
     fresh = _drafter(tiny_target)
     fresh.attach(dec.target)
+    fresh.tree_size = drafter.tree_size  # the policy's, as the loop set it
     again = fresh.propose(context, 4, cfg, gen)
-    assert kept.tokens == again.tokens
+    assert kept.tokens == again.tokens and kept.parents == again.parents
     assert drafter.propose(context, 4, cfg, gen).tokens == kept.tokens  # the same context twice
     assert kept.confidence == pytest.approx(again.confidence, abs=1e-5)
 

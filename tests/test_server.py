@@ -134,6 +134,7 @@ def test_metrics_move_by_exactly_the_requests_tokens(server, client):
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 9000}, "max_tokens"),
         ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, "model"),
         ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 2}, "n"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "speculative": {"tree": "yes"}}, "tree"),
         ("/v1/completions", None, None),  # malformed JSON
     ],
 )

@@ -193,7 +193,7 @@ def run_bench(args) -> dict:
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed if args.seed is not None else (None if args.temperature == 0 else 0),
-        draft_len=args.draft_len, policy=args.policy, confidence=args.confidence,
+        draft_len=args.draft_len, policy=args.policy, confidence=args.confidence, tree=args.tree,
     ).validate()
     categories = [c for c in (args.categories or "").split(",") if c] or None
     questions = load_questions(args.dataset, categories, args.limit)
@@ -255,7 +255,7 @@ def run_bench(args) -> dict:
     summary["config"] = {
         "target": args.target or "default (SmolLM2-135M-Instruct)", "draft": args.draft, "dataset": args.dataset,
         "limit": args.limit, "categories": categories, "max_new_tokens": config.max_new_tokens,
-        "temperature": config.temperature, "policy": config.policy, "draft_len": config.draft_len,
+        "temperature": config.temperature, "policy": config.policy, "draft_len": config.draft_len, "tree": config.tree,
         "compare": args.compare, "prompts": len(results),
     }
     summary["prompts"] = [

@@ -33,6 +33,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-len", type=int, default=8, help="largest draft block (tau)")
     p.add_argument("--policy", default="cost", choices=POLICIES, help="how tau is chosen each step (default: %(default)s)")
     p.add_argument("--confidence", type=float, default=0.3, help="threshold for --policy confidence")
+    p.add_argument("--no-tree", dest="tree", action="store_false",
+                   help="greedy: draft one chain instead of a tree of alternatives (the trained head drafts trees by default)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
 
@@ -49,6 +51,7 @@ def config_from_args(args) -> GenerationConfig:
         policy=args.policy,
         confidence=args.confidence,
         ignore_eos=args.ignore_eos,
+        tree=args.tree,
     ).validate()
 
 

@@ -38,6 +38,9 @@ class GenerationConfig:
     policy: str = "cost"  # how tau is chosen each step; see specdecode.policy
     confidence: float = 0.3  # for policy="confidence": stop drafting below this draft top-prob
     ignore_eos: bool = False  # benchmarks may want fixed-length outputs
+    # greedy only: drafters that can (the trained head) propose a tree of alternatives, verified in
+    # one pass, instead of a single chain; at most draft_len tokens either way
+    tree: bool = True
     extra: dict = field(default_factory=dict, compare=False)  # free-form, carried into the trace
 
     @property
@@ -63,6 +66,8 @@ class GenerationConfig:
         _check_int("draft_len", self.draft_len, 0, 64)
         if self.policy not in POLICIES:
             raise ConfigError("policy", f"must be one of {', '.join(POLICIES)} (got {self.policy!r})")
+        if not isinstance(self.tree, bool):
+            raise ConfigError("tree", f"must be true or false (got {self.tree!r})")
         if not _is_number(self.confidence) or not 0 <= self.confidence < 1:
             raise ConfigError("confidence", f"must be in [0, 1) (got {self.confidence!r})")
         return self

@@ -27,7 +27,7 @@ from .policy import Calibration, make_policy
 from .runner import make_runner
 from .sampling import logits_to_probs
 from .stats import RunStats, StepRecord
-from .verify import verify
+from .verify import verify, verify_tree_greedy
 
 
 @dataclass
@@ -171,16 +171,28 @@ class SpeculativeDecoder:
             remaining = config.max_new_tokens - len(generated)
             tau = max(0, min(policy.choose(), remaining - 1))
             self.drafter.path_floor = policy.path_floor()
+            room = self.max_context - len(context) if self.max_context else None  # tree tokens that fit
+            self.drafter.tree_size = policy.tree_size if room is None else (lambda s, r=room: min(policy.tree_size(s), r))
             draft = self.drafter.propose(context, tau, config, generator) if tau else Draft([])
             t1 = time.perf_counter()
-            logits = self.target.forward([context[-1]] + draft.tokens, num_logits=len(draft) + 1)  # [tau+1, V]
-            target_probs = logits_to_probs(logits, config.temperature, config.top_k, config.top_p)
-            verdict = verify(draft.tokens, draft.probs, target_probs, generator)
+            if draft.parents is None:
+                logits = self.target.forward([context[-1]] + draft.tokens, num_logits=len(draft) + 1)  # [tau+1, V]
+                target_probs = logits_to_probs(logits, config.temperature, config.top_k, config.top_p)
+                verdict = verify(draft.tokens, draft.probs, target_probs, generator)
+                accepted = list(range(verdict.num_accepted))
+                # cache holds context + all drafted tokens; keep context + accepted ones
+                self.target.truncate(len(context) + verdict.num_accepted)
+            else:  # a tree (greedy): the pending token is its root
+                if not config.greedy:
+                    raise RuntimeError(f"drafter {self.drafter.name} proposed a tree under sampling")
+                start = len(context) - 1
+                logits = self.target.forward_tree([context[-1]] + draft.tokens, [-1] + [p + 1 for p in draft.parents])
+                accepted, verdict = verify_tree_greedy(draft.tokens, draft.parents, logits)
+                self.target.keep_branch(start, [0] + [i + 1 for i in accepted])
             t2 = time.perf_counter()
-            # cache holds context + all drafted tokens; keep context + accepted ones
-            self.target.truncate(len(context) + verdict.num_accepted)
             self.drafter.observe(draft, verdict.num_accepted)
-            policy.observe_confidence(draft.confidence, verdict.num_accepted)
+            hit = set(accepted)
+            policy.observe_confidence(draft.path_scores(), [i in hit for i in range(len(draft))])
 
             new = verdict.tokens
             finish = None
@@ -201,7 +213,7 @@ class SpeculativeDecoder:
                 finish = "length"
             t3 = time.perf_counter()
             rec = StepRecord(step, tau, len(draft), verdict.num_accepted, len(new), t1 - t0, t2 - t1, t3 - t2,
-                             len(draft) + 1)
+                             len(draft) + 1, None if draft.parents is None else draft.depth())
             stats.add(rec)
             policy.observe(rec)
             if trace is not None:

@@ -62,12 +62,18 @@ def cost_from_steps(steps: list[dict]) -> CostModel:
     return CostModel(target_s=curve, draft_token_s=draft_s / drafted if drafted else 0.0, frozen=True)
 
 
+def _positions(step: dict) -> int:
+    """Draft positions a traced step tested: its chain's length or its tree's depth."""
+    depth = step.get("depth")
+    return step["drafted"] if depth is None else depth
+
+
 def acceptance_by_position(steps: list[dict]) -> tuple[list[float], list[int]]:
-    width = max((s["drafted"] for s in steps), default=0)
-    drafted_at = [sum(1 for s in steps if s["drafted"] > i) for i in range(width)]
+    width = max((_positions(s) for s in steps), default=0)
+    drafted_at = [sum(1 for s in steps if _positions(s) > i) for i in range(width)]
     accepted_at = [sum(1 for s in steps if s["accepted"] > i) for i in range(width)]
     # conditional: of the steps that reached position i (all before accepted) and drafted it
-    reached = [sum(1 for s in steps if s["drafted"] > i and s["accepted"] >= i) for i in range(width)]
+    reached = [sum(1 for s in steps if _positions(s) > i and s["accepted"] >= i) for i in range(width)]
     return [a / r if r else 0.0 for a, r in zip(accepted_at, reached)], drafted_at
 
 
@@ -76,7 +82,7 @@ def _speedup(steps, cost: CostModel, *, accept_all=False, free_draft=False, flat
     tokens = 0
     spent = 0.0
     for s in steps:
-        tokens += (s["drafted"] + 1) if accept_all else s["emitted"]
+        tokens += (_positions(s) + 1) if accept_all else s["emitted"]
         verify = t1 if flat_verify else cost.target(s["target_tokens"])
         draft = 0.0 if free_draft else s["drafted"] * cost.draft()
         overhead = 0.0 if no_overhead else s["overhead_s"]

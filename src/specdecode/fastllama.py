@@ -177,17 +177,27 @@ class FastLlama:
         return [torch.empty(shape, dtype=self.embed.dtype) for _ in self.layers]
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, start: int, cache: list[torch.Tensor], num_logits: int) -> torch.Tensor:
-        """ids ``[k]`` at positions ``start..start+k-1``; writes their keys/values into ``cache``;
-        returns logits ``[num_logits, vocab]`` for the last ``num_logits`` positions."""
+    def forward(self, ids: torch.Tensor, start: int, cache: list[torch.Tensor], num_logits: int,
+                tree: "TreeLayout | None" = None) -> torch.Tensor:
+        """ids ``[k]`` into cache slots ``start..start+k-1``; writes their keys/values into ``cache``;
+        returns logits ``[num_logits, vocab]`` for the last ``num_logits`` of them.
+
+        Without ``tree`` the k tokens continue the sequence (positions ``start..start+k-1``, causal).
+        With it they are the nodes of a token tree (``TreeLayout``): each sits at position
+        ``start + depth`` and sees the cached context and its own ancestors only."""
         k = ids.shape[0]
         end = start + k
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         x = self.embed[ids]  # [k, hidden]
-        cos, sin = self.cos[start:end], self.sin[start:end]  # [k, hd]
-        mask = None
-        if k > 1:  # query i (position start+i) sees keys 0..start+i
-            mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]  # [k, end]
+        if tree is None:
+            cos, sin = self.cos[start:end], self.sin[start:end]  # [k, hd]
+            mask = None
+            if k > 1:  # query i (position start+i) sees keys 0..start+i
+                mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]  # [k, end]
+        else:
+            positions = start + tree.depth
+            cos, sin = self.cos[positions], self.sin[positions]
+            mask = tree.mask(start)
         for (ln1, qkv, o, ln2, gate_up, down), kv in zip(self.layers, cache):
             h = F.rms_norm(x, (self.hidden,), ln1, self.eps)
             q, key, val = qkv(h).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
@@ -206,6 +216,41 @@ class FastLlama:
             return x[:0, :0]
         x = F.rms_norm(x[-num_logits:], (self.hidden,), self.norm, self.eps)
         return self.lm_head(x)  # [num_logits, vocab]
+
+
+class TreeLayout:
+    """A block of k tokens that form a tree rather than a sequence: ``parents[i]`` is the index in
+    the block of token i's parent (-1: its parent is the last cached token). Parents come before
+    their children. Used to verify many drafted continuations in one pass (SpecInfer, Miao et al.
+    2024; EAGLE-2): siblings share a position, and attention is restricted to each token's own
+    branch, so every token's logits are exactly those of its branch read as a sequence."""
+
+    def __init__(self, parents: list[int]):
+        k = len(parents)
+        depth = [0] * k
+        seen = torch.eye(k, dtype=torch.bool)  # [i, j]: j is i or an ancestor of i
+        for i, p in enumerate(parents):
+            if not -1 <= p < i:
+                raise ValueError(f"tree parent {p} of token {i} must come before it")
+            if p >= 0:
+                depth[i] = depth[p] + 1
+                seen[i] |= seen[p]
+        self.parents = list(parents)
+        self.depth = torch.tensor(depth, dtype=torch.long)
+        self.ancestry = seen
+
+    def mask(self, start: int) -> torch.Tensor:
+        """``[k, start + k]``: what each token may attend to - the cached context and its branch."""
+        k = len(self.parents)
+        return torch.cat([torch.ones(k, start, dtype=torch.bool), self.ancestry], dim=1)
+
+    def path_to(self, node: int) -> list[int]:
+        """Block indices from the root of ``node``'s branch down to ``node``."""
+        path = []
+        while node >= 0:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]
 
 
 def _rope_theta(cfg) -> float:
@@ -261,15 +306,31 @@ class FastRunner:
         features[:n] = self._features[:n]
         self._features = features
 
-    def forward(self, token_ids: list[int], num_logits: int = 1) -> torch.Tensor:
+    def forward(self, token_ids: list[int], num_logits: int = 1, tree: TreeLayout | None = None) -> torch.Tensor:
         start = len(self.cached)
         self._ensure(start + len(token_ids))
-        logits = self.fast.forward(torch.tensor(token_ids, dtype=torch.long), start, self._cache, num_logits)
+        logits = self.fast.forward(torch.tensor(token_ids, dtype=torch.long), start, self._cache, num_logits, tree)
         self._features[start:start + len(token_ids)] = self.fast.last_hidden
         self.cached.extend(token_ids)
         if self.vocab_size is not None:
             logits = logits[:, : self.vocab_size]
         return logits.float()
+
+    def forward_tree(self, token_ids: list[int], parents: list[int]) -> torch.Tensor:
+        """Score a token tree (see ``TreeLayout``) appended after the cache in one pass: logits
+        ``[k, vocab]`` at every node. Until ``keep_branch`` the cache holds the whole tree."""
+        return self.forward(token_ids, len(token_ids), TreeLayout(parents))
+
+    def keep_branch(self, start: int, nodes: list[int]) -> None:
+        """After ``forward_tree`` at cache length ``start``: keep the tree nodes ``nodes`` (block
+        indices of one branch, root first) as the sequence continuing the cache, drop the rest.
+        Their keys were rotated for position ``start + depth``, which is where they now sit."""
+        src = torch.tensor(nodes, dtype=torch.long) + start
+        end = start + len(nodes)
+        for kv in self._cache:
+            kv[:, :, :, start:end] = kv[:, :, :, src]  # advanced indexing copies before writing
+        self._features[start:end] = self._features[src]
+        self.cached[start:] = [self.cached[i] for i in src.tolist()]
 
     def features(self, start: int, end: int) -> torch.Tensor | None:
         """``[end - start, hidden]``: the last layer's output (before the final norm) at positions

@@ -31,16 +31,16 @@ class Calibration:
         self.tried = [prior_weight] * bins
         self.passed = [prior_weight * (b + 0.5) / bins for b in range(bins)]
 
-    def _bin(self, c: float) -> int:
+    def bin(self, c: float) -> int:
         return min(self.bins - 1, max(0, int(c * self.bins)))
 
-    def observe(self, confidence: list[float], accepted: int) -> None:
-        path = 1.0
-        for i, c in enumerate(confidence):
-            path *= c
-            b = self._bin(path)
+    def observe(self, paths: list[float], accepted: list[bool]) -> None:
+        """One step's drafted tokens: each one's path probability (``Draft.path_scores``: the
+        product of the drafter's confidences down to it) and whether the target accepted it."""
+        for path, ok in zip(paths, accepted):
+            b = self.bin(path)
             self.tried[b] += 1
-            self.passed[b] += 1 if i < accepted else 0
+            self.passed[b] += 1 if ok else 0
 
     def rates(self) -> list[float]:
         """Acceptance rate per bin, made non-decreasing by pooling adjacent bins that violate it,
@@ -78,7 +78,12 @@ class Policy:
         """Drafters that report confidences stop a block once their product falls below this."""
         return 0.0
 
-    def observe_confidence(self, confidence: list[float], accepted: int) -> None:
+    def tree_size(self, scores: list[float]) -> int:
+        """How many of a drafted tree's candidates (path probabilities, best first) to verify:
+        as many as a block may hold."""
+        return min(len(scores), self.max_tau)
+
+    def observe_confidence(self, paths: list[float], accepted: list[bool]) -> None:
         pass
 
     def observe(self, rec: StepRecord) -> None:
@@ -157,19 +162,34 @@ class CostPolicy(Policy):
         slope = max(0.0, (self.cost.target(self.max_tau + 1) - t1) / max(1, self.max_tau))
         return self.calibration.threshold(max(1.0, self.last_prediction) * (self.cost.draft() + slope) / t1)
 
-    def observe_confidence(self, confidence: list[float], accepted: int) -> None:
+    def tree_size(self, scores: list[float]) -> int:
+        """The number of candidates, best first, with the most expected tokens per second of
+        verification: under greedy decoding a candidate is accepted exactly when its whole path
+        is, so a step that verifies the best m emits 1 + sum of their calibrated path
+        probabilities, for a pass over m + 1 tokens (the drafting is already paid for)."""
+        rates = self.calibration.rates()
+        best, best_rate, expected = 0, 1.0 / self.cost.target(1), 1.0
+        for m, s in enumerate(scores[: self.max_tau], start=1):
+            expected += rates[self.calibration.bin(s)]
+            rate = expected / self.cost.target(m + 1)
+            if rate > best_rate * 1.0001:
+                best, best_rate = m, rate
+        return best
+
+    def observe_confidence(self, paths: list[float], accepted: list[bool]) -> None:
         if self.dynamic:
-            self.calibration.observe(confidence, accepted)
+            self.calibration.observe(paths, accepted)
 
     def observe(self, rec: StepRecord) -> None:
         self.cost.observe_target(rec.target_tokens, rec.verify_s)
         self.cost.observe_draft(rec.drafted, rec.draft_s)
         if rec.drafted == 0:
             return
-        for i in range(rec.drafted):
+        depth = rec.positions
+        for i in range(depth):
             self.tried[i] *= self.decay
             self.passed[i] *= self.decay
-        for i in range(min(rec.accepted + 1, rec.drafted)):  # positions that were actually tested
+        for i in range(min(rec.accepted + 1, depth)):  # positions that were actually tested
             self.tried[i] += 1
             self.passed[i] += 1 if i < rec.accepted else 0
 

@@ -8,6 +8,8 @@ shares a prompt prefix pays only for the new suffix.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -70,6 +72,24 @@ class ModelRunner:
         return [(layer.keys, layer.values) for layer in self._cache.layers]
 
 
+# one lean copy per model, so that a drafter and a decoder over it share the weights; kept apart from
+# the model (not as an attribute) so that a deep copy of the model does not carry the original's
+_LEAN: "weakref.WeakKeyDictionary[torch.nn.Module, object]" = weakref.WeakKeyDictionary()
+
+
+def lean_model(model: torch.nn.Module):
+    """The model's ``fastllama.FastLlama``, built on first use (tuned for this machine)."""
+    from . import fastllama
+
+    built = _LEAN.get(model)
+    if built is None:
+        from .models import cache_dir
+
+        built = fastllama.FastLlama(model, tuning_cache=cache_dir() / "layout-tuning.json")
+        _LEAN[model] = built
+    return built
+
+
 def runs_lean(model: torch.nn.Module, fast: bool = True) -> bool:
     """Whether ``make_runner`` gives this model the lean Llama forward (see ``fastllama``)."""
     from . import fastllama
@@ -83,11 +103,5 @@ def make_runner(model: torch.nn.Module, vocab_size: int | None = None, fast: boo
     if runs_lean(model, fast):
         from . import fastllama
 
-        built = getattr(model, "_specdecode_fast", None)
-        if built is None:  # one per model: a drafter and a decoder over it share the weights
-            from .models import cache_dir
-
-            built = fastllama.FastLlama(model, tuning_cache=cache_dir() / "layout-tuning.json")
-            model._specdecode_fast = built
-        return fastllama.FastRunner(built, vocab_size=vocab_size)
+        return fastllama.FastRunner(lean_model(model), vocab_size=vocab_size)
     return ModelRunner(model, vocab_size=vocab_size)

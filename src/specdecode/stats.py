@@ -2,12 +2,14 @@
 
 Definitions (used by the trace, the CLI, the server and the benchmark alike):
 
-* ``acceptance_rate`` = accepted drafted tokens / drafted tokens.
+* ``acceptance_rate`` = accepted drafted tokens / drafted tokens. A tree draft counts every
+  candidate it sent to verification, of which at most one per depth can be accepted.
 * ``mean_accepted_length`` = emitted tokens / target passes: tokens per target forward pass,
   **counting the target's own recovered or bonus token** (Spec-Bench's "mean accepted tokens"; plain
   decoding scores exactly 1.0). ``mean_accepted_drafts`` is the same without that token.
-* ``acceptance_by_position[i]``: of the steps that drafted at least i+1 tokens, the fraction whose
-  token at position i+1 was accepted (all earlier ones were accepted too, by definition).
+* ``acceptance_by_position[i]``: of the steps that drafted at least i+1 tokens (a tree: reached
+  depth i+1), the fraction whose token at position i+1 was accepted (all earlier ones were
+  accepted too, by definition).
 * time is split into drafting, verification (the target pass plus the acceptance rule) and
   overhead (everything else in the loop: detokenising, stop checks, bookkeeping); prefill is
   reported apart.
@@ -29,6 +31,12 @@ class StepRecord:
     verify_s: float
     overhead_s: float
     target_tokens: int  # tokens in the verification pass (drafted + 1)
+    depth: int | None = None  # a tree's depth when the drafted tokens formed one (None: a chain)
+
+    @property
+    def positions(self) -> int:
+        """Draft positions this step tested: its chain's length or its tree's depth."""
+        return self.drafted if self.depth is None else self.depth
 
     def to_json(self) -> dict:
         return {"type": "step", **asdict(self)}
@@ -59,11 +67,11 @@ class RunStats:
         self.draft_s += rec.draft_s
         self.verify_s += rec.verify_s
         self.overhead_s += rec.overhead_s
-        grow = rec.drafted - len(self.drafted_at)
+        grow = rec.positions - len(self.drafted_at)
         if grow > 0:
             self.drafted_at.extend([0] * grow)
             self.accepted_at.extend([0] * grow)
-        for i in range(rec.drafted):
+        for i in range(rec.positions):
             self.drafted_at[i] += 1
         for i in range(rec.accepted):
             self.accepted_at[i] += 1

@@ -83,10 +83,10 @@ def extract_features(model, records: list[dict], path: Path):
     """Per sequence: features ``[L, H]`` (fp16) and the target's greedy next token ``[L]``."""
     if path.is_file():
         return torch.load(path)
-    from .fastllama import FastLlama, FastRunner
+    from .fastllama import FastRunner
+    from .runner import lean_model
 
-    fast = getattr(model, "_specdecode_fast", None) or FastLlama(model, tune=False)
-    runner = FastRunner(fast, capacity=512)
+    runner = FastRunner(lean_model(model), capacity=512)
     feats, labels, tokens = [], [], []
     bar = _progress(len(records), f"features -> {path.name}", "seq")
     for r in records:

@@ -87,3 +87,25 @@ def verify(
             recovered = sample(residual_distribution(target_probs[i], draft_row, draft_tokens[i]), generator)
             return Verdict(i, list(draft_tokens[:i]) + [recovered])
     return Verdict(tau, list(draft_tokens) + [sample(target_probs[tau], generator)])
+
+
+def verify_tree_greedy(draft_tokens: list[int], draft_parents: list[int], target_logits: torch.Tensor) -> tuple[list[int], Verdict]:
+    """Greedy acceptance over a tree of drafted tokens (``Draft.parents``): from the pending token,
+    follow the child whose token is the target's argmax there, as long as there is one; the
+    target's argmax at the last accepted node is the recovered or bonus token. The accepted branch
+    is exactly what a chain holding that branch would have accepted, so output stays identical to
+    plain greedy decoding.
+
+    target_logits: ``[len(draft_tokens) + 1, vocab]``: row 0 at the pending token, row i + 1 at
+    drafted token i. Returns the drafted indices on the accepted branch, root first, and the verdict.
+    """
+    assert target_logits.shape[0] == len(draft_tokens) + 1, "target must score the pending token and every node"
+    choice = target_logits.argmax(dim=-1).tolist()
+    children: dict[tuple[int, int], int] = {}  # (parent, token) -> drafted index
+    for i, (tok, parent) in enumerate(zip(draft_tokens, draft_parents)):
+        children.setdefault((parent, tok), i)
+    branch, node = [], -1
+    while (node, choice[node + 1]) in children:
+        node = children[(node, choice[node + 1])]
+        branch.append(node)
+    return branch, Verdict(len(branch), [draft_tokens[i] for i in branch] + [choice[node + 1]])

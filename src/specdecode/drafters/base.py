@@ -22,6 +22,27 @@ class Draft:
     # the drafter's own probability of each drafted token; empty when it has none (n-gram lookup)
     confidence: list[float] = field(default_factory=list)
     seconds: float = 0.0  # wall time spent drafting, filled in by the engine
+    # None: the tokens form a chain, each continuing the one before. A list: they form a tree
+    # (greedy only), ``parents[i]`` being the index of token i's parent, -1 for the pending token;
+    # parents come first, and ``confidence`` is then each token's probability given its parent
+    parents: list[int] | None = None
+
+    def path_scores(self) -> list[float]:
+        """The drafter's probability of the whole path up to each token (product of confidences)."""
+        out: list[float] = []
+        for i, c in enumerate(self.confidence):
+            parent = i - 1 if self.parents is None else self.parents[i]
+            out.append(c * (out[parent] if parent >= 0 else 1.0))
+        return out
+
+    def depth(self) -> int:
+        """Tokens on the longest path: the chain's length, or the tree's depth."""
+        if self.parents is None:
+            return len(self.tokens)
+        depths: list[int] = []
+        for p in self.parents:
+            depths.append(depths[p] + 1 if p >= 0 else 1)
+        return max(depths, default=0)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -39,6 +60,11 @@ class Drafter:
     # ``path_floor`` (set by the loop before each proposal; 0 means draft all ``max_tokens``)
     dynamic = False
     path_floor = 0.0
+
+    def tree_size(self, scores: list[float]) -> int:
+        """How many of a tree's candidate tokens to verify, given their path probabilities, best
+        first. The loop sets this to the policy's before each proposal, like ``path_floor``."""
+        return len(scores)
 
     def propose(
         self, context: list[int], max_tokens: int, config: GenerationConfig, generator: torch.Generator

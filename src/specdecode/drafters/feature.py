@@ -81,13 +81,17 @@ class FeatureHead(torch.nn.Module):
         return head
 
     # -- pieces shared by training and drafting ---------------------------------------------
-    def _project(self, x: torch.Tensor, start: int):
-        """``[..., T, H]`` -> q ``[..., nh, T, hd]``, k, v ``[..., nkv, T, hd]`` (RoPE from ``start``)."""
+    def _project(self, x: torch.Tensor, start: int, positions: torch.Tensor | None = None):
+        """``[..., T, H]`` -> q ``[..., nh, T, hd]``, k, v ``[..., nkv, T, hd]`` (RoPE at ``positions``,
+        by default ``start..start+T-1``)."""
         T = x.shape[-2]
         h = F.rms_norm(x, (self.hidden,), self.ln1, self.eps)
         q, k, v = self.qkv(h).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
                                      self.n_kv * self.head_dim], dim=-1)
-        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
+        if positions is None:
+            cos, sin = self.cos[start:start + T], self.sin[start:start + T]
+        else:
+            cos, sin = self.cos[positions], self.sin[positions]
         lead = x.shape[:-2]
         q = _rope(q.view(*lead, T, self.n_heads, self.head_dim), cos, sin).transpose(-2, -3)
         k = _rope(k.view(*lead, T, self.n_kv, self.head_dim), cos, sin).transpose(-2, -3)
@@ -147,17 +151,19 @@ class FeatureHead(torch.nn.Module):
     def new_cache(self, capacity: int) -> torch.Tensor:
         return torch.zeros(2, self.n_kv, capacity, self.head_dim)
 
-    def step(self, features: torch.Tensor, token_embeddings: torch.Tensor, start: int, cache: torch.Tensor) -> torch.Tensor:
-        """Indices ``start..start+k-1``: ``[k, H]`` inputs -> ``[k, H]`` predicted features; writes
-        their keys/values into ``cache`` (``[2, nkv, capacity, hd]``)."""
+    def step(self, features: torch.Tensor, token_embeddings: torch.Tensor, start: int, cache: torch.Tensor,
+             positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Cache slots ``start..start+k-1``: ``[k, H]`` inputs -> ``[k, H]`` predicted features; writes
+        their keys/values into ``cache`` (``[2, nkv, capacity, hd]``). By default the k inputs are
+        consecutive indices from ``start``; drafting a tree passes their ``positions`` and the
+        ``mask`` ``[k, start + k]`` of slots each may attend to."""
         k_len = features.shape[0]
         end = start + k_len
         x = self.fc(torch.cat([features, token_embeddings], dim=-1))
-        q, k, v = self._project(x, start)
+        q, k, v = self._project(x, start, positions)
         cache[0, :, start:end] = k
         cache[1, :, start:end] = v
-        mask = None
-        if k_len > 1:
+        if mask is None and k_len > 1:
             mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
         att = F.scaled_dot_product_attention(q[None], cache[None, 0, :, :end], cache[None, 1, :, :end], attn_mask=mask,
                                              enable_gqa=self.n_heads != self.n_kv)[0]
@@ -255,8 +261,12 @@ class FeatureDrafter(Drafter):
     cost_prior = 0.08
     dynamic = True
 
-    def __init__(self, head: FeatureHead, parts: TargetParts, vocab_size: int, name: str = "head"):
+    def __init__(self, head: FeatureHead, parts: TargetParts, vocab_size: int, name: str = "head",
+                 branches: int = 4, width: int = 4):
         self.head, self.parts, self.vocab_size, self.name = head, parts, vocab_size, name
+        # greedy tree drafts: each expanded node offers its ``branches`` likeliest next tokens, and
+        # each depth expands the ``width`` likeliest nodes of the depth before (one head step each)
+        self.branches, self.width = branches, width
         self.target_runner = None
         self._cache = head.new_cache(256)
         # the context at the last proposal: the head's cache holds index i (fed with f_i and token
@@ -294,6 +304,8 @@ class FeatureDrafter(Drafter):
         embed, ids = self.parts.embed, self.parts.vocab_ids
         g = self.head.step(features, embed[torch.tensor(context[start + 1:], dtype=torch.long)], start, self._cache)[-1:]
         self._tokens = list(context)
+        if config.greedy and config.tree:
+            return self._propose_tree(g, n_ctx, max_tokens)
         tokens, probs, confidence, path = [], [], [], 1.0
         for i in range(max_tokens):
             if i:
@@ -312,3 +324,65 @@ class FeatureDrafter(Drafter):
             if top < config.confidence_floor or path < self.path_floor:
                 break
         return Draft(tokens, torch.stack(probs) if probs else None, confidence)
+
+    def _propose_tree(self, g: torch.Tensor, n_ctx: int, max_depth: int) -> Draft:
+        """A tree of greedy candidates (EAGLE-2's dynamic draft tree): depth by depth, the ``width``
+        nodes with the highest path probability (the product of the head's probabilities from the
+        root) that clear ``path_floor`` are expanded in one head step, each offering its
+        ``branches`` likeliest next tokens. Of all candidates, the ``tree_size`` best by path
+        probability are sent to verification - an ancestor always scores at least as high as its
+        descendants, so the kept nodes form a tree."""
+        embed, ids = self.parts.embed, self.parts.vocab_ids
+        tokens: list[int] = []
+        parents: list[int] = []
+        own: list[float] = []  # the head's probability of each node given its parent
+        score: list[float] = []  # path probability from the root
+        # nodes whose children exist: node -> cache slot of its head state; the root is the last
+        # context index, whose state ``g`` predicts the first drafted token
+        slot = {-1: n_ctx - 2}
+        states = {-1: g[0]}
+        frontier = [-1]
+        next_slot = n_ctx - 1
+        for depth in range(max_depth):
+            probs = torch.softmax(self.parts.logits(torch.stack([states[n] for n in frontier])), dim=-1)
+            top_p, top_i = probs.topk(min(self.branches, probs.shape[-1]), dim=-1)
+            fresh = []
+            for row, parent in enumerate(frontier):
+                base = score[parent] if parent >= 0 else 1.0
+                for p, i in zip(top_p[row].tolist(), top_i[row].tolist()):
+                    fresh.append(len(tokens))
+                    tokens.append(int(ids[i]))
+                    parents.append(parent)
+                    own.append(p)
+                    score.append(base * p)
+            if depth + 1 == max_depth:
+                break
+            frontier = sorted(fresh, key=lambda n: -score[n])[: self.width]
+            frontier = [n for n in frontier if score[n] >= self.path_floor]
+            if not frontier:
+                break
+            # one head step for the frontier: node n sits at index n_ctx - 2 + depth(n), fed its
+            # parent's state and its own token, and attends to the context and its own branch
+            k = len(frontier)
+            self._ensure(next_slot + k)
+            mask = torch.zeros(k, next_slot + k, dtype=torch.bool)
+            mask[:, : n_ctx - 1] = True
+            for row, n in enumerate(frontier):
+                a = parents[n]
+                while a >= 0:
+                    mask[row, slot[a]] = True
+                    a = parents[a]
+                mask[row, next_slot + row] = True
+            positions = torch.full((k,), n_ctx - 1 + depth, dtype=torch.long)
+            out = self.head.step(torch.stack([states[parents[n]] for n in frontier]),
+                                 embed[torch.tensor([tokens[n] for n in frontier], dtype=torch.long)],
+                                 next_slot, self._cache, positions, mask)
+            for row, n in enumerate(frontier):
+                slot[n], states[n] = next_slot + row, out[row]
+            next_slot += k
+        keep = sorted(range(len(tokens)), key=lambda n: (-score[n], n))
+        keep = sorted(keep[: self.tree_size([score[n] for n in keep])])
+        where = {n: j for j, n in enumerate(keep)}
+        where[-1] = -1
+        return Draft([tokens[n] for n in keep], None, [own[n] for n in keep],
+                     parents=[where[parents[n]] for n in keep])

@@ -83,7 +83,7 @@ class HybridDrafter(Drafter):
         n, follow = self.ngram.match(context, min(max_tokens, self.ngram_tokens))
         if n >= self.min_match and follow:
             return Draft(follow)  # one-hot, and no confidence to calibrate
-        self.head.path_floor = self.path_floor
+        self.head.path_floor, self.head.tree_size = self.path_floor, self.tree_size
         return self.head.propose(context, max_tokens, config, generator)
 
     def observe(self, draft: Draft, num_accepted: int) -> None:

@@ -1,0 +1,141 @@
+"""Tree drafts (greedy): one pass scores every branch exactly as if it were the sequence, the
+cache keeps just the accepted branch, the acceptance rule follows the target's argmax through the
+tree, and output stays token-identical to plain decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdecode import GenerationConfig
+from specdecode.costmodel import CostModel
+from specdecode.drafters.base import Draft
+from specdecode.engine import SpeculativeDecoder
+from specdecode.fastllama import FastLlama, FastRunner
+from specdecode.policy import make_policy
+from specdecode.verify import verify_tree_greedy
+
+from test_engine import PROMPTS, plain
+from test_feature_head import _drafter
+
+CONTEXT = list(range(100, 120))
+# pending token 7; under it 11 and 12; under 11: 13; under 12: 14 and 15; under 14: 16
+TREE = [7, 11, 12, 13, 14, 15, 16]
+PARENTS = [-1, 0, 0, 1, 2, 2, 4]
+
+
+def _runner(model):
+    runner = FastRunner(FastLlama(model, tune=False), capacity=16)  # small: the tree grows it
+    runner.forward(CONTEXT, num_logits=0)
+    return runner
+
+
+def _branch(node):
+    path = []
+    while node >= 0:
+        path.append(node)
+        node = PARENTS[node]
+    return path[::-1]
+
+
+def test_tree_pass_scores_each_branch_as_its_own_sequence(tiny_target):
+    runner = _runner(tiny_target)
+    logits = runner.forward_tree(TREE, PARENTS)
+    for node in range(len(TREE)):
+        alone = _runner(tiny_target)
+        want = alone.forward([TREE[i] for i in _branch(node)], num_logits=1)[0]
+        torch.testing.assert_close(logits[node], want, atol=1e-4, rtol=1e-4)
+    # negative control: the same tokens read as one sequence give other logits where branches part
+    chain = _runner(tiny_target).forward(TREE, num_logits=len(TREE))
+    assert not torch.allclose(chain[2], logits[2], atol=1e-3)
+    assert torch.allclose(chain[1], logits[1], atol=1e-4)  # 7 -> 11 is a prefix of both
+
+
+@pytest.mark.parametrize("keep", [[0], [0, 2], [0, 2, 4, 6], [0, 1, 3]])
+def test_kept_branch_leaves_the_cache_of_a_fresh_prefill(tiny_target, keep):
+    runner = _runner(tiny_target)
+    runner.forward_tree(TREE, PARENTS)
+    runner.keep_branch(len(CONTEXT), keep)
+    fresh = _runner(tiny_target)
+    fresh.forward([TREE[i] for i in keep], num_logits=0)
+    assert runner.cached == fresh.cached
+    for (k, v), (kf, vf) in zip(runner.cache_tensors(), fresh.cache_tensors()):
+        torch.testing.assert_close(k, kf, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(v, vf, atol=1e-4, rtol=1e-4)
+    n = len(runner.cached)
+    torch.testing.assert_close(runner.features(0, n), fresh.features(0, n), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(runner.forward([42, 43], 2), fresh.forward([42, 43], 2), atol=1e-4, rtol=1e-4)
+
+
+def _logits_choosing(choices, vocab=20):
+    out = torch.zeros(len(choices), vocab)
+    out[torch.arange(len(choices)), torch.tensor(choices)] = 1.0
+    return out
+
+
+def test_tree_acceptance_follows_the_target_argmax():
+    drafted, parents = TREE[1:], [p - 1 for p in PARENTS[1:]]  # drafted nodes, -1 = the pending token
+    # rows: pending, 11, 12, 13, 14, 15, 16. The target wants 12 then 14 then 16 then 5: all of a branch + bonus
+    branch, verdict = verify_tree_greedy(drafted, parents, _logits_choosing([12, 0, 14, 0, 16, 0, 5]))
+    assert branch == [1, 3, 5] and verdict.num_accepted == 3 and verdict.tokens == [12, 14, 16, 5]
+    # 12 then 15 (a sibling of 14), which has no children: the target's token after 15 follows
+    branch, verdict = verify_tree_greedy(drafted, parents, _logits_choosing([12, 0, 15, 0, 0, 9, 0]))
+    assert branch == [1, 4] and verdict.tokens == [12, 15, 9]
+    # nothing under the pending token matches: the target's own token, as plain decoding
+    branch, verdict = verify_tree_greedy(drafted, parents, _logits_choosing([3, 13, 14, 0, 16, 0, 5]))
+    assert branch == [] and verdict.num_accepted == 0 and verdict.tokens == [3]
+
+
+def test_tree_size_spends_the_flat_part_of_the_cost_curve():
+    flat = CostModel(target_s={n: 0.05 if n <= 5 else 0.09 for n in range(1, 18)}, smoothing=0.0)
+    policy = make_policy("cost", 8, flat, dynamic=True)
+    scores = [0.9, 0.5, 0.3, 0.2, 0.1, 0.05, 0.05, 0.05]
+    # up to 4 drafted tokens cost what 1 does; the 5th would nearly double the pass for 0.05 more
+    assert policy.tree_size(scores) == 4
+    steep = CostModel(target_s={n: 0.05 * n for n in range(1, 18)}, smoothing=0.0)
+    assert make_policy("cost", 8, steep, dynamic=True).tree_size(scores) == 0  # 2 tokens cost 2x
+    assert make_policy("fixed", 3).tree_size(scores) == 3
+
+
+def test_head_tree_holds_the_chain_and_its_confidences(tiny_target, tokenizer):
+    drafter = _drafter(tiny_target)
+    dec = SpeculativeDecoder(tiny_target, tokenizer, drafter)
+    context = dec.encode("Once upon a time", chat=False)
+    dec.target.sync([])
+    dec.target.forward(context[:-1], num_logits=0)
+    gen = torch.Generator()
+    chain = drafter.propose(context, 3, GenerationConfig(tree=False), gen)
+    drafter.width, drafter.branches = 9, 3  # every node of depths 1 and 2 is expanded
+    tree = drafter.propose(context, 3, GenerationConfig(), gen)
+    assert tree.parents is not None and len(tree) == 3 + 9 + 27 and tree.depth() == len(chain) == 3
+    # the chain is the tree's branch of first choices, with the same probabilities: the tree's
+    # head states at depth > 1 are the chain's (a wrong position or mask would change them)
+    node = -1
+    for tok, conf in zip(chain.tokens, chain.confidence):
+        node = next(i for i, (t, p) in enumerate(zip(tree.tokens, tree.parents)) if t == tok and p == node)
+        assert tree.confidence[node] == pytest.approx(conf, abs=1e-5)
+    assert tree.path_scores()[node] == pytest.approx(chain.path_scores()[-1], rel=1e-4)
+
+
+@pytest.mark.parametrize("tau", [2, 3, 8])
+def test_greedy_tree_drafts_identical_to_plain_decoding(tiny_target, tokenizer, tau):
+    drafter = _drafter(tiny_target)
+    trees = []
+    propose = drafter.propose
+    drafter.propose = lambda *a: trees.append(propose(*a)) or trees[-1]
+    dec = SpeculativeDecoder(tiny_target, tokenizer, drafter)
+    for prompt in PROMPTS:
+        got = dec.generate(prompt, GenerationConfig(max_new_tokens=40, draft_len=tau, policy="fixed", ignore_eos=True), chat=False)
+        assert got.token_ids == plain(tiny_target, tokenizer, prompt).token_ids
+    branching = [d for d in trees if d.parents is not None and len(d) > d.depth()]
+    assert branching and len(branching) > len(trees) // 2  # most steps really verified a tree
+    assert sum(d.depth() for d in trees) <= tau * len(trees)
+
+
+def test_sampling_drafts_chains(tiny_target, tokenizer):
+    drafter = _drafter(tiny_target)
+    dec = SpeculativeDecoder(tiny_target, tokenizer, drafter)
+    context = dec.encode("Once upon a time", chat=False)
+    dec.target.forward(context[:-1], num_logits=0)
+    draft = drafter.propose(context, 4, GenerationConfig(temperature=0.8, seed=1), torch.Generator().manual_seed(1))
+    assert draft.parents is None and draft.probs is not None
