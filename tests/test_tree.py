@@ -139,3 +139,14 @@ def test_sampling_drafts_chains(tiny_target, tokenizer):
     dec.target.forward(context[:-1], num_logits=0)
     draft = drafter.propose(context, 4, GenerationConfig(temperature=0.8, seed=1), torch.Generator().manual_seed(1))
     assert draft.parents is None and draft.probs is not None
+
+
+def test_confidence_policy_stops_tree_expansion(tiny_target, tokenizer):
+    drafter = _drafter(tiny_target)  # a random head: its probabilities are far below 0.9
+    dec = SpeculativeDecoder(tiny_target, tokenizer, drafter)
+    context = dec.encode("Once upon a time", chat=False)
+    dec.target.forward(context[:-1], num_logits=0)
+    gen = torch.Generator()
+    deep = drafter.propose(context, 4, GenerationConfig(), gen)
+    shallow = drafter.propose(context, 4, GenerationConfig(policy="confidence", confidence=0.9), gen)
+    assert deep.depth() == 4 and shallow.depth() == 1 and len(shallow) == drafter.branches

@@ -7,6 +7,10 @@ One step (DEVELOPERS.md, steps 1-6):
   6. the target's cache is cut back to the accepted context (the drafter syncs its own cache at
      its next proposal), stop conditions are applied, new text is streamed.
 
+Under greedy decoding a drafter may propose a tree instead of a chain (``Draft.parents``): the
+target scores all its branches in one pass, ``verify_tree_greedy`` follows the target's argmax
+down it, and the target's cache keeps the accepted branch only.
+
 "pending" is the last token of the context: emitted but not yet fed to the target. Feeding it
 together with the drafted block is what lets one pass score every drafted position and the bonus.
 """

@@ -305,7 +305,7 @@ class FeatureDrafter(Drafter):
         g = self.head.step(features, embed[torch.tensor(context[start + 1:], dtype=torch.long)], start, self._cache)[-1:]
         self._tokens = list(context)
         if config.greedy and config.tree:
-            return self._propose_tree(g, n_ctx, max_tokens)
+            return self._propose_tree(g, n_ctx, max_tokens, config.confidence_floor)
         tokens, probs, confidence, path = [], [], [], 1.0
         for i in range(max_tokens):
             if i:
@@ -325,10 +325,11 @@ class FeatureDrafter(Drafter):
                 break
         return Draft(tokens, torch.stack(probs) if probs else None, confidence)
 
-    def _propose_tree(self, g: torch.Tensor, n_ctx: int, max_depth: int) -> Draft:
+    def _propose_tree(self, g: torch.Tensor, n_ctx: int, max_depth: int, confidence_floor: float = 0.0) -> Draft:
         """A tree of greedy candidates (EAGLE-2's dynamic draft tree): depth by depth, the ``width``
         nodes with the highest path probability (the product of the head's probabilities from the
-        root) that clear ``path_floor`` are expanded in one head step, each offering its
+        root) that clear ``path_floor`` (and whose own probability clears ``confidence_floor``, under
+        ``--policy confidence``) are expanded in one head step, each offering its
         ``branches`` likeliest next tokens. Of all candidates, the ``tree_size`` best by path
         probability are sent to verification - an ancestor always scores at least as high as its
         descendants, so the kept nodes form a tree."""
@@ -358,7 +359,7 @@ class FeatureDrafter(Drafter):
             if depth + 1 == max_depth:
                 break
             frontier = sorted(fresh, key=lambda n: -score[n])[: self.width]
-            frontier = [n for n in frontier if score[n] >= self.path_floor]
+            frontier = [n for n in frontier if score[n] >= self.path_floor and own[n] >= confidence_floor]
             if not frontier:
                 break
             # one head step for the frontier: node n sits at index n_ctx - 2 + depth(n), fed its
