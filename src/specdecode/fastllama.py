@@ -244,14 +244,6 @@ class TreeLayout:
         k = len(self.parents)
         return torch.cat([torch.ones(k, start, dtype=torch.bool), self.ancestry], dim=1)
 
-    def path_to(self, node: int) -> list[int]:
-        """Block indices from the root of ``node``'s branch down to ``node``."""
-        path = []
-        while node >= 0:
-            path.append(node)
-            node = self.parents[node]
-        return path[::-1]
-
 
 def _rope_theta(cfg) -> float:
     params = getattr(cfg, "rope_parameters", None)
