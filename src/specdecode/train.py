@@ -2,11 +2,14 @@
 
 Stages, each resumable (its output is kept under ``OUT/work`` and skipped when already there):
 
-1. prompts: made from templates (``prompts``), never from the benchmark;
+1. prompts: made from templates (``prompts``) or written by the target itself, never from the benchmark;
 2. answers: the target's own greedy answers, generated in batches; a second round asks about
    passages the target wrote in the first round, so the head also learns to copy; a third round
    (``--varied-prompts``) asks further kinds of request and samples the answers (temperature 0.7)
-   for variety - the labels are always the target's greedy tokens;
+   for variety - the labels are always the target's greedy tokens; a fourth asks about topics from
+   the target's vocabulary; a fifth (``--self-prompts``) asks what the target itself writes when
+   given the chat template up to the user's text (Magpie), the closest thing to real users' requests
+   that needs no data from outside;
 3. features: one target pass per sequence gives, at every position, the feature ``f_t`` and the
    target's greedy next token (the label the verifier will check drafts against);
 4. training: the head learns to predict the next feature and the target's token at answer
@@ -77,6 +80,58 @@ def generate_answers(model, tokenizer, prompts: list[str], path: Path, max_new_t
             bar.update(len(chunk))
     bar.close()
     return done
+
+
+def self_prompts(model, tokenizer, n: int, path: Path, batch: int, seed: int, max_new_tokens: int = 64) -> list[str]:
+    """``n`` distinct user requests written by the target itself (Magpie, Xu et al. 2024): the chat
+    template up to where the user's text would begin, continued by sampling (temperature 1, top-p
+    0.95) until the end of the turn. A request that does not end within ``max_new_tokens`` is
+    dropped; after ``4 * ceil(n / batch) + 4`` batches the round keeps what it has, with a warning
+    (a model that does not end its turns would loop for ever). Batches are appended to ``path`` as
+    they come (resumable, a seed per batch)."""
+    from .engine import eos_token_ids
+
+    done = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+    seen: dict[str, None] = {}
+    for record in done:
+        seen.update(dict.fromkeys(record["prompts"]))
+    if len(seen) >= n:
+        return list(seen)[:n]
+    sentinel = "\u2063SPECDECODE\u2063"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], add_generation_prompt=True, tokenize=False)
+    if sentinel not in text:
+        raise ConfigError("self_prompts", "the target's chat template does not place the user's text verbatim; use 0")
+    prefix = tokenizer(text[: text.index(sentinel)], add_special_tokens=False, return_tensors="pt").input_ids
+    eos = eos_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.eos_token_id
+    bar = _progress(n, f"self-written prompts -> {path.name}", "prompt")
+    bar.update(len(seen))
+    with path.open("a") as f:
+        while len(seen) < n:
+            k = len(done)
+            if k >= 4 * math.ceil(n / batch) + 4:
+                bar.write(f"warning: the target wrote {len(seen)} usable requests of {n} in {k} batches; "
+                          "training on those (few turns ended within the length limit)", file=sys.stderr)
+                break
+            torch.manual_seed(seed * 100003 + k)
+            with torch.inference_mode():
+                out = model.generate(prefix.repeat(batch, 1), attention_mask=torch.ones(batch, prefix.shape[1], dtype=torch.long),
+                                     do_sample=True, temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=max_new_tokens,
+                                     pad_token_id=pad)
+            got = []
+            for row in out[:, prefix.shape[1]:].tolist():
+                end = next((i for i, t in enumerate(row) if t in eos), None)
+                prompt = tokenizer.decode(row[:end], skip_special_tokens=True).strip() if end is not None else ""
+                if len(prompt) >= 8 and prompt not in seen:
+                    got.append(prompt)
+                    seen[prompt] = None
+            record = {"batch": k, "prompts": got}
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            done.append(record)
+            bar.update(min(len(got), n - bar.n))
+    bar.close()
+    return list(seen)[:n]
 
 
 def extract_features(model, records: list[dict], path: Path):
@@ -163,31 +218,41 @@ def train_head(args) -> Path:
         raise ConfigError("target", "train-draft needs a Llama-family target on the CPU (--device cpu); "
                                     f"got {model.config.model_type} on {next(model.parameters()).device}")
 
-    # 1-2. prompts and answers: greedy answers to template prompts, then questions about passages
-    # the target wrote, then (sampled, for variety) further kinds of request
-    n_seed = int(args.prompts * 0.7)
-    first = generate_answers(model, tok, seed_prompts(n_seed, args.seed), work / "answers_1.jsonl", args.max_new_tokens, args.batch)
-    passages = [r["answer"] for r in first if r["prompt"].startswith(("Write a paragraph", "What is the history", "Explain"))
-                and len(r["answer"]) > 200] or [r["answer"] for r in first if r["answer"]]
-    second = generate_answers(model, tok, passage_prompts(passages, args.prompts - n_seed, args.seed + 1),
-                              work / "answers_2.jsonl", args.max_new_tokens, args.batch)
-    rounds = [first, second]
+    # 1-2. prompts and answers, in numbered rounds: greedy answers to template prompts, then
+    # questions about passages the target wrote, then (sampled, for variety) further kinds of
+    # request, then requests over the target's vocabulary, then requests the target wrote itself
+    rounds: dict[int, list[dict]] = {}
+    passages: list[str] = []
+    if args.prompts:
+        n_seed = max(1, int(args.prompts * 0.7))
+        rounds[1] = generate_answers(model, tok, seed_prompts(n_seed, args.seed), work / "answers_1.jsonl", args.max_new_tokens, args.batch)
+        passages = [r["answer"] for r in rounds[1] if r["prompt"].startswith(("Write a paragraph", "What is the history", "Explain"))
+                    and len(r["answer"]) > 200] or [r["answer"] for r in rounds[1] if r["answer"]]
+        if args.prompts > n_seed:
+            rounds[2] = generate_answers(model, tok, passage_prompts(passages, args.prompts - n_seed, args.seed + 1),
+                                         work / "answers_2.jsonl", args.max_new_tokens, args.batch)
     if args.varied_prompts:
-        rounds.append(generate_answers(model, tok, varied_prompts(args.varied_prompts, args.seed + 2, passages),
-                                       work / "answers_3.jsonl", args.max_new_tokens, args.batch,
-                                       temperature=0.7, seed=args.seed + 2))
+        rounds[3] = generate_answers(model, tok, varied_prompts(args.varied_prompts, args.seed + 2, passages),
+                                     work / "answers_3.jsonl", args.max_new_tokens, args.batch,
+                                     temperature=0.7, seed=args.seed + 2)
     if args.broad_prompts:
-        rounds.append(generate_answers(model, tok, broad_prompts(args.broad_prompts, args.seed + 3, vocabulary_words(tok), passages),
-                                       work / "answers_4.jsonl", args.max_new_tokens, args.batch))
+        rounds[4] = generate_answers(model, tok, broad_prompts(args.broad_prompts, args.seed + 3, vocabulary_words(tok), passages),
+                                     work / "answers_4.jsonl", args.max_new_tokens, args.batch)
+    if args.self_prompts:
+        requests = self_prompts(model, tok, args.self_prompts, work / "prompts_5.jsonl", args.batch, args.seed + 4)
+        if requests:
+            rounds[5] = generate_answers(model, tok, requests, work / "answers_5.jsonl", args.max_new_tokens, args.batch)
+    if not rounds:
+        raise ConfigError("self_prompts", "the target wrote no usable requests; add template rounds (--prompts)")
 
     # 3. features, one target pass per sequence; 5% of each round held out for validation (per
     # round, so that adding a round leaves the earlier rounds' split as it was)
     val_items, items = [], []
-    for r, records in enumerate(rounds):
-        data = extract_features(model, records, work / f"features_{r + 1}.pt")
+    for number, records in rounds.items():
+        data = extract_features(model, records, work / f"features_{number}.pt")
         got = [(f, lab, t, len(rec["prompt_ids"])) for f, lab, t, rec in
                zip(data["features"], data["labels"], data["tokens"], records)]
-        random.Random(args.seed * 1000 + r).shuffle(got)
+        random.Random(args.seed * 1000 + number - 1).shuffle(got)
         n_val = max(1, len(got) // 20)
         val_items += got[:n_val]
         items += got[n_val:]
@@ -300,7 +365,7 @@ def train_head(args) -> Path:
 
     meta = {
         "target": args.target or "default",
-        "trained_with": {k: getattr(args, k) for k in ("prompts", "varied_prompts", "broad_prompts", "max_new_tokens", "epochs", "lr",
+        "trained_with": {k: getattr(args, k) for k in ("prompts", "varied_prompts", "broad_prompts", "self_prompts", "max_new_tokens", "epochs", "lr",
                                                        "batch_tokens", "depth", "inner", "draft_vocab", "reg_weight", "seed")},
         "train_sequences": len(train.items),
         "train_positions": sum(int(it[0].shape[0]) - it[3] for it in train.items),
@@ -317,10 +382,13 @@ def train_head(args) -> Path:
 
 
 def cmd_train(args) -> int:
-    for name, low in (("prompts", 2), ("varied_prompts", 0), ("broad_prompts", 0), ("max_new_tokens", 1), ("epochs", 1), ("batch", 1),
-                      ("batch_tokens", 16), ("depth", 1), ("draft_vocab", 16)):
+    for name, low in (("prompts", 0), ("varied_prompts", 0), ("broad_prompts", 0), ("self_prompts", 0), ("max_new_tokens", 1),
+                      ("epochs", 1), ("batch", 1), ("batch_tokens", 16), ("depth", 1), ("draft_vocab", 16)):
         if getattr(args, name) < low:
             raise ConfigError(name, f"must be >= {low} (got {getattr(args, name)})")
+    if args.prompts + args.varied_prompts + args.broad_prompts + args.self_prompts < 2:
+        raise ConfigError("prompts", "the rounds together must have at least 2 prompts (--prompts, --varied-prompts, "
+                                     "--broad-prompts, --self-prompts)")
     if args.inner is not None and args.inner < 1:
         raise ConfigError("inner", f"must be >= 1 (got {args.inner})")
     if not args.lr > 0:
@@ -337,6 +405,8 @@ def register(sub) -> None:
     p.add_argument("--varied-prompts", type=int, default=1024, help="further prompts of other kinds, answered by sampling")
     p.add_argument("--broad-prompts", type=int, default=2048,
                    help="prompts over topics from the target's own vocabulary, answered greedily")
+    p.add_argument("--self-prompts", type=int, default=0,
+                   help="requests the target writes itself from its chat template (Magpie), answered greedily")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=32, help="generation batch size")
     p.add_argument("--epochs", type=int, default=8)

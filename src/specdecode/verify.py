@@ -89,23 +89,38 @@ def verify(
     return Verdict(tau, list(draft_tokens) + [sample(target_probs[tau], generator)])
 
 
-def verify_tree_greedy(draft_tokens: list[int], draft_parents: list[int], target_logits: torch.Tensor) -> tuple[list[int], Verdict]:
-    """Greedy acceptance over a tree of drafted tokens (``Draft.parents``): from the pending token,
-    follow the child whose token is the target's argmax there, as long as there is one; the
-    target's argmax at the last accepted node is the recovered or bonus token. The accepted branch
-    is exactly what a chain holding that branch would have accepted, so output stays identical to
-    plain greedy decoding.
+def verify_tree(draft_tokens: list[int], draft_parents: list[int], target_probs: torch.Tensor,
+                generator: torch.Generator | None) -> tuple[list[int], Verdict]:
+    """The acceptance rule over a tree of drafted tokens (``Draft.parents``), greedy or sampling.
 
-    target_logits: ``[len(draft_tokens) + 1, vocab]``: row 0 at the pending token, row i + 1 at
+    The candidates are one-hot drafts (chosen by the drafter without looking at the target), so the
+    rule at a node is sequential rejection: its children are tried in drafted order, child x is
+    accepted with probability ``r(x)`` where ``r`` is the target's distribution at the node with the
+    children already rejected taken out and renormalised (``residual_distribution`` with a one-hot
+    draft); an accepted child becomes the node, and where none is accepted the recovered token is
+    drawn from ``r``. Each emitted token is an exact sample of the target ``p``: with ``m`` the mass
+    of ``p`` left after children 1..j-1, child j is reached with probability ``m`` and accepted with
+    ``p(c_j) / m``, so it is emitted with probability ``p(c_j)``; any other token also with ``p``
+    (SpecInfer's multi-candidate rejection, Miao et al. 2024, for one-hot drafts). Under greedy
+    decoding ``p`` is one-hot and this follows the target's argmax down the tree: the accepted branch
+    is what a chain holding it would have accepted, so output stays identical to plain decoding.
+
+    target_probs: ``[len(draft_tokens) + 1, vocab]``: row 0 at the pending token, row i + 1 at
     drafted token i. Returns the drafted indices on the accepted branch, root first, and the verdict.
     """
-    assert target_logits.shape[0] == len(draft_tokens) + 1, "target must score the pending token and every node"
-    choice = target_logits.argmax(dim=-1).tolist()
-    children: dict[tuple[int, int], int] = {}  # (parent, token) -> drafted index
-    for i, (tok, parent) in enumerate(zip(draft_tokens, draft_parents)):
-        children.setdefault((parent, tok), i)
+    assert target_probs.shape[0] == len(draft_tokens) + 1, "target must score the pending token and every node"
+    children: dict[int, list[int]] = {}
+    for i, parent in enumerate(draft_parents):
+        children.setdefault(parent, []).append(i)
     branch, node = [], -1
-    while (node, choice[node + 1]) in children:
-        node = children[(node, choice[node + 1])]
+    while True:
+        row = target_probs[node + 1]
+        for child in children.get(node, ()):
+            tok = draft_tokens[child]
+            if float(torch.rand((), generator=generator)) < float(row[tok]):
+                break
+            row = residual_distribution(row, None, tok)
+        else:  # no child accepted (or a leaf): the target's own token from what is left
+            return branch, Verdict(len(branch), [draft_tokens[i] for i in branch] + [sample(row, generator)])
+        node = child
         branch.append(node)
-    return branch, Verdict(len(branch), [draft_tokens[i] for i in branch] + [choice[node + 1]])

@@ -23,8 +23,9 @@ class Draft:
     confidence: list[float] = field(default_factory=list)
     seconds: float = 0.0  # wall time spent drafting, filled in by the engine
     # None: the tokens form a chain, each continuing the one before. A list: they form a tree
-    # (greedy only), ``parents[i]`` being the index of token i's parent, -1 for the pending token;
-    # parents come first, and ``confidence`` is then each token's probability given its parent
+    # of one-hot candidates (``probs`` None), ``parents[i]`` being the index of token i's parent, -1
+    # for the pending token; parents come first, and ``confidence`` is then each token's
+    # probability given its parent
     parents: list[int] | None = None
 
     def path_scores(self) -> list[float]:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..config import ConfigError, GenerationConfig
 from ..fastllama import _rope, _rope_theta, attention_shape, rope_tables
 from ..runner import common_prefix
 from ..sampling import logits_to_probs, sample
@@ -304,8 +304,8 @@ class FeatureDrafter(Drafter):
         embed, ids = self.parts.embed, self.parts.vocab_ids
         g = self.head.step(features, embed[torch.tensor(context[start + 1:], dtype=torch.long)], start, self._cache)[-1:]
         self._tokens = list(context)
-        if config.greedy and config.tree:
-            return self._propose_tree(g, n_ctx, max_tokens, config.confidence_floor)
+        if config.tree:
+            return self._propose_tree(g, n_ctx, max_tokens, config)
         tokens, probs, confidence, path = [], [], [], 1.0
         for i in range(max_tokens):
             if i:
@@ -325,14 +325,17 @@ class FeatureDrafter(Drafter):
                 break
         return Draft(tokens, torch.stack(probs) if probs else None, confidence)
 
-    def _propose_tree(self, g: torch.Tensor, n_ctx: int, max_depth: int, confidence_floor: float = 0.0) -> Draft:
-        """A tree of greedy candidates (EAGLE-2's dynamic draft tree): depth by depth, the ``width``
+    def _propose_tree(self, g: torch.Tensor, n_ctx: int, max_depth: int, config: GenerationConfig) -> Draft:
+        """A tree of one-hot candidates (EAGLE-2's dynamic draft tree): depth by depth, the ``width``
         nodes with the highest path probability (the product of the head's probabilities from the
-        root) that clear ``path_floor`` (and whose own probability clears ``confidence_floor``, under
-        ``--policy confidence``) are expanded in one head step, each offering its
-        ``branches`` likeliest next tokens. Of all candidates, the ``tree_size`` best by path
-        probability are sent to verification - an ancestor always scores at least as high as its
-        descendants, so the kept nodes form a tree."""
+        root) that clear ``path_floor`` (and whose own probability clears the confidence floor, under
+        ``--policy confidence``) are expanded in one head step, each offering its ``branches``
+        likeliest next tokens. Of all candidates, the ``tree_size`` best by path probability are
+        sent to verification - an ancestor always scores at least as high as its descendants, so
+        the kept nodes form a tree. The head's probabilities are those of the run's sampling
+        settings (its softmax under greedy decoding), as the target's acceptance of a candidate is
+        its own probability of it (``verify_tree``)."""
+        confidence_floor = config.confidence_floor
         embed, ids = self.parts.embed, self.parts.vocab_ids
         tokens: list[int] = []
         parents: list[int] = []
@@ -345,12 +348,16 @@ class FeatureDrafter(Drafter):
         frontier = [-1]
         next_slot = n_ctx - 1
         for depth in range(max_depth):
-            probs = torch.softmax(self.parts.logits(torch.stack([states[n] for n in frontier])), dim=-1)
+            logits = self.parts.logits(torch.stack([states[n] for n in frontier]))
+            probs = (torch.softmax(logits, dim=-1) if config.greedy
+                     else logits_to_probs(logits, config.temperature, config.top_k, config.top_p))
             top_p, top_i = probs.topk(min(self.branches, probs.shape[-1]), dim=-1)
             fresh = []
             for row, parent in enumerate(frontier):
                 base = score[parent] if parent >= 0 else 1.0
                 for p, i in zip(top_p[row].tolist(), top_i[row].tolist()):
+                    if p <= 0.0:  # cut by top-k / top-p from the head's distribution
+                        continue
                     fresh.append(len(tokens))
                     tokens.append(int(ids[i]))
                     parents.append(parent)
