@@ -27,7 +27,7 @@ def bench_args(tiny_dir, dataset, **kw):
     base = dict(dataset=str(dataset), categories=None, limit=2, compare="hf", out=None, trace=None, no_chat=False,
                 quiet=True, target=str(tiny_dir), draft="ngram", dtype="auto", device="cpu", max_new_tokens=12,
                 temperature=0.0, top_k=0, top_p=1.0, seed=None, draft_len=4, policy="cost", confidence=0.3,
-                stop=[], ignore_eos=True, tree=True)
+                stop=[], ignore_eos=True, tree="auto")
     base.update(kw)
     return SimpleNamespace(**base)
 

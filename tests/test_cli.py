@@ -39,6 +39,15 @@ def test_bad_input_is_one_clear_line(capsys, argv, flag):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv", [["generate", "hi", "--tree", "maybe"], ["generate", "hi", "--policy", "fast"]])
+def test_bad_choice_names_the_option_and_the_choices(capsys, argv):
+    with pytest.raises(SystemExit) as exit_:  # argparse's own message, with the usage
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert f"error: argument {argv[2]}: invalid choice: '{argv[3]}' (choose from" in err
+
+
 def test_tokenizer_mismatch_is_refused(capsys, tmp_path, tiny_target):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

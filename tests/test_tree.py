@@ -15,6 +15,7 @@ from specdecode.engine import SpeculativeDecoder
 from specdecode.fastllama import FastLlama, FastRunner
 from specdecode.policy import make_policy
 from specdecode.check import run_check
+from specdecode.config import ConfigError
 from specdecode.sampling import logits_to_probs
 from specdecode.verify import residual_distribution, verify_tree
 
@@ -212,11 +213,13 @@ def test_sampling_drafts_trees_and_keeps_the_target_distribution(tiny_target, to
     dec = SpeculativeDecoder(tiny_target, tokenizer, drafter)
     context = dec.encode("Once upon a time", chat=False)
     dec.target.forward(context[:-1], num_logits=0)
-    sampling = GenerationConfig(temperature=1.0, top_k=50, draft_len=3, policy="fixed")
+    sampling = GenerationConfig(temperature=1.0, top_k=50, draft_len=3, policy="fixed", tree=True)
     draft = drafter.propose(context, 3, sampling, torch.Generator().manual_seed(1))
     assert draft.parents is not None and draft.probs is None  # one-hot candidates
-    chain = drafter.propose(context, 3, sampling.with_(tree=False), torch.Generator().manual_seed(1))
-    assert chain.parents is None and chain.probs is not None  # --no-tree: sampled chain with its distribution
+    for tree in (False, "auto"):  # --tree off, and the default under sampling: a sampled chain with its distribution
+        chain = drafter.propose(context, 3, sampling.with_(tree=tree), torch.Generator().manual_seed(1))
+        assert chain.parents is None and chain.probs is not None
+    assert drafter.propose(context, 3, GenerationConfig(draft_len=3, policy="fixed"), None).parents is not None  # auto, greedy
     # end to end (the check's chi-square on the first two tokens): a random head's candidates are
     # mostly rejected, so the rejection-and-residual path is what this exercises
     report = run_check(dec, sampling, ["The cat sat on the mat and the cat"], draws=400, alpha=1e-3, progress=False)
@@ -233,3 +236,11 @@ def test_confidence_policy_stops_tree_expansion(tiny_target, tokenizer):
     deep = drafter.propose(context, 4, GenerationConfig(), gen)
     shallow = drafter.propose(context, 4, GenerationConfig(policy="confidence", confidence=0.9), gen)
     assert deep.depth() == 4 and shallow.depth() == 1 and len(shallow) == drafter.branches
+
+
+def test_tree_setting_auto_means_trees_under_greedy_and_chains_under_sampling():
+    assert GenerationConfig().drafts_tree and not GenerationConfig(temperature=0.7).drafts_tree
+    assert GenerationConfig(temperature=0.7, tree=True).drafts_tree and not GenerationConfig(tree=False).drafts_tree
+    for bad in ("yes", 1, None):
+        with pytest.raises(ConfigError, match="tree"):
+            GenerationConfig(tree=bad).validate()

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, GenerationConfig, SpecDecodeError
+from .config import TREE_CHOICES, ConfigError, GenerationConfig, SpecDecodeError
 
 
 @dataclass
@@ -193,7 +193,7 @@ def run_bench(args) -> dict:
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed if args.seed is not None else (None if args.temperature == 0 else 0),
-        draft_len=args.draft_len, policy=args.policy, confidence=args.confidence, tree=args.tree,
+        draft_len=args.draft_len, policy=args.policy, confidence=args.confidence, tree=TREE_CHOICES[args.tree],
     ).validate()
     categories = [c for c in (args.categories or "").split(",") if c] or None
     questions = load_questions(args.dataset, categories, args.limit)

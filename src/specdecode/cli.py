@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .config import POLICIES, GenerationConfig, SpecDecodeError
+from .config import POLICIES, TREE_CHOICES, GenerationConfig, SpecDecodeError
 
 POSITIONAL = {"prompt"}
 
@@ -34,8 +34,10 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-len", type=int, default=8, help="largest draft block (tau)")
     p.add_argument("--policy", default="cost", choices=POLICIES, help="how tau is chosen each step (default: %(default)s)")
     p.add_argument("--confidence", type=float, default=0.3, help="threshold for --policy confidence")
-    p.add_argument("--no-tree", dest="tree", action="store_false",
-                   help="draft one chain instead of a tree of alternatives (the trained head drafts trees by default)")
+    p.add_argument("--tree", default="auto", choices=TREE_CHOICES,
+                   help="the trained head drafts a tree of alternatives (on) or one chain (off); auto (default): "
+                        "trees under greedy decoding, chains under sampling")
+    p.add_argument("--no-tree", dest="tree", action="store_const", const="off", help="same as --tree off")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
 
@@ -52,7 +54,7 @@ def config_from_args(args) -> GenerationConfig:
         policy=args.policy,
         confidence=args.confidence,
         ignore_eos=args.ignore_eos,
-        tree=args.tree,
+        tree=TREE_CHOICES[args.tree],
     ).validate()
 
 

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 POLICIES = ("cost", "fixed", "heuristic", "confidence")
+TREE_CHOICES = {"auto": "auto", "on": True, "off": False}  # the CLI's --tree -> GenerationConfig.tree
 
 
 class SpecDecodeError(Exception):
@@ -39,13 +40,20 @@ class GenerationConfig:
     confidence: float = 0.3  # for policy="confidence": stop drafting below this draft top-prob
     ignore_eos: bool = False  # benchmarks may want fixed-length outputs
     # drafters that can (the trained head) propose a tree of alternatives, verified in one pass,
-    # instead of a single chain; at most draft_len tokens either way
-    tree: bool = True
+    # instead of a single chain; at most draft_len tokens either way. "auto": trees under greedy
+    # decoding, chains under sampling (where a chain carries the head's distribution, accepted with
+    # min(1, p/q), and trees of one-hot candidates did not pay on Spec-Bench; README)
+    tree: bool | str = "auto"
     extra: dict = field(default_factory=dict, compare=False)  # free-form, carried into the trace
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def drafts_tree(self) -> bool:
+        """Whether a drafter that can draft trees should (``tree``: True, False or "auto")."""
+        return self.tree is True or (self.tree == "auto" and self.greedy)
 
     @property
     def confidence_floor(self) -> float:
@@ -66,8 +74,8 @@ class GenerationConfig:
         _check_int("draft_len", self.draft_len, 0, 64)
         if self.policy not in POLICIES:
             raise ConfigError("policy", f"must be one of {', '.join(POLICIES)} (got {self.policy!r})")
-        if not isinstance(self.tree, bool):
-            raise ConfigError("tree", f"must be true or false (got {self.tree!r})")
+        if not (isinstance(self.tree, bool) or self.tree == "auto"):
+            raise ConfigError("tree", f"must be true, false or \"auto\" (got {self.tree!r})")
         if not _is_number(self.confidence) or not 0 <= self.confidence < 1:
             raise ConfigError("confidence", f"must be in [0, 1) (got {self.confidence!r})")
         return self

@@ -236,7 +236,7 @@ class Server:
                 max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
                 top_k=max(0, top_k), seed=seed, stop=tuple(stop),
                 draft_len=spec.get("draft_len", self.default_draft_len),
-                policy=spec.get("policy", self.default_policy), tree=spec.get("tree", True),
+                policy=spec.get("policy", self.default_policy), tree=spec.get("tree", "auto"),
             ).validate()
         except SpecDecodeError as exc:
             raise RequestError(400, exc.message, exc.param) from None

@@ -304,7 +304,7 @@ class FeatureDrafter(Drafter):
         embed, ids = self.parts.embed, self.parts.vocab_ids
         g = self.head.step(features, embed[torch.tensor(context[start + 1:], dtype=torch.long)], start, self._cache)[-1:]
         self._tokens = list(context)
-        if config.tree:
+        if config.drafts_tree:
             return self._propose_tree(g, n_ctx, max_tokens, config)
         tokens, probs, confidence, path = [], [], [], 1.0
         for i in range(max_tokens):
