@@ -39,18 +39,32 @@ def _progress(total, desc, unit):
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
 
 
+def _read_jsonl(path: Path) -> list[dict]:
+    """The records a resumable stage has appended to ``path`` so far."""
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _pad_id(model, tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.eos_token_id
+
+
+def _eos_index(ids: list[int], eos) -> int | None:
+    """Where the first end-of-sequence token sits in generated ``ids`` (None: it never ended)."""
+    return next((i for i, t in enumerate(ids) if t in eos), None)
+
+
 def generate_answers(model, tokenizer, prompts: list[str], path: Path, max_new_tokens: int, batch: int,
                      temperature: float = 0.0, seed: int = 0) -> list[dict]:
     """The target's answers (greedy, or sampled at ``temperature`` from a seed per batch), appended
     to ``path`` as they come (resumable)."""
-    done = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+    done = _read_jsonl(path)
     todo = prompts[len(done):]
     if not todo:
         return done
     from .engine import chat_token_ids, eos_token_ids
 
     tokenizer.padding_side = "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.eos_token_id
+    pad = _pad_id(model, tokenizer)
     eos = eos_token_ids(model, tokenizer)
     bar = _progress(len(prompts), f"answers -> {path.name}", "prompt")
     bar.update(len(done))
@@ -69,7 +83,7 @@ def generate_answers(model, tokenizer, prompts: list[str], path: Path, max_new_t
                 out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
             for prompt, e, row in zip(chunk, encoded, out):
                 answer = row[width:].tolist()
-                end = next((i for i, t in enumerate(answer) if t in eos), None)
+                end = _eos_index(answer, eos)
                 if end is not None:
                     answer = answer[: end + 1]
                 record = {"prompt": prompt, "prompt_ids": e, "answer_ids": answer,
@@ -91,7 +105,7 @@ def self_prompts(model, tokenizer, n: int, path: Path, batch: int, seed: int, ma
     they come (resumable, a seed per batch)."""
     from .engine import eos_token_ids
 
-    done = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+    done = _read_jsonl(path)
     seen: dict[str, None] = {}
     for record in done:
         seen.update(dict.fromkeys(record["prompts"]))
@@ -103,7 +117,7 @@ def self_prompts(model, tokenizer, n: int, path: Path, batch: int, seed: int, ma
         raise ConfigError("self_prompts", "the target's chat template does not place the user's text verbatim; use 0")
     prefix = tokenizer(text[: text.index(sentinel)], add_special_tokens=False, return_tensors="pt").input_ids
     eos = eos_token_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.eos_token_id
+    pad = _pad_id(model, tokenizer)
     bar = _progress(n, f"self-written prompts -> {path.name}", "prompt")
     bar.update(len(seen))
     with path.open("a") as f:
@@ -120,7 +134,7 @@ def self_prompts(model, tokenizer, n: int, path: Path, batch: int, seed: int, ma
                                      pad_token_id=pad)
             got = []
             for row in out[:, prefix.shape[1]:].tolist():
-                end = next((i for i, t in enumerate(row) if t in eos), None)
+                end = _eos_index(row, eos)
                 prompt = tokenizer.decode(row[:end], skip_special_tokens=True).strip() if end is not None else ""
                 if len(prompt) >= 8 and prompt not in seen:
                     got.append(prompt)
