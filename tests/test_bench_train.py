@@ -53,6 +53,26 @@ def test_bench_table_and_json(tiny_dir, tmp_path, capsys):
     assert code == 2 and "--categories: unknown nope" in capsys.readouterr().err
 
 
+def test_bench_honours_ignore_eos_and_stop(default_target, tmp_path):
+    """bench decodes with the settings generate would use: a short answer ends at EOS unless
+    --ignore-eos, and --stop cuts a long one at the first stop string (for every contender)."""
+    def tokens(question, **kw):
+        data = tmp_path / "q.jsonl"
+        data.write_text(json.dumps({"question_id": 1, "category": "x", "turns": [question]}))
+        summary = run_bench(bench_args(None, data, target=None, compare=None, max_new_tokens=40, **kw))
+        assert summary["overall"]["greedy_match"] is True
+        return summary["prompts"][0]["tokens"], summary["config"]
+
+    short = "Answer with one word: what colour is the sky on a clear day?"
+    assert tokens(short, ignore_eos=False)[0] < 40  # the answer ends by itself
+    n, config = tokens(short, ignore_eos=True)
+    assert n == 40 and config["ignore_eos"] is True
+    long = "Write three sentences about the sea."
+    assert tokens(long, ignore_eos=False)[0] == 40
+    n, config = tokens(long, ignore_eos=False, stop=["."])
+    assert n < 40 and config["stop"] == ["."]
+
+
 def test_train_draft_tiny_run_loads_and_is_refused_elsewhere(tiny_dir, tmp_path, tiny_target, tokenizer, default_target,
                                                               capsys):
     out = tmp_path / "head"

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import TREE_CHOICES, ConfigError, GenerationConfig, SpecDecodeError
+from .config import ConfigError, GenerationConfig, SpecDecodeError
 
 
 @dataclass
@@ -96,13 +96,18 @@ def hf_counterpart(drafter) -> tuple[str, object]:
     return "assistant", model
 
 
-def _hf_generate(model, prompt_ids, config: GenerationConfig, counterpart: tuple[str, object]):
-    """Hugging Face's own assisted generation with the nearest drafter it has, greedy (or sampling)."""
+def _hf_generate(model, tokenizer, prompt_ids, config: GenerationConfig, counterpart: tuple[str, object]):
+    """Hugging Face's own assisted generation with the nearest drafter it has, greedy (or sampling),
+    told the same stopping rules."""
     import torch
 
     kwargs = {"max_new_tokens": config.max_new_tokens, "do_sample": not config.greedy, "pad_token_id": model.config.eos_token_id}
     if not config.greedy:
         kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or None)
+    if config.ignore_eos:
+        kwargs["min_new_tokens"] = config.max_new_tokens
+    if config.stop:
+        kwargs.update(stop_strings=list(config.stop), tokenizer=tokenizer)
     kind, assistant = counterpart
     if kind == "prompt_lookup":
         kwargs["prompt_lookup_num_tokens"] = 10
@@ -190,11 +195,13 @@ def run_bench(args) -> dict:
     from .models import load_model
     from .trace import TraceWriter
 
-    config = GenerationConfig(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed if args.seed is not None else (None if args.temperature == 0 else 0),
-        draft_len=args.draft_len, policy=args.policy, confidence=args.confidence, tree=TREE_CHOICES[args.tree],
-    ).validate()
+    from .cli import config_from_args
+
+    # the same settings generate takes (--stop, --ignore-eos included), but sampled runs are
+    # reproducible by default: a benchmark that cannot be rerun cannot be compared
+    config = config_from_args(args)
+    if config.seed is None and not config.greedy:
+        config = config.with_(seed=0)
     categories = [c for c in (args.categories or "").split(",") if c] or None
     questions = load_questions(args.dataset, categories, args.limit)
     if not questions:
@@ -228,7 +235,7 @@ def run_bench(args) -> dict:
         out = {}
         for who in contenders:
             if who == "hf":
-                out["hf"] = _hf_generate(target.model, prompt_ids, config, counterpart)
+                out["hf"] = _hf_generate(target.model, target.tokenizer, prompt_ids, config, counterpart)
             else:
                 dec = base if who == "base" else spec
                 steps: list[dict] = []
@@ -256,7 +263,7 @@ def run_bench(args) -> dict:
         "target": args.target or "default (SmolLM2-135M-Instruct)", "draft": args.draft, "dataset": args.dataset,
         "limit": args.limit, "categories": categories, "max_new_tokens": config.max_new_tokens,
         "temperature": config.temperature, "policy": config.policy, "draft_len": config.draft_len, "tree": config.tree,
-        "compare": args.compare, "prompts": len(results),
+        "stop": list(config.stop), "ignore_eos": config.ignore_eos, "compare": args.compare, "prompts": len(results),
     }
     summary["prompts"] = [
         {"question_id": r.question_id, "category": r.category, "speedup": r.speedup, "tokens": r.spec_tokens,
