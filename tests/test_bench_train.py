@@ -112,6 +112,31 @@ def test_train_draft_tiny_run_loads_and_is_refused_elsewhere(tiny_dir, tmp_path,
         make_drafter(str(out), default_target)
 
 
+def test_train_draft_reading_lower_layers(tiny_dir, tmp_path, capsys):
+    """--feature-layers: the head reads those layers and the last, loads with them, stays lossless;
+    a checkpoint is not resumed with other layers, and a layer the target lacks is refused."""
+    out = tmp_path / "wide"
+    args = ["train-draft", "--target", str(tiny_dir), "--out", str(out), "--prompts", "4", "--varied-prompts", "0",
+            "--broad-prompts", "0", "--max-new-tokens", "12", "--batch", "2", "--batch-tokens", "128",
+            "--draft-vocab", "512", "--depth", "2", "--epochs", "1"]
+    assert main(args + ["--feature-layers", "0"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["feature_layers"] == [0, 1] and config["version"] == 3
+    assert (out / "work" / "features_1_layers0-1.pt").is_file()
+    target = load_model(str(tiny_dir))
+    drafter = make_drafter(str(out), target)
+    assert drafter.head.fuse is not None
+    cfg = GenerationConfig(max_new_tokens=20, policy="fixed", draft_len=3, ignore_eos=True)
+    got = SpeculativeDecoder(target.model, target.tokenizer, drafter).generate("The cat sat on the mat", cfg)
+    want = SpeculativeDecoder(target.model, target.tokenizer, NoDrafter()).generate("The cat sat on the mat", cfg)
+    assert got.token_ids == want.token_ids and got.stats.drafted > 0
+    capsys.readouterr()
+    assert main(args[:-2] + ["--epochs", "2", "--feature-layers", "last"]) == 2
+    assert "--feature-layers:" in capsys.readouterr().err
+    assert main(args + ["--feature-layers", "0,7"]) == 2
+    assert "--feature-layers: must be 'last', 'low-mid-last' or layer numbers 0-1" in capsys.readouterr().err
+
+
 def test_shipped_head_loads_and_is_lossless(default_target):
     assert (SHIPPED_HEAD / "model.safetensors").stat().st_size < 25 * 2**20
     plain = SpeculativeDecoder(default_target.model, default_target.tokenizer, NoDrafter())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from specdecode import GenerationConfig
@@ -24,6 +25,28 @@ def test_logits_match_hugging_face_for_prefill_and_blocks(tiny_target):
     for (kf, vf), (kh, vh) in zip(fast.cache_tensors(), hf.cache_tensors()):
         torch.testing.assert_close(kf, kh, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(vf, vh, atol=1e-4, rtol=1e-4)
+
+
+def test_captured_layers_are_the_hugging_face_hidden_states(tiny_target):
+    """Features of lower layers (for heads that read them, EAGLE-3) are those layers' outputs; the
+    last layer's stays the output before the final norm, as a runner that captures only it gives."""
+    ids = list(range(10, 30))
+    plain = FastRunner(FastLlama(tiny_target, tune=False), capacity=8)
+    plain.forward(ids, 1)
+    wide = FastRunner(FastLlama(tiny_target, tune=False), capacity=8)
+    wide.capture_layers((0, 1))
+    wide.forward(ids[:12], 1)
+    wide.forward(ids[12:], 1)  # grows the cache and the feature buffer past its capacity
+    with torch.no_grad():
+        hidden = tiny_target(torch.tensor([ids]), output_hidden_states=True).hidden_states  # [embeddings, layer 0, ...]
+    h = tiny_target.config.hidden_size
+    features = wide.features(0, len(ids))
+    assert features.shape == (len(ids), 2 * h)
+    torch.testing.assert_close(features[:, :h], hidden[1][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(features[:, h:], plain.features(0, len(ids)), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(features[:, :h], features[:, h:], atol=1e-2)  # negative control: the layers differ
+    with pytest.raises(ValueError, match="end with the last layer 1"):
+        wide.capture_layers((0,))
 
 
 def test_both_layouts_give_the_same_products(tiny_target):

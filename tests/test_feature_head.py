@@ -5,21 +5,25 @@ import pytest
 import torch
 
 from specdecode import GenerationConfig
+from specdecode.drafters.base import NoDrafter
 from specdecode.drafters.feature import FeatureDrafter, FeatureHead, TargetParts
 from specdecode.engine import SpeculativeDecoder
 from specdecode.runner import make_runner
 
 
-def test_unrolled_training_forward_equals_step_by_step_drafting():
+@pytest.mark.parametrize("layers", [None, (1, 3)])
+def test_unrolled_training_forward_equals_step_by_step_drafting(layers):
     torch.manual_seed(0)
-    head = FeatureHead(32, 48, n_heads=4, n_kv=2, head_dim=8).eval()
+    head = FeatureHead(32, 48, n_heads=4, n_kv=2, head_dim=8, feature_layers=layers).eval()
+    if head.fuse is not None:
+        torch.nn.init.normal_(head.fuse.weight, std=0.1)  # mixing the layers, not only picking the last
     T = 10
-    f, e = torch.randn(1, T, 32), torch.randn(1, T, 32)
+    f, e = torch.randn(1, T, 32 * len(layers or [0])), torch.randn(1, T, 32)
     with torch.no_grad():
         outs = head(f, e, depth=3)
         for m in range(2, T - 2):  # indices 0..m-1 fed by the target, then two drafted steps
             cache = head.new_cache(32)
-            g0 = head.step(f[0, :m], e[0, :m], 0, cache)[-1:]
+            g0 = head.step(head.mix(f[0, :m]), e[0, :m], 0, cache)[-1:]
             g1 = head.step(g0, e[0, m:m + 1], m, cache)
             g2 = head.step(g1, e[0, m + 1:m + 2], m + 1, cache)
             torch.testing.assert_close(g0, outs[0][0, m - 1:m], atol=1e-5, rtol=1e-5)
@@ -30,25 +34,41 @@ def test_unrolled_training_forward_equals_step_by_step_drafting():
         assert not torch.allclose(wrong[0, 3:], outs[1][0, 3:], atol=1e-3)
 
 
-def _drafter(model, seed=3):
+def test_a_new_head_reading_more_layers_starts_as_the_plain_head():
+    """The layer mix starts as the pick of the last layer, so training starts where the plain head is."""
+    torch.manual_seed(0)
+    plain = FeatureHead(32, 48, n_heads=4, n_kv=2, head_dim=8).eval()
+    wide = FeatureHead(32, 48, n_heads=4, n_kv=2, head_dim=8, feature_layers=(0, 2, 5)).eval()
+    wide.load_state_dict(plain.state_dict(), strict=False)
+    f, e = torch.randn(1, 6, 3 * 32), torch.randn(1, 6, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(wide(f, e, depth=2)[1], plain(f[..., -32:], e, depth=2)[1])
+        assert not torch.allclose(wide(f, e)[0], plain(f[..., :32], e)[0])  # negative control: not the first layer
+
+
+def _drafter(model, seed=3, layers=None):
     torch.manual_seed(seed)
-    head = FeatureHead.for_target(model).eval()
+    head = FeatureHead.for_target(model, feature_layers=layers).eval()
     with torch.no_grad():  # a random head: its drafts are wrong often, which exercises rollback
         head.fc.weight.normal_(0, 0.05)
+        if head.fuse is not None:
+            head.fuse.weight.normal_(0, 0.05)
     return FeatureDrafter(head, TargetParts(model, torch.arange(model.config.vocab_size)), model.config.vocab_size)
 
 
-@pytest.mark.parametrize("tree", [False, True])
-def test_drafter_cache_across_steps_equals_a_fresh_one(tiny_target, tokenizer, tree):
-    drafter = _drafter(tiny_target)
+@pytest.mark.parametrize("tree,layers", [(False, None), (True, None), (False, (0, 1)), (True, (0, 1))])
+def test_drafter_cache_across_steps_equals_a_fresh_one(tiny_target, tokenizer, tree, layers):
+    drafter = _drafter(tiny_target, layers=layers)
     dec = SpeculativeDecoder(tiny_target, tokenizer, drafter)
     cfg = GenerationConfig(max_new_tokens=40, policy="fixed", draft_len=3, ignore_eos=True, tree=tree)
     result = dec.generate("Once upon a time", cfg)
     assert result.stats.drafted > 0 and result.stats.accepted < result.stats.drafted  # rejections happened
+    plain = SpeculativeDecoder(tiny_target, tokenizer, NoDrafter()).generate("Once upon a time", cfg)
+    assert result.token_ids == plain.token_ids  # greedy output is the target's
     context = result.prompt_token_ids + result.token_ids
     gen = torch.Generator()
     kept = drafter.propose(context, 4, cfg, gen)
-    fresh = _drafter(tiny_target)
+    fresh = _drafter(tiny_target, layers=layers)
     fresh.attach(dec.target)
     fresh.tree_size = drafter.tree_size  # the policy's, as the loop set it
     again = fresh.propose(context, 4, cfg, gen)

@@ -178,9 +178,11 @@ class FastLlama:
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, start: int, cache: list[torch.Tensor], num_logits: int,
-                tree: "TreeLayout | None" = None) -> torch.Tensor:
+                tree: "TreeLayout | None" = None, capture: tuple[int, ...] = ()) -> torch.Tensor:
         """ids ``[k]`` into cache slots ``start..start+k-1``; writes their keys/values into ``cache``;
-        returns logits ``[num_logits, vocab]`` for the last ``num_logits`` of them.
+        returns logits ``[num_logits, vocab]`` for the last ``num_logits`` of them. Leaves the
+        outputs of the decoder layers numbered in ``capture`` (by default only the last one's), side
+        by side, in ``last_hidden`` ``[k, len(capture) * hidden]``: features for draft heads.
 
         Without ``tree`` the k tokens continue the sequence (positions ``start..start+k-1``, causal).
         With it they are the nodes of a token tree (``TreeLayout``): each sits at position
@@ -198,7 +200,8 @@ class FastLlama:
             positions = start + tree.depth
             cos, sin = self.cos[positions], self.sin[positions]
             mask = tree.mask(start)
-        for (ln1, qkv, o, ln2, gate_up, down), kv in zip(self.layers, cache):
+        captured = []
+        for i, ((ln1, qkv, o, ln2, gate_up, down), kv) in enumerate(zip(self.layers, cache)):
             h = F.rms_norm(x, (self.hidden,), ln1, self.eps)
             q, key, val = qkv(h).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
             q = _rope(q.view(k, nh, hd), cos, sin).transpose(0, 1)  # [nh, k, hd]
@@ -211,7 +214,9 @@ class FastLlama:
             h = F.rms_norm(x, (self.hidden,), ln2, self.eps)
             g, u = gate_up(h).chunk(2, dim=-1)
             x = x + down(F.silu(g) * u)
-        self.last_hidden = x  # [k, hidden], before the final norm: features for draft heads
+            if i in capture:
+                captured.append(x)
+        self.last_hidden = torch.cat(captured, dim=-1) if len(captured) > 1 else x  # before the final norm
         if num_logits == 0:
             return x[:0, :0]
         x = F.rms_norm(x[-num_logits:], (self.hidden,), self.norm, self.eps)
@@ -268,8 +273,23 @@ class FastRunner:
         self.vocab_size = vocab_size
         self.cached: list[int] = []
         self._cache = fast.new_cache(capacity)
-        # the last layer's output (before the final norm) at every cached position: what draft heads read
+        # the outputs of these decoder layers (the last one's before the final norm) at every cached
+        # position, side by side: what draft heads read (``capture_layers``)
+        self.feature_layers: tuple[int, ...] = (len(fast.layers) - 1,)
         self._features = torch.empty(capacity, fast.hidden, dtype=fast.embed.dtype)
+
+    def capture_layers(self, layers: tuple[int, ...]) -> None:
+        """Keep the outputs of decoder ``layers`` (ascending, ending with the last layer) as features
+        from now on. Changing them empties the cache, whose stored features have the old width."""
+        layers = tuple(layers)
+        if layers == self.feature_layers:
+            return
+        n = len(self.fast.layers)
+        if not layers or list(layers) != sorted(set(layers)) or layers[-1] != n - 1 or layers[0] < 0:
+            raise ValueError(f"feature layers must be ascending, distinct, and end with the last layer {n - 1}; got {layers}")
+        self.feature_layers = layers
+        self._features = torch.empty(self._features.shape[0], len(layers) * self.fast.hidden, dtype=self._features.dtype)
+        self.reset()
 
     def reset(self) -> None:
         self.cached = []
@@ -294,14 +314,15 @@ class FastRunner:
         for old, new in zip(self._cache, grown):
             new[:, :, :, :n] = old[:, :, :, :n]
         self._cache = grown
-        features = torch.empty(new_capacity, self.fast.hidden, dtype=self._features.dtype)
+        features = torch.empty(new_capacity, self._features.shape[1], dtype=self._features.dtype)
         features[:n] = self._features[:n]
         self._features = features
 
     def forward(self, token_ids: list[int], num_logits: int = 1, tree: TreeLayout | None = None) -> torch.Tensor:
         start = len(self.cached)
         self._ensure(start + len(token_ids))
-        logits = self.fast.forward(torch.tensor(token_ids, dtype=torch.long), start, self._cache, num_logits, tree)
+        logits = self.fast.forward(torch.tensor(token_ids, dtype=torch.long), start, self._cache, num_logits, tree,
+                                   self.feature_layers)
         self._features[start:start + len(token_ids)] = self.fast.last_hidden
         self.cached.extend(token_ids)
         if self.vocab_size is not None:
@@ -325,8 +346,9 @@ class FastRunner:
         self.cached[start:] = [self.cached[i] for i in src.tolist()]
 
     def features(self, start: int, end: int) -> torch.Tensor | None:
-        """``[end - start, hidden]``: the last layer's output (before the final norm) at positions
-        ``start..end-1``, or None unless all of them are in the cache."""
+        """``[end - start, len(feature_layers) * hidden]``: the feature layers' outputs (the last
+        layer's before the final norm) at positions ``start..end-1``, or None unless all of them
+        are in the cache."""
         if not 0 <= start <= end <= len(self.cached):
             return None
         return self._features[start:end]

@@ -148,14 +148,16 @@ def self_prompts(model, tokenizer, n: int, path: Path, batch: int, seed: int, ma
     return list(seen)[:n]
 
 
-def extract_features(model, records: list[dict], path: Path):
-    """Per sequence: features ``[L, H]`` (fp16) and the target's greedy next token ``[L]``."""
+def extract_features(model, records: list[dict], path: Path, layers: tuple[int, ...]):
+    """Per sequence: features ``[L, len(layers) * H]`` (fp16; the outputs of decoder ``layers``
+    side by side) and the target's greedy next token ``[L]``."""
     if path.is_file():
         return torch.load(path)
     from .fastllama import FastRunner
     from .runner import lean_model
 
     runner = FastRunner(lean_model(model), capacity=512)
+    runner.capture_layers(layers)
     feats, labels, tokens = [], [], []
     bar = _progress(len(records), f"features -> {path.name}", "seq")
     for r in records:
@@ -179,9 +181,10 @@ class Sequences:
     predict ``f_{i+1}`` and the target's greedy token after ``x_{i+1}``. Only indices whose label is
     part of the target's answer count in the loss: drafting happens there and nowhere else."""
 
-    def __init__(self, items: list[tuple], vocab_map: torch.Tensor):
+    def __init__(self, items: list[tuple], vocab_map: torch.Tensor, hidden: int):
         self.items = sorted(items, key=lambda it: it[0].shape[0])  # (features, labels, tokens, prompt_len)
         self.vocab_map = vocab_map
+        self.hidden = hidden  # the last H feature columns are the last layer's: the regression target
 
     def batches(self, max_tokens: int, rng: random.Random | None = None) -> list[list[int]]:
         out, cur, width = [], [], 0
@@ -212,7 +215,7 @@ class Sequences:
             mask[b, max(0, prompt_len - 2):n - 2] = True  # label index i+1 in [prompt_len-1, n-2]
         y = labels[:, 1:]
         mask &= y >= 0
-        return feats[:, :-1], embed[tokens[:, 1:]], feats[:, 1:], y, mask
+        return feats[:, :-1], embed[tokens[:, 1:]], feats[:, 1:, -self.hidden:], y, mask
 
 
 def train_head(args) -> Path:
@@ -231,6 +234,9 @@ def train_head(args) -> Path:
     if not supports(model):  # the feature pass and drafting both read features from the lean runner
         raise ConfigError("target", "train-draft needs a Llama-family target on the CPU (--device cpu); "
                                     f"got {model.config.model_type} on {next(model.parameters()).device}")
+    n_layers = model.config.num_hidden_layers
+    layers = feature_layers(args.feature_layers, n_layers)
+    tag = "" if layers == (n_layers - 1,) else "_layers" + "-".join(map(str, layers))
 
     # 1-2. prompts and answers, in numbered rounds: greedy answers to template prompts, then
     # questions about passages the target wrote, then (sampled, for variety) further kinds of
@@ -263,7 +269,7 @@ def train_head(args) -> Path:
     # round, so that adding a round leaves the earlier rounds' split as it was)
     val_items, items = [], []
     for number, records in rounds.items():
-        data = extract_features(model, records, work / f"features_{number}.pt")
+        data = extract_features(model, records, work / f"features_{number}{tag}.pt", layers)
         got = [(f, lab, t, len(rec["prompt_ids"])) for f, lab, t, rec in
                zip(data["features"], data["labels"], data["tokens"], records)]
         random.Random(args.seed * 1000 + number - 1).shuffle(got)
@@ -282,15 +288,20 @@ def train_head(args) -> Path:
     vocab_map = torch.full((vocab_size,), -100, dtype=torch.long)
     vocab_map[vocab_ids] = torch.arange(len(vocab_ids))
     coverage = float(counts[vocab_ids].sum() - counts[eos]) / max(1.0, float(counts.sum() - counts[eos]))
-    val, train = Sequences(val_items, vocab_map), Sequences(items, vocab_map)
+    hidden = model.config.hidden_size
+    val, train = Sequences(val_items, vocab_map, hidden), Sequences(items, vocab_map, hidden)
 
     parts = TargetParts(model, vocab_ids)
-    head = FeatureHead.for_target(model, args.inner)
+    head = FeatureHead.for_target(model, args.inner, layers)
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.0)
     ckpt = work / "checkpoint.pt"
     start_epoch = phase_start = 0
     if ckpt.is_file():
         state = torch.load(ckpt)
+        trained = tuple(state.get("feature_layers", (n_layers - 1,)))
+        if trained != layers:
+            raise ConfigError("feature_layers", f"{ckpt} was trained reading layers {trained}, not {layers}; "
+                                                "give the same --feature-layers or another --out")
         head.load_state_dict(state["head"])
         opt.load_state_dict(state["opt"])
         start_epoch = phase_start = state["epoch"]
@@ -307,7 +318,7 @@ def train_head(args) -> Path:
 
     # features of a Llama's last layer are large and uneven; the regression works in units of
     # their overall spread so that it neither swamps nor vanishes beside the cross-entropy
-    scale = float(torch.cat([it[0][:64].float() for it in train.items[:256]]).std())
+    scale = float(torch.cat([it[0][:64, -hidden:].float() for it in train.items[:256]]).std())
     weights = [0.8 ** s for s in range(args.depth)]
 
     def loss_fn(batch):
@@ -373,14 +384,14 @@ def train_head(args) -> Path:
         history.append({"epoch": epoch + 1, **evaluate()})
         bar.write(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in history[-1].items() if k.startswith("val")))
         torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "epoch": epoch + 1, "rng": torch.get_rng_state(),
-                    "phase_start": phase_start, "train_sequences": len(train.items)}, ckpt)
+                    "phase_start": phase_start, "train_sequences": len(train.items), "feature_layers": list(layers)}, ckpt)
         (work / "history.json").write_text(json.dumps(history, indent=1))
     bar.close()
 
     meta = {
         "target": args.target or "default",
         "trained_with": {k: getattr(args, k) for k in ("prompts", "varied_prompts", "broad_prompts", "self_prompts", "max_new_tokens", "epochs", "lr",
-                                                       "batch_tokens", "depth", "inner", "draft_vocab", "reg_weight", "seed")},
+                                                       "batch_tokens", "depth", "inner", "draft_vocab", "reg_weight", "feature_layers", "seed")},
         "train_sequences": len(train.items),
         "train_positions": sum(int(it[0].shape[0]) - it[3] for it in train.items),
         "draft_vocab_coverage": coverage,
@@ -393,6 +404,24 @@ def train_head(args) -> Path:
           + f", {last['val_accepted_per_draft']:.2f} tokens accepted per {args.depth}-token draft; "
           f"draft vocabulary covers {coverage:.3f} of the target's answer tokens", file=sys.stderr)
     return out
+
+
+def feature_layers(spec: str, n_layers: int) -> tuple[int, ...]:
+    """``--feature-layers``: ``last``; ``low-mid-last`` (EAGLE-3's three: layer 2, the middle one
+    and the last); or decoder layer numbers, comma-separated (the last layer is always added)."""
+    last = n_layers - 1
+    if spec == "last":
+        return (last,)
+    if spec == "low-mid-last":
+        return tuple(sorted({min(2, last), n_layers // 2, last}))
+    try:
+        numbers = {int(x) for x in spec.split(",")}
+    except ValueError:
+        numbers = {-1}
+    if not numbers or not all(0 <= n <= last for n in numbers):
+        raise ConfigError("feature_layers", f"must be 'last', 'low-mid-last' or layer numbers 0-{last} separated by "
+                                            f"commas (got {spec!r})")
+    return tuple(sorted(numbers | {last}))
 
 
 def cmd_train(args) -> int:
@@ -430,6 +459,9 @@ def register(sub) -> None:
     p.add_argument("--inner", type=int, default=None, help="the head's MLP width (default: the target's, copied from its last layer)")
     p.add_argument("--draft-vocab", type=int, default=8192, help="reduced output vocabulary")
     p.add_argument("--reg-weight", type=float, default=0.5, help="weight of the feature regression loss")
+    p.add_argument("--feature-layers", default="last",
+                   help="target layers the head reads: 'last', 'low-mid-last' (EAGLE-3) or numbers such as 2,15 "
+                        "(the last layer is always read)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_train)

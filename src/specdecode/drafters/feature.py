@@ -11,6 +11,12 @@ target's feature; training unrolls those steps ("training-time test", EAGLE-3) s
 to continue from its own predictions. The verification pass of each step hands the head fresh
 target features, so errors do not accumulate across steps.
 
+A head may also read lower layers of the target (EAGLE-3): ``f_t`` is then the outputs of those
+layers and of the last one side by side, mixed down to H by one more product (``fuse``) before
+anything else. It starts as the pick of the last layer, so such a head begins where the plain one
+does and training decides what the lower layers add. Drafting further feeds the head's own
+output in place of the mixed feature.
+
 The head keeps a KV cache over the context, like the target: at each proposal it adds the positions
 the target has verified since the last one, then drafts token by token. Cost per drafted token for
 the default target: one decoder layer plus the reduced output product, about 9M multiply-adds
@@ -34,17 +40,28 @@ from ..sampling import logits_to_probs, sample
 from .base import Draft, Drafter
 
 FORMAT = "specdecode-feature-draft"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3 added feature_layers; version 2 heads read the last layer only and still load
 
 
 class FeatureHead(torch.nn.Module):
-    """fc(2H -> H) followed by one Llama decoder layer (GQA attention with RoPE, gated MLP)."""
+    """[fuse(nH -> H) when it reads n > 1 target layers,] fc(2H -> H), then one Llama decoder layer
+    (GQA attention with RoPE, gated MLP)."""
 
     def __init__(self, hidden: int, inner: int, n_heads: int, n_kv: int, head_dim: int,
-                 eps: float = 1e-5, rope_theta: float = 10000.0, max_positions: int = 8192):
+                 eps: float = 1e-5, rope_theta: float = 10000.0, max_positions: int = 8192,
+                 feature_layers: tuple[int, ...] | None = None):
         super().__init__()
         self.hidden, self.inner, self.n_heads, self.n_kv, self.head_dim = hidden, inner, n_heads, n_kv, head_dim
         self.eps, self.rope_theta, self.max_positions = eps, rope_theta, max_positions
+        # the target's decoder layers read, ascending, the last one last (None: the last one only)
+        self.feature_layers = tuple(feature_layers) if feature_layers else None
+        self.fuse = None
+        if self.feature_layers and len(self.feature_layers) > 1:
+            n = len(self.feature_layers)
+            self.fuse = torch.nn.Linear(n * hidden, hidden, bias=False)
+            with torch.no_grad():  # starts as the pick of the last layer: the plain head
+                self.fuse.weight.zero_()
+                self.fuse.weight[:, (n - 1) * hidden:] = torch.eye(hidden)
         self.fc = torch.nn.Linear(2 * hidden, hidden, bias=False)
         self.ln1 = torch.nn.Parameter(torch.ones(hidden))
         self.qkv = torch.nn.Linear(hidden, (n_heads + 2 * n_kv) * head_dim, bias=False)
@@ -59,15 +76,16 @@ class FeatureHead(torch.nn.Module):
     def shape_config(self) -> dict:
         return {"hidden_size": self.hidden, "inner_size": self.inner, "num_heads": self.n_heads, "num_kv_heads": self.n_kv,
                 "head_dim": self.head_dim, "rms_norm_eps": self.eps, "rope_theta": self.rope_theta,
-                "max_positions": self.max_positions}
+                "max_positions": self.max_positions, "feature_layers": list(self.feature_layers or ())}
 
     @classmethod
-    def for_target(cls, model, inner: int | None = None) -> "FeatureHead":
+    def for_target(cls, model, inner: int | None = None, feature_layers: tuple[int, ...] | None = None) -> "FeatureHead":
         """A head shaped like the target's decoder layers, started from the target's last layer."""
         cfg = model.config
         n_heads, n_kv, head_dim = attention_shape(cfg)
         head = cls(cfg.hidden_size, inner or cfg.intermediate_size, n_heads, n_kv, head_dim, cfg.rms_norm_eps,
-                   _rope_theta(cfg), min(cfg.max_position_embeddings, 8192))
+                   _rope_theta(cfg), min(cfg.max_position_embeddings, 8192),
+                   feature_layers or (cfg.num_hidden_layers - 1,))
         last = model.model.layers[-1]
         a, m = last.self_attn, last.mlp
         with torch.no_grad():
@@ -81,6 +99,10 @@ class FeatureHead(torch.nn.Module):
         return head
 
     # -- pieces shared by training and drafting ---------------------------------------------
+    def mix(self, features: torch.Tensor) -> torch.Tensor:
+        """The target's features ``[..., nH]`` -> ``[..., H]``, what the head reads at a context index."""
+        return features if self.fuse is None else self.fuse(features)
+
     def _project(self, x: torch.Tensor, start: int, positions: torch.Tensor | None = None):
         """``[..., T, H]`` -> q ``[..., nh, T, hd]``, k, v ``[..., nkv, T, hd]`` (RoPE at ``positions``,
         by default ``start..start+T-1``)."""
@@ -111,7 +133,7 @@ class FeatureHead(torch.nn.Module):
 
     # -- training: all positions at once, unrolled over draft depths ---------------------------
     def forward(self, features: torch.Tensor, token_embeddings: torch.Tensor, depth: int = 1) -> list[torch.Tensor]:
-        """features ``[B, T, H]`` (``f_i``) and embeddings of the next tokens ``[B, T, H]`` (``x_{i+1}``)
+        """features ``[B, T, nH]`` (``f_i``) and embeddings of the next tokens ``[B, T, H]`` (``x_{i+1}``)
         -> for each draft depth s < ``depth``, predicted features ``[B, T, H]`` (for ``f_{i+1}``).
 
         Depth 0 is the first draft step: every input is the target's. At depth s the input at index
@@ -122,7 +144,7 @@ class FeatureHead(torch.nn.Module):
         scale = 1.0 / math.sqrt(self.head_dim)
         idx = torch.arange(T)
         keys, values, outs = [], [], []
-        prev = features
+        prev = self.mix(features)
         for s in range(depth):
             if s:
                 prev = torch.cat([torch.zeros_like(prev[:, :1]), prev[:, :-1]], dim=1)  # g^{s-1}_{i-1} at i
@@ -153,7 +175,8 @@ class FeatureHead(torch.nn.Module):
 
     def step(self, features: torch.Tensor, token_embeddings: torch.Tensor, start: int, cache: torch.Tensor,
              positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Cache slots ``start..start+k-1``: ``[k, H]`` inputs -> ``[k, H]`` predicted features; writes
+        """Cache slots ``start..start+k-1``: ``[k, H]`` inputs (``mix``-ed target features or the
+        head's own outputs) and token embeddings -> ``[k, H]`` predicted features; writes
         their keys/values into ``cache`` (``[2, nkv, capacity, hd]``). By default the k inputs are
         consecutive indices from ``start``; drafting a tree passes their ``positions`` and the
         ``mask`` ``[k, start + k]`` of slots each may attend to."""
@@ -239,9 +262,9 @@ def load_feature_draft(path: str, target, param: str = "draft") -> "FeatureDraft
     from safetensors.torch import load_file
 
     cfg = draft_config(path)
-    if cfg.get("version") != FORMAT_VERSION:
+    if cfg.get("version") not in (2, FORMAT_VERSION):
         raise ConfigError(param, f"{path}: draft format version {cfg.get('version')} is not supported "
-                                 f"(this specdecode reads version {FORMAT_VERSION}); retrain it with specdecode train-draft")
+                                 f"(this specdecode reads versions 2-{FORMAT_VERSION}); retrain it with specdecode train-draft")
     if not trained_for(cfg, target):
         raise ConfigError(
             param,
@@ -250,7 +273,8 @@ def load_feature_draft(path: str, target, param: str = "draft") -> "FeatureDraft
         )
     tensors = load_file(str(Path(path) / "model.safetensors"))
     head = FeatureHead(cfg["hidden_size"], cfg["inner_size"], cfg["num_heads"], cfg["num_kv_heads"], cfg["head_dim"],
-                       cfg["rms_norm_eps"], cfg["rope_theta"], cfg["max_positions"])
+                       cfg["rms_norm_eps"], cfg["rope_theta"], cfg["max_positions"],
+                       cfg.get("feature_layers") or (target.config.num_hidden_layers - 1,))
     head.load_state_dict({k: v for k, v in tensors.items() if k != "vocab_ids"})
     return FeatureDrafter(head.eval(), TargetParts(target, tensors["vocab_ids"]), vocab_size=cfg["target_vocab_size"],
                           name=f"head:{Path(path).name}")
@@ -276,6 +300,7 @@ class FeatureDrafter(Drafter):
     def attach(self, target_runner) -> None:
         if not hasattr(target_runner, "features"):
             raise ConfigError("draft", "a feature draft head needs the lean Llama runner for the target (CPU, Llama family)")
+        target_runner.capture_layers(self.head.feature_layers)
         self.target_runner = target_runner
         self.reset()
 
@@ -302,7 +327,8 @@ class FeatureDrafter(Drafter):
             return Draft([])
         self._ensure(n_ctx + max_tokens)
         embed, ids = self.parts.embed, self.parts.vocab_ids
-        g = self.head.step(features, embed[torch.tensor(context[start + 1:], dtype=torch.long)], start, self._cache)[-1:]
+        g = self.head.step(self.head.mix(features), embed[torch.tensor(context[start + 1:], dtype=torch.long)], start,
+                           self._cache)[-1:]
         self._tokens = list(context)
         if config.drafts_tree:
             return self._propose_tree(g, n_ctx, max_tokens, config)
