@@ -47,6 +47,9 @@ def test_captured_layers_are_the_hugging_face_hidden_states(tiny_target):
     assert not torch.allclose(features[:, :h], features[:, h:], atol=1e-2)  # negative control: the layers differ
     with pytest.raises(ValueError, match="end with the last layer 1"):
         wide.capture_layers((0,))
+    wide.capture_layers(None)  # what a head built without feature_layers asks for: the last layer only
+    wide.forward(ids, 1)
+    torch.testing.assert_close(wide.features(0, len(ids)), plain.features(0, len(ids)), atol=1e-5, rtol=1e-5)
 
 
 def test_both_layouts_give_the_same_products(tiny_target):

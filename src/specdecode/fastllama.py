@@ -278,13 +278,14 @@ class FastRunner:
         self.feature_layers: tuple[int, ...] = (len(fast.layers) - 1,)
         self._features = torch.empty(capacity, fast.hidden, dtype=fast.embed.dtype)
 
-    def capture_layers(self, layers: tuple[int, ...]) -> None:
-        """Keep the outputs of decoder ``layers`` (ascending, ending with the last layer) as features
+    def capture_layers(self, layers: tuple[int, ...] | None) -> None:
+        """Keep the outputs of decoder ``layers`` (ascending, ending with the last layer; None: the
+        last layer only, as a ``FeatureHead`` built without ``feature_layers`` reads) as features
         from now on. Changing them empties the cache, whose stored features have the old width."""
-        layers = tuple(layers)
+        n = len(self.fast.layers)
+        layers = (n - 1,) if layers is None else tuple(layers)
         if layers == self.feature_layers:
             return
-        n = len(self.fast.layers)
         if not layers or list(layers) != sorted(set(layers)) or layers[-1] != n - 1 or layers[0] < 0:
             raise ValueError(f"feature layers must be ascending, distinct, and end with the last layer {n - 1}; got {layers}")
         self.feature_layers = layers
