@@ -4,6 +4,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from specdecode import GenerationConfig
 from specdecode.api import SHIPPED_HEAD, make_drafter
@@ -110,6 +111,36 @@ def test_train_draft_tiny_run_loads_and_is_refused_elsewhere(tiny_dir, tmp_path,
             make_drafter(bad, target)
     with pytest.raises(ConfigError, match="trained for another target"):
         make_drafter(str(out), default_target)
+
+
+def test_features_captured_while_answering_equal_a_second_pass(tiny_target, tokenizer, tmp_path):
+    """train-draft takes features and labels from hooks while generate writes the answers (left-padded
+    batches, greedy and sampled): where training reads them they equal one lean-runner pass per
+    sequence. A stop between batches resumes: saved parts are used, a lost one is recomputed."""
+    from specdecode.train import _captured, extract_features, generate_answers
+
+    layers = (0, 1)
+    prompts = ["Hi", "Tell me a long story about a cat, a dog and a bird", "What is 2+2?", "Name a colour",
+               "Why is the sky blue on a clear summer day?"]
+    for temperature in (0.0, 0.7):
+        work = tmp_path / str(temperature)
+        work.mkdir()
+        parts = work / "parts"
+        args = (tiny_target, tokenizer)
+        generate_answers(*args, prompts[:4], work / "a.jsonl", 12, 2, temperature, seed=3, capture=(layers, parts))
+        (parts / "2.pt").unlink()  # stopped after writing the second batch's answers, before its part
+        records = generate_answers(*args, prompts, work / "a.jsonl", 12, 2, temperature, seed=3, capture=(layers, parts))
+        assert len(records) == 5 and sorted(_captured(parts, records)) == [0, 1, 4]
+        fresh = extract_features(tiny_target, records, work / "fresh.pt", layers)  # a runner pass for every sequence
+        data = extract_features(tiny_target, records, work / "features.pt", layers, parts)
+        assert not parts.exists()
+        for k, r in enumerate(records):
+            p, n = len(r["prompt_ids"]), len(r["prompt_ids"]) + len(r["answer_ids"])
+            f, want = data["features"][k][: n - 1].float(), fresh["features"][k][: n - 1].float()
+            assert f.shape == (n - 1, 2 * tiny_target.config.hidden_size)
+            torch.testing.assert_close(f, want, atol=2e-3, rtol=2e-3)
+            assert not torch.allclose(f[1:], want[:-1], atol=2e-2)  # negative control: one position off fails
+            assert torch.equal(data["labels"][k][p - 1: n - 1], fresh["labels"][k][p - 1: n - 1])
 
 
 def test_train_draft_reading_lower_layers(tiny_dir, tmp_path, capsys):

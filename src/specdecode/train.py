@@ -10,8 +10,9 @@ Stages, each resumable (its output is kept under ``OUT/work`` and skipped when a
    the target's vocabulary; a fifth (``--self-prompts``) asks what the target itself writes when
    given the chat template up to the user's text (Magpie), the closest thing to real users' requests
    that needs no data from outside;
-3. features: one target pass per sequence gives, at every position, the feature ``f_t`` and the
-   target's greedy next token (the label the verifier will check drafts against);
+3. features: at every position, the feature ``f_t`` and the target's greedy next token (the label
+   the verifier will check drafts against), captured by hooks while stage 2 generates (where an
+   answer was written without them, as by an older version, one target pass per sequence);
 4. training: the head learns to predict the next feature and the target's token at answer
    positions, unrolled over ``--depth`` draft steps so that it also learns to continue from its own
    predictions; checkpoints every epoch, so a stopped run resumes where it was;
@@ -20,9 +21,11 @@ Stages, each resumable (its output is kept under ``OUT/work`` and skipped when a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -53,10 +56,65 @@ def _eos_index(ids: list[int], eos) -> int | None:
     return next((i for i, t in enumerate(ids) if t in eos), None)
 
 
+class _Tap:
+    """Forward hooks on a Llama-family Hugging Face model that keep, at every forward pass, the
+    outputs of decoder ``layers`` side by side (fp16; the last layer's before the final norm, as
+    ``FastRunner.features`` gives them) and the argmax of the logits it computes: the features and
+    labels of ``extract_features``, taken while ``generate`` writes the answers instead of in a
+    second pass over them."""
+
+    def __init__(self, model, layers: tuple[int, ...]):
+        self.model, self.layers = model, layers
+        self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []  # per pass: [B, T, k*H], [B, T']
+        self._outputs: list[torch.Tensor] = []
+
+    def __enter__(self):
+        decoder = self.model.model.layers
+        self._hooks = [decoder[i].register_forward_hook(self._layer) for i in self.layers]
+        self._hooks.append(self.model.get_output_embeddings().register_forward_hook(self._logits))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+
+    def _layer(self, module, inputs, output):
+        self._outputs.append((output[0] if isinstance(output, tuple) else output).to(torch.float16))
+
+    def _logits(self, module, inputs, output):
+        self.steps.append((torch.cat(self._outputs, dim=-1), output.argmax(-1)))
+        self._outputs = []
+
+    def sequence(self, row: int, pad: int, prompt_len: int, answer_len: int, filler: int):
+        """Features ``[n, k*H]`` and labels ``[n]`` of row ``row`` (``pad`` pad tokens on its left),
+        ``n = prompt_len + answer_len``. Pass 0 covered the prompt; pass t covers answer token t-1
+        and predicts answer token t. What no pass computed (labels inside the prompt, and the last
+        token's feature and label when generation stopped right after it) is never read by
+        training: it is left as zeros and ``filler``."""
+        n = prompt_len + answer_len
+        feats = torch.zeros(n, self.steps[0][0].shape[-1], dtype=torch.float16)
+        labels = torch.full((n,), filler, dtype=torch.int32)
+        feats[:prompt_len] = self.steps[0][0][row, pad:]
+        for t, (f, lab) in enumerate(self.steps[: answer_len + 1]):
+            if t:
+                feats[prompt_len + t - 1] = f[row, -1]
+            labels[prompt_len + t - 1] = lab[row, -1]
+        return feats, labels
+
+
+def _save_part(parts: Path, start: int, items: list) -> None:
+    parts.mkdir(exist_ok=True)
+    tmp = parts / f"{start}.tmp"
+    torch.save(items, tmp)
+    tmp.replace(parts / f"{start}.pt")
+
+
 def generate_answers(model, tokenizer, prompts: list[str], path: Path, max_new_tokens: int, batch: int,
-                     temperature: float = 0.0, seed: int = 0) -> list[dict]:
+                     temperature: float = 0.0, seed: int = 0, capture: tuple[tuple[int, ...], Path] | None = None
+                     ) -> list[dict]:
     """The target's answers (greedy, or sampled at ``temperature`` from a seed per batch), appended
-    to ``path`` as they come (resumable)."""
+    to ``path`` as they come (resumable). With ``capture = (layers, parts)``, each batch's features
+    and labels (see ``_Tap``) are saved under the directory ``parts`` as ``{first record}.pt``."""
     done = _read_jsonl(path)
     todo = prompts[len(done):]
     if not todo:
@@ -79,9 +137,11 @@ def generate_answers(model, tokenizer, prompts: list[str], path: Path, max_new_t
             if temperature > 0:
                 torch.manual_seed(seed * 100003 + len(done))
                 sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
-            with torch.inference_mode():
+            tap = _Tap(model, capture[0]) if capture else contextlib.nullcontext()
+            with torch.inference_mode(), tap:
                 out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
-            for prompt, e, row in zip(chunk, encoded, out):
+            start, captured = len(done), []
+            for b, (prompt, e, row) in enumerate(zip(chunk, encoded, out)):
                 answer = row[width:].tolist()
                 end = _eos_index(answer, eos)
                 if end is not None:
@@ -90,7 +150,11 @@ def generate_answers(model, tokenizer, prompts: list[str], path: Path, max_new_t
                           "answer": tokenizer.decode(answer, skip_special_tokens=True)}
                 f.write(json.dumps(record) + "\n")
                 done.append(record)
+                if capture:
+                    captured.append((e + answer, *tap.sequence(b, width - len(e), len(e), len(answer), pad)))
             f.flush()
+            if capture:  # after the answers: a part whose answers were lost would be recomputed anyway
+                _save_part(capture[1], start, captured)
             bar.update(len(chunk))
     bar.close()
     return done
@@ -148,29 +212,52 @@ def self_prompts(model, tokenizer, n: int, path: Path, batch: int, seed: int, ma
     return list(seen)[:n]
 
 
-def extract_features(model, records: list[dict], path: Path, layers: tuple[int, ...]):
+def _captured(parts: Path | None, records: list[dict]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Features and labels that ``generate_answers`` captured, by record index; a part that does
+    not match its records (answers regenerated after a stop) is ignored."""
+    got = {}
+    for part in sorted(parts.glob("*.pt")) if parts is not None and parts.is_dir() else []:
+        start = int(part.stem)
+        for k, (ids, f, lab) in enumerate(torch.load(part), start):
+            if k < len(records) and ids == records[k]["prompt_ids"] + records[k]["answer_ids"] and len(f) == len(ids):
+                got[k] = (f, lab)
+    return got
+
+
+def extract_features(model, records: list[dict], path: Path, layers: tuple[int, ...], parts: Path | None = None):
     """Per sequence: features ``[L, len(layers) * H]`` (fp16; the outputs of decoder ``layers``
-    side by side) and the target's greedy next token ``[L]``."""
+    side by side) and the target's greedy next token ``[L]`` (at least from the last prompt position
+    on, where the head is trained). Those captured while the answers were written (``parts``) are
+    taken as they are; the rest come from one lean-runner pass per sequence. Saved to ``path``."""
     if path.is_file():
         return torch.load(path)
     from .fastllama import FastRunner
     from .runner import lean_model
 
-    runner = FastRunner(lean_model(model), capacity=512)
-    runner.capture_layers(layers)
+    captured = _captured(parts, records)
+    runner = None
     feats, labels, tokens = [], [], []
     bar = _progress(len(records), f"features -> {path.name}", "seq")
-    for r in records:
+    for k, r in enumerate(records):
         ids = r["prompt_ids"] + r["answer_ids"]
-        runner.reset()
-        logits = runner.forward(ids, num_logits=len(ids))
-        feats.append(runner.features(0, len(ids)).to(torch.float16).clone())
-        labels.append(logits.argmax(-1).to(torch.int32))
+        if k in captured:
+            f, lab = captured[k]
+        else:
+            if runner is None:
+                runner = FastRunner(lean_model(model), capacity=512)
+                runner.capture_layers(layers)
+            runner.reset()
+            logits = runner.forward(ids, num_logits=len(ids))
+            f, lab = runner.features(0, len(ids)).to(torch.float16).clone(), logits.argmax(-1).to(torch.int32)
+        feats.append(f)
+        labels.append(lab)
         tokens.append(torch.tensor(ids, dtype=torch.int32))
         bar.update(1)
     bar.close()
     data = {"features": feats, "labels": labels, "tokens": tokens}
     torch.save(data, path)
+    if parts is not None and parts.is_dir():
+        shutil.rmtree(parts)
     return data
 
 
@@ -243,33 +330,37 @@ def train_head(args) -> Path:
     # request, then requests over the target's vocabulary, then requests the target wrote itself
     rounds: dict[int, list[dict]] = {}
     passages: list[str] = []
+
+    def answers(number: int, prompts: list[str], **sampling) -> list[dict]:
+        # features and labels are captured as the answers are written (stage 3 in the same pass)
+        return generate_answers(model, tok, prompts, work / f"answers_{number}.jsonl", args.max_new_tokens, args.batch,
+                                capture=(layers, work / f"features_{number}{tag}.parts"), **sampling)
+
     if args.prompts:
         n_seed = max(1, int(args.prompts * 0.7))
-        rounds[1] = generate_answers(model, tok, seed_prompts(n_seed, args.seed), work / "answers_1.jsonl", args.max_new_tokens, args.batch)
+        rounds[1] = answers(1, seed_prompts(n_seed, args.seed))
         passages = [r["answer"] for r in rounds[1] if r["prompt"].startswith(("Write a paragraph", "What is the history", "Explain"))
                     and len(r["answer"]) > 200] or [r["answer"] for r in rounds[1] if r["answer"]]
         if args.prompts > n_seed:
-            rounds[2] = generate_answers(model, tok, passage_prompts(passages, args.prompts - n_seed, args.seed + 1),
-                                         work / "answers_2.jsonl", args.max_new_tokens, args.batch)
+            rounds[2] = answers(2, passage_prompts(passages, args.prompts - n_seed, args.seed + 1))
     if args.varied_prompts:
-        rounds[3] = generate_answers(model, tok, varied_prompts(args.varied_prompts, args.seed + 2, passages),
-                                     work / "answers_3.jsonl", args.max_new_tokens, args.batch,
-                                     temperature=0.7, seed=args.seed + 2)
+        rounds[3] = answers(3, varied_prompts(args.varied_prompts, args.seed + 2, passages), temperature=0.7, seed=args.seed + 2)
     if args.broad_prompts:
-        rounds[4] = generate_answers(model, tok, broad_prompts(args.broad_prompts, args.seed + 3, vocabulary_words(tok), passages),
-                                     work / "answers_4.jsonl", args.max_new_tokens, args.batch)
+        rounds[4] = answers(4, broad_prompts(args.broad_prompts, args.seed + 3, vocabulary_words(tok), passages))
     if args.self_prompts:
         requests = self_prompts(model, tok, args.self_prompts, work / "prompts_5.jsonl", args.batch, args.seed + 4)
         if requests:
-            rounds[5] = generate_answers(model, tok, requests, work / "answers_5.jsonl", args.max_new_tokens, args.batch)
+            rounds[5] = answers(5, requests)
     if not rounds:
         raise ConfigError("self_prompts", "the target wrote no usable requests; add template rounds (--prompts)")
 
-    # 3. features, one target pass per sequence; 5% of each round held out for validation (per
-    # round, so that adding a round leaves the earlier rounds' split as it was)
+    # 3. features, as captured with the answers (or one target pass per sequence where they were
+    # not, as for answers written before); 5% of each round held out for validation (per round, so
+    # that adding a round leaves the earlier rounds' split as it was)
     val_items, items = [], []
     for number, records in rounds.items():
-        data = extract_features(model, records, work / f"features_{number}{tag}.pt", layers)
+        data = extract_features(model, records, work / f"features_{number}{tag}.pt", layers,
+                                work / f"features_{number}{tag}.parts")
         got = [(f, lab, t, len(rec["prompt_ids"])) for f, lab, t, rec in
                zip(data["features"], data["labels"], data["tokens"], records)]
         random.Random(args.seed * 1000 + number - 1).shuffle(got)
@@ -281,7 +372,7 @@ def train_head(args) -> Path:
     vocab_size = model.config.vocab_size
     counts = torch.zeros(vocab_size, dtype=torch.long)
     for f, lab, t, prompt_len in items:
-        counts += torch.bincount(lab[max(0, prompt_len - 1):].long(), minlength=vocab_size)
+        counts += torch.bincount(lab[max(0, prompt_len - 1):-1].long(), minlength=vocab_size)  # the labels training reads
     eos = model.config.eos_token_id
     counts[eos] = counts.max() + 1
     vocab_ids = torch.argsort(counts, descending=True)[: args.draft_vocab].sort().values
