@@ -141,6 +141,14 @@ def test_features_captured_while_answering_equal_a_second_pass(tiny_target, toke
             torch.testing.assert_close(f, want, atol=2e-3, rtol=2e-3)
             assert not torch.allclose(f[1:], want[:-1], atol=2e-2)  # negative control: one position off fails
             assert torch.equal(data["labels"][k][p - 1: n - 1], fresh["labels"][k][p - 1: n - 1])
+        # the round grows (a rerun with more prompts): only the new sequence is added to the saved features
+        more = generate_answers(*args, prompts + ["Say hello"], work / "a.jsonl", 12, 2, temperature, seed=3,
+                                capture=(layers, parts))
+        grown = extract_features(tiny_target, more, work / "features.pt", layers, parts)
+        assert len(grown["tokens"]) == 6 and all(torch.equal(a, b) for a, b in zip(grown["features"], data["features"]))
+        assert grown["tokens"][5].tolist() == more[5]["prompt_ids"] + more[5]["answer_ids"]
+        with pytest.raises(ConfigError, match="does not hold the features"):
+            extract_features(tiny_target, more[1:], work / "features.pt", layers)
 
 
 def test_train_draft_reading_lower_layers(tiny_dir, tmp_path, capsys):

@@ -228,17 +228,25 @@ def extract_features(model, records: list[dict], path: Path, layers: tuple[int, 
     """Per sequence: features ``[L, len(layers) * H]`` (fp16; the outputs of decoder ``layers``
     side by side) and the target's greedy next token ``[L]`` (at least from the last prompt position
     on, where the head is trained). Those captured while the answers were written (``parts``) are
-    taken as they are; the rest come from one lean-runner pass per sequence. Saved to ``path``."""
-    if path.is_file():
-        return torch.load(path)
+    taken as they are; the rest come from one lean-runner pass per sequence. Saved to ``path``; a
+    round grown since (a larger ``--broad-prompts``, say) gets its new sequences appended."""
+    data = torch.load(path) if path.is_file() else {"features": [], "labels": [], "tokens": []}
+    have = len(data["tokens"])
+    for k, (r, t) in enumerate(zip(records, data["tokens"])):
+        if t.tolist() != r["prompt_ids"] + r["answer_ids"]:
+            raise ConfigError("out", f"{path} does not hold the features of {path.parent}'s answers (sequence {k} "
+                                     "differs); remove it to extract them again")
+    if have >= len(records):
+        return data
     from .fastllama import FastRunner
     from .runner import lean_model
 
     captured = _captured(parts, records)
     runner = None
-    feats, labels, tokens = [], [], []
+    feats, labels, tokens = data["features"], data["labels"], data["tokens"]
     bar = _progress(len(records), f"features -> {path.name}", "seq")
-    for k, r in enumerate(records):
+    bar.update(have)
+    for k, r in enumerate(records[have:], have):
         ids = r["prompt_ids"] + r["answer_ids"]
         if k in captured:
             f, lab = captured[k]
