@@ -102,6 +102,11 @@ class _Tap:
         return feats, labels
 
 
+def _token_ids(record: dict) -> list[int]:
+    """The tokens of a self-distillation sequence: the prompt's, then the answer's."""
+    return record["prompt_ids"] + record["answer_ids"]
+
+
 def _save_part(parts: Path, start: int, items: list) -> None:
     parts.mkdir(exist_ok=True)
     tmp = parts / f"{start}.tmp"
@@ -151,7 +156,7 @@ def generate_answers(model, tokenizer, prompts: list[str], path: Path, max_new_t
                 f.write(json.dumps(record) + "\n")
                 done.append(record)
                 if capture:
-                    captured.append((e + answer, *tap.sequence(b, width - len(e), len(e), len(answer), pad)))
+                    captured.append((_token_ids(record), *tap.sequence(b, width - len(e), len(e), len(answer), pad)))
             f.flush()
             if capture:  # after the answers: a part whose answers were lost would be recomputed anyway
                 _save_part(capture[1], start, captured)
@@ -219,7 +224,7 @@ def _captured(parts: Path | None, records: list[dict]) -> dict[int, tuple[torch.
     for part in sorted(parts.glob("*.pt")) if parts is not None and parts.is_dir() else []:
         start = int(part.stem)
         for k, (ids, f, lab) in enumerate(torch.load(part), start):
-            if k < len(records) and ids == records[k]["prompt_ids"] + records[k]["answer_ids"] and len(f) == len(ids):
+            if k < len(records) and ids == _token_ids(records[k]) and len(f) == len(ids):
                 got[k] = (f, lab)
     return got
 
@@ -233,7 +238,7 @@ def extract_features(model, records: list[dict], path: Path, layers: tuple[int, 
     data = torch.load(path) if path.is_file() else {"features": [], "labels": [], "tokens": []}
     have = len(data["tokens"])
     for k, (r, t) in enumerate(zip(records, data["tokens"])):
-        if t.tolist() != r["prompt_ids"] + r["answer_ids"]:
+        if t.tolist() != _token_ids(r):
             raise ConfigError("out", f"{path} does not hold the features of {path.parent}'s answers (sequence {k} "
                                      "differs); remove it to extract them again")
     if have >= len(records):
@@ -243,11 +248,10 @@ def extract_features(model, records: list[dict], path: Path, layers: tuple[int, 
 
     captured = _captured(parts, records)
     runner = None
-    feats, labels, tokens = data["features"], data["labels"], data["tokens"]
     bar = _progress(len(records), f"features -> {path.name}", "seq")
     bar.update(have)
     for k, r in enumerate(records[have:], have):
-        ids = r["prompt_ids"] + r["answer_ids"]
+        ids = _token_ids(r)
         if k in captured:
             f, lab = captured[k]
         else:
@@ -257,12 +261,11 @@ def extract_features(model, records: list[dict], path: Path, layers: tuple[int, 
             runner.reset()
             logits = runner.forward(ids, num_logits=len(ids))
             f, lab = runner.features(0, len(ids)).to(torch.float16).clone(), logits.argmax(-1).to(torch.int32)
-        feats.append(f)
-        labels.append(lab)
-        tokens.append(torch.tensor(ids, dtype=torch.int32))
+        data["features"].append(f)
+        data["labels"].append(lab)
+        data["tokens"].append(torch.tensor(ids, dtype=torch.int32))
         bar.update(1)
     bar.close()
-    data = {"features": feats, "labels": labels, "tokens": tokens}
     torch.save(data, path)
     if parts is not None and parts.is_dir():
         shutil.rmtree(parts)
@@ -333,6 +336,9 @@ def train_head(args) -> Path:
     layers = feature_layers(args.feature_layers, n_layers)
     tag = "" if layers == (n_layers - 1,) else "_layers" + "-".join(map(str, layers))
 
+    def features_file(number: int, suffix: str) -> Path:  # named by the layers they hold
+        return work / f"features_{number}{tag}{suffix}"
+
     # 1-2. prompts and answers, in numbered rounds: greedy answers to template prompts, then
     # questions about passages the target wrote, then (sampled, for variety) further kinds of
     # request, then requests over the target's vocabulary, then requests the target wrote itself
@@ -342,7 +348,7 @@ def train_head(args) -> Path:
     def answers(number: int, prompts: list[str], **sampling) -> list[dict]:
         # features and labels are captured as the answers are written (stage 3 in the same pass)
         return generate_answers(model, tok, prompts, work / f"answers_{number}.jsonl", args.max_new_tokens, args.batch,
-                                capture=(layers, work / f"features_{number}{tag}.parts"), **sampling)
+                                capture=(layers, features_file(number, ".parts")), **sampling)
 
     if args.prompts:
         n_seed = max(1, int(args.prompts * 0.7))
@@ -367,8 +373,7 @@ def train_head(args) -> Path:
     # that adding a round leaves the earlier rounds' split as it was)
     val_items, items = [], []
     for number, records in rounds.items():
-        data = extract_features(model, records, work / f"features_{number}{tag}.pt", layers,
-                                work / f"features_{number}{tag}.parts")
+        data = extract_features(model, records, features_file(number, ".pt"), layers, features_file(number, ".parts"))
         got = [(f, lab, t, len(rec["prompt_ids"])) for f, lab, t, rec in
                zip(data["features"], data["labels"], data["tokens"], records)]
         random.Random(args.seed * 1000 + number - 1).shuffle(got)
