@@ -93,6 +93,8 @@ def test_train_draft_tiny_run_loads_and_is_refused_elsewhere(tiny_dir, tmp_path,
     history = config["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2, 2, 3] and history[3]["new_data"] == config["train_sequences"]
     assert history[-1]["val_loss"] < history[0]["val_loss"]  # training lowered the loss
+    mode = {name: (out / name).stat().st_mode & 0o777 for name in ("model.safetensors", "config.json")}
+    assert mode["model.safetensors"] == mode["config.json"], mode  # not left 0600 by safetensors
     target = load_model(str(tiny_dir))
     drafter = make_drafter(str(out), target)
     dec = SpeculativeDecoder(target.model, target.tokenizer, drafter)
@@ -158,9 +160,10 @@ def test_train_draft_reading_lower_layers(tiny_dir, tmp_path, capsys):
     args = ["train-draft", "--target", str(tiny_dir), "--out", str(out), "--prompts", "4", "--varied-prompts", "0",
             "--broad-prompts", "0", "--max-new-tokens", "12", "--batch", "2", "--batch-tokens", "128",
             "--draft-vocab", "512", "--depth", "2", "--epochs", "1"]
-    assert main(args + ["--feature-layers", "0"]) == 0
+    assert main(args + ["--feature-layers", "0", "--soft-labels", "0.5"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["feature_layers"] == [0, 1] and config["version"] == 3
+    assert config["trained_with"]["soft_labels"] == 0.5
     assert (out / "work" / "features_1_layers0-1.pt").is_file()
     target = load_model(str(tiny_dir))
     drafter = make_drafter(str(out), target)
@@ -174,6 +177,36 @@ def test_train_draft_reading_lower_layers(tiny_dir, tmp_path, capsys):
     assert "--feature-layers:" in capsys.readouterr().err
     assert main(args + ["--feature-layers", "0,7"]) == 2
     assert "--feature-layers: must be 'last', 'low-mid-last' or layer numbers 0-1" in capsys.readouterr().err
+    assert main(args + ["--soft-labels", "1.5"]) == 2
+    assert "--soft-labels: must be a weight in [0, 1] (got 1.5)" in capsys.readouterr().err
+
+
+def test_soft_labels_lead_the_head_to_the_targets_whole_distribution():
+    """distill_loss with soft labels is least where the head's distribution is the target's (it is
+    stationary there); the argmax-only loss is not, it pushes on towards one-hot (negative control)."""
+    from specdecode.train import distill_loss
+
+    torch.manual_seed(0)
+    target_logits = torch.randn(6, 32) * 2
+    probs = torch.softmax(target_logits, dim=-1)
+    labels = probs.argmax(-1)
+    grads = {}
+    for soft in (1.0, 0.0, 0.5):
+        x = target_logits.clone().requires_grad_()
+        distill_loss(x, labels, probs, soft).backward()
+        grads[soft] = x.grad.abs().max().item()
+    assert grads[1.0] < 1e-6 and grads[0.0] > 1e-2 and grads[0.5] > 1e-2
+    assert torch.allclose(distill_loss(target_logits, labels, probs, 0.0), torch.nn.functional.cross_entropy(target_logits, labels))
+    # trained from scratch, soft labels reach the target's distribution, the argmax alone does not
+    for soft, close in ((1.0, True), (0.0, False)):
+        x = torch.zeros_like(target_logits, requires_grad=True)
+        opt = torch.optim.Adam([x], lr=0.1)
+        for _ in range(300):
+            opt.zero_grad()
+            distill_loss(x, labels, probs, soft).backward()
+            opt.step()
+        assert (torch.softmax(x, -1) - probs).abs().max().item() < 0.02 if close else \
+            (torch.softmax(x, -1) - probs).abs().max().item() > 0.1
 
 
 def test_shipped_head_loads_and_is_lossless(default_target):

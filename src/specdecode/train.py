@@ -316,6 +316,18 @@ class Sequences:
         return feats[:, :-1], embed[tokens[:, 1:]], feats[:, 1:, -self.hidden:], y, mask
 
 
+def distill_loss(logits: torch.Tensor, labels: torch.Tensor, target_probs: torch.Tensor | None, soft: float) -> torch.Tensor:
+    """Cross-entropy of the head's ``logits`` ``[N, V']`` against the target: its argmax ``labels``
+    ``[N]`` with weight ``1 - soft`` and its whole distribution ``target_probs`` ``[N, V']`` with
+    weight ``soft`` (EAGLE's and DistillSpec's soft labels: the head also learns how sure the target
+    is and what came second, which the argmax alone does not say)."""
+    hard = F.cross_entropy(logits, labels)
+    if not soft:
+        return hard
+    full = -(target_probs * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+    return full if soft == 1 else (1 - soft) * hard + soft * full
+
+
 def train_head(args) -> Path:
     from .drafters.feature import FeatureHead, TargetParts, save_feature_draft
     from .fastllama import supports
@@ -428,11 +440,16 @@ def train_head(args) -> Path:
     def loss_fn(batch):
         f, emb, f_next, y, mask = batch
         outs = head(f, emb, depth=args.depth)
-        yy, total, correct = y[mask], 0.0, []
+        yy, fm, total, correct = y[mask], f_next[mask], 0.0, []
+        soft = None
+        if args.soft_labels:  # the target's whole distribution (over the draft vocabulary), read off its own feature
+            with torch.no_grad():
+                soft = torch.softmax(parts.logits(fm), dim=-1)
         for w, g in zip(weights, outs):
             gm = g[mask]
             logits = parts.logits(gm)
-            total = total + w * (F.cross_entropy(logits, yy) + args.reg_weight * F.smooth_l1_loss(gm / scale, f_next[mask] / scale))
+            ce = distill_loss(logits, yy, soft, args.soft_labels)
+            total = total + w * (ce + args.reg_weight * F.smooth_l1_loss(gm / scale, fm / scale))
             correct.append(logits.argmax(-1) == yy)
         return total, correct
 
@@ -495,7 +512,7 @@ def train_head(args) -> Path:
     meta = {
         "target": args.target or "default",
         "trained_with": {k: getattr(args, k) for k in ("prompts", "varied_prompts", "broad_prompts", "self_prompts", "max_new_tokens", "epochs", "lr",
-                                                       "batch_tokens", "depth", "inner", "draft_vocab", "reg_weight", "feature_layers", "seed")},
+                                                       "batch_tokens", "depth", "inner", "draft_vocab", "reg_weight", "soft_labels", "feature_layers", "seed")},
         "train_sequences": len(train.items),
         "train_positions": sum(int(it[0].shape[0]) - it[3] for it in train.items),
         "draft_vocab_coverage": coverage,
@@ -540,6 +557,8 @@ def cmd_train(args) -> int:
         raise ConfigError("inner", f"must be >= 1 (got {args.inner})")
     if not args.lr > 0:
         raise ConfigError("lr", f"must be > 0 (got {args.lr})")
+    if not 0.0 <= args.soft_labels <= 1.0:
+        raise ConfigError("soft_labels", f"must be a weight in [0, 1] (got {args.soft_labels})")
     train_head(args)
     return 0
 
@@ -563,6 +582,9 @@ def register(sub) -> None:
     p.add_argument("--inner", type=int, default=None, help="the head's MLP width (default: the target's, copied from its last layer)")
     p.add_argument("--draft-vocab", type=int, default=8192, help="reduced output vocabulary")
     p.add_argument("--reg-weight", type=float, default=0.5, help="weight of the feature regression loss")
+    p.add_argument("--soft-labels", type=float, default=0.0,
+                   help="weight in [0, 1] of the target's whole next-token distribution in the loss, against its "
+                        "argmax token (0: the argmax only)")
     p.add_argument("--feature-layers", default="last",
                    help="target layers the head reads: 'last', 'low-mid-last' (EAGLE-3) or numbers such as 2,15 "
                         "(the last layer is always read)")

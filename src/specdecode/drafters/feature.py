@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -226,7 +227,11 @@ def save_feature_draft(out: Path, head: FeatureHead, vocab_ids: torch.Tensor, ta
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
     tensors["vocab_ids"] = vocab_ids.to(torch.int64)
-    save_file(tensors, str(out / "model.safetensors"))
+    weights = out / "model.safetensors"
+    save_file(tensors, str(weights))
+    umask = os.umask(0)  # safetensors creates the file 0600; give it the mode any other file written here gets
+    os.umask(umask)
+    weights.chmod(0o666 & ~umask)
     config = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
