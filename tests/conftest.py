@@ -47,6 +47,16 @@ def perturbed(model, scale: float, seed: int):
     return other.eval()
 
 
+# tests of the paths that run on a GPU take this as a parameter; on a machine without one (CI here)
+# the "cuda" cases are reported as skipped, not silently dropped
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+
+
+def on(model, device: str):
+    """``model`` itself on the CPU, a copy of it on another device (session fixtures stay put)."""
+    return model if device == "cpu" else copy.deepcopy(model).to(device)
+
+
 @pytest.fixture(scope="session")
 def tiny_target():
     return tiny_llama(0)

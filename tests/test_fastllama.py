@@ -11,10 +11,14 @@ from specdecode.engine import SpeculativeDecoder
 from specdecode.fastllama import FastLlama, FastRunner, supports
 from specdecode.runner import ModelRunner
 
+from conftest import DEVICES, on
 
-def test_logits_match_hugging_face_for_prefill_and_blocks(tiny_target):
-    assert supports(tiny_target)
-    hf, fast = ModelRunner(tiny_target), FastRunner(FastLlama(tiny_target, tune=False), capacity=8)
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logits_match_hugging_face_for_prefill_and_blocks(tiny_target, device):
+    model = on(tiny_target, device)
+    assert supports(model)
+    hf, fast = ModelRunner(model), FastRunner(FastLlama(model, tune=False), capacity=8)
     ids = list(range(10, 40))
     torch.testing.assert_close(fast.forward(ids, len(ids)), hf.forward(ids, len(ids)), atol=1e-4, rtol=1e-4)
     for block in ([5], [6, 7], [8, 9, 10, 11, 12]):  # also grows the cache past its capacity

@@ -10,6 +10,8 @@ from specdecode.drafters.feature import FeatureDrafter, FeatureHead, TargetParts
 from specdecode.engine import SpeculativeDecoder
 from specdecode.runner import make_runner
 
+from conftest import DEVICES, on
+
 
 @pytest.mark.parametrize("layers", [None, (1, 3)])
 def test_unrolled_training_forward_equals_step_by_step_drafting(layers):
@@ -48,7 +50,7 @@ def test_a_new_head_reading_more_layers_starts_as_the_plain_head():
 
 def _drafter(model, seed=3, layers=None):
     torch.manual_seed(seed)
-    head = FeatureHead.for_target(model, feature_layers=layers).eval()
+    head = FeatureHead.for_target(model, feature_layers=layers).to(model.device).eval()
     with torch.no_grad():  # a random head: its drafts are wrong often, which exercises rollback
         head.fc.weight.normal_(0, 0.05)
         if head.fuse is not None:
@@ -56,8 +58,10 @@ def _drafter(model, seed=3, layers=None):
     return FeatureDrafter(head, TargetParts(model, torch.arange(model.config.vocab_size)), model.config.vocab_size)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tree,layers", [(False, None), (True, None), (False, (0, 1)), (True, (0, 1))])
-def test_drafter_cache_across_steps_equals_a_fresh_one(tiny_target, tokenizer, tree, layers):
+def test_drafter_cache_across_steps_equals_a_fresh_one(tiny_target, tokenizer, tree, layers, device):
+    tiny_target = on(tiny_target, device)
     drafter = _drafter(tiny_target, layers=layers)
     dec = SpeculativeDecoder(tiny_target, tokenizer, drafter)
     cfg = GenerationConfig(max_new_tokens=40, policy="fixed", draft_len=3, ignore_eos=True, tree=tree)

@@ -19,6 +19,7 @@ from specdecode.config import ConfigError
 from specdecode.sampling import logits_to_probs
 from specdecode.verify import residual_distribution, verify_tree
 
+from conftest import DEVICES, on
 from test_engine import PROMPTS, plain
 from test_feature_head import _drafter
 
@@ -55,12 +56,14 @@ def test_tree_pass_scores_each_branch_as_its_own_sequence(tiny_target):
     assert torch.allclose(chain[1], logits[1], atol=1e-4)  # 7 -> 11 is a prefix of both
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("keep", [[0], [0, 2], [0, 2, 4, 6], [0, 1, 3]])
-def test_kept_branch_leaves_the_cache_of_a_fresh_prefill(tiny_target, keep):
-    runner = _runner(tiny_target)
+def test_kept_branch_leaves_the_cache_of_a_fresh_prefill(tiny_target, keep, device):
+    model = on(tiny_target, device)
+    runner = _runner(model)
     runner.forward_tree(TREE, PARENTS)
     runner.keep_branch(len(CONTEXT), keep)
-    fresh = _runner(tiny_target)
+    fresh = _runner(model)
     fresh.forward([TREE[i] for i in keep], num_logits=0)
     assert runner.cached == fresh.cached
     for (k, v), (kf, vf) in zip(runner.cache_tensors(), fresh.cache_tensors()):
@@ -193,8 +196,10 @@ def test_head_tree_holds_the_chain_and_its_confidences(tiny_target, tokenizer):
     assert tree.path_scores()[node] == pytest.approx(chain.path_scores()[-1], rel=1e-4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tau", [2, 3, 8])
-def test_greedy_tree_drafts_identical_to_plain_decoding(tiny_target, tokenizer, tau):
+def test_greedy_tree_drafts_identical_to_plain_decoding(tiny_target, tokenizer, tau, device):
+    tiny_target = on(tiny_target, device)
     drafter = _drafter(tiny_target)
     trees = []
     propose = drafter.propose

@@ -93,22 +93,25 @@ def best_draft_len(acceptance: list[float], cost: CostModel, max_tau: int) -> tu
     return best, best_rate / plain
 
 
-def measure_target_curve(runner, n_max: int = 16, context: int = 128, reps: int = 5) -> dict[int, float]:
-    """Median seconds of a target pass over n = 1..n_max new tokens after a ``context``-token prefix."""
+def measure_target_curve(runner, n_max: int = 16, context: int = 128, reps: int = 5, clock=time.perf_counter) -> dict[int, float]:
+    """Median seconds of a target pass over n = 1..n_max new tokens after a ``context``-token prefix.
+
+    The sizes are measured in interleaved rounds (1..n_max, then again), so that a stall of the
+    machine lasting several passes spoils one round of a few sizes, which the median drops, rather
+    than most repetitions of one size (seen here: a 1-token pass read as 152 ms, 4x its real cost,
+    and the report's predictions with it)."""
     runner.reset()
     runner.forward(list(range(100, 100 + context)), num_logits=0)
-    curve = {}
-    for n in range(1, n_max + 1):
-        times = []
-        for _ in range(reps + 1):
-            t = time.perf_counter()
+    times: dict[int, list[float]] = {n: [] for n in range(1, n_max + 1)}
+    for round_ in range(reps + 1):
+        for n in times:
+            t = clock()
             runner.forward(list(range(300, 300 + n)), num_logits=n)
-            times.append(time.perf_counter() - t)
+            if round_:  # the first round is a warm-up
+                times[n].append(clock() - t)
             runner.truncate(context)
-        times = sorted(times[1:])  # the first is a warm-up
-        curve[n] = times[len(times) // 2]
     runner.reset()
-    return curve
+    return {n: sorted(ts)[len(ts) // 2] for n, ts in times.items()}
 
 
 def predicted_speedup_of_steps(steps: list, cost: CostModel) -> float:

@@ -45,19 +45,23 @@ def supports(model: torch.nn.Module) -> bool:
         and rope_type == "default"
         and getattr(cfg, "sliding_window", None) in (None, 0)
         and getattr(cfg, "hidden_act", "silu") == "silu"
-        and next(model.parameters()).device.type == "cpu"
+        and next(model.parameters()).device.type in ("cpu", "cuda")
     )
 
 
 class _Linear:
-    """One weight in both layouts; ``__call__`` uses the one measured faster for the block size."""
+    """One weight in both layouts on the CPU; ``__call__`` uses the one measured faster for the
+    block size. On a GPU, one layout (the library's own ``F.linear``), which is what its BLAS is
+    tuned for, and no second copy of the weights."""
 
     def __init__(self, weight: torch.Tensor):
         self.w = weight.detach().contiguous()  # [out, in]: (w @ x.T).T
-        self.wt = self.w.t().contiguous()  # [in, out]: x @ wt
+        self.wt = self.w.t().contiguous() if self.w.device.type == "cpu" else None  # [in, out]: x @ wt
         self.use_wt = [True] * (MAX_TUNED + 1)  # index: block size
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [k, in] -> [k, out]
+        if self.wt is None:
+            return F.linear(x, self.w)
         k = x.shape[0]
         if k > MAX_TUNED or self.use_wt[k]:
             return x @ self.wt
@@ -87,6 +91,8 @@ def tune_layouts(linears: list[_Linear], cache_file: Path | None = None) -> dict
             table = {}
     changed = False
     for lin in linears:
+        if lin.wt is None:  # not on the CPU: one layout, nothing to choose
+            continue
         key = f"{key_prefix}|{tuple(lin.w.shape)}|{lin.w.dtype}"
         if key not in table:
             choice = [True]
@@ -163,7 +169,8 @@ class FastLlama:
             self.lm_head = _Linear(model.get_output_embeddings().weight)
         theta = _rope_theta(cfg)
         cos, sin = rope_tables(theta, self.head_dim, self.max_positions)
-        self.cos, self.sin = cos.to(self.embed.dtype), sin.to(self.embed.dtype)
+        self.device = self.embed.device
+        self.cos, self.sin = cos.to(self.device, self.embed.dtype), sin.to(self.device, self.embed.dtype)
         if tune:
             tune_layouts(list(self.linears()), tuning_cache)
 
@@ -174,7 +181,7 @@ class FastLlama:
 
     def new_cache(self, capacity: int) -> list[torch.Tensor]:
         shape = (2, 1, self.n_kv, capacity, self.head_dim)
-        return [torch.empty(shape, dtype=self.embed.dtype) for _ in self.layers]
+        return [torch.empty(shape, dtype=self.embed.dtype, device=self.device) for _ in self.layers]
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, start: int, cache: list[torch.Tensor], num_logits: int,
@@ -195,11 +202,11 @@ class FastLlama:
             cos, sin = self.cos[start:end], self.sin[start:end]  # [k, hd]
             mask = None
             if k > 1:  # query i (position start+i) sees keys 0..start+i
-                mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]  # [k, end]
+                mask = causal_mask(start, end, ids.device)  # [k, end]
         else:
-            positions = start + tree.depth
+            positions = start + tree.depth.to(self.device)
             cos, sin = self.cos[positions], self.sin[positions]
-            mask = tree.mask(start)
+            mask = tree.mask(start).to(self.device)
         captured = []
         for i, ((ln1, qkv, o, ln2, gate_up, down), kv) in enumerate(zip(self.layers, cache)):
             h = F.rms_norm(x, (self.hidden,), ln1, self.eps)
@@ -250,6 +257,11 @@ class TreeLayout:
         return torch.cat([torch.ones(k, start, dtype=torch.bool), self.ancestry], dim=1)
 
 
+def causal_mask(start: int, end: int, device=None) -> torch.Tensor:
+    """``[end - start, end]``: query i (position start+i) sees keys 0..start+i."""
+    return torch.arange(end, device=device)[None, :] <= torch.arange(start, end, device=device)[:, None]
+
+
 def _rope_theta(cfg) -> float:
     params = getattr(cfg, "rope_parameters", None)
     if isinstance(params, dict) and "rope_theta" in params:
@@ -276,7 +288,7 @@ class FastRunner:
         # the outputs of these decoder layers (the last one's before the final norm) at every cached
         # position, side by side: what draft heads read (``capture_layers``)
         self.feature_layers: tuple[int, ...] = (len(fast.layers) - 1,)
-        self._features = torch.empty(capacity, fast.hidden, dtype=fast.embed.dtype)
+        self._features = torch.empty(capacity, fast.hidden, dtype=fast.embed.dtype, device=fast.device)
 
     def capture_layers(self, layers: tuple[int, ...] | None) -> None:
         """Keep the outputs of decoder ``layers`` (ascending, ending with the last layer; None: the
@@ -289,7 +301,7 @@ class FastRunner:
         if not layers or list(layers) != sorted(set(layers)) or layers[-1] != n - 1 or layers[0] < 0:
             raise ValueError(f"feature layers must be ascending, distinct, and end with the last layer {n - 1}; got {layers}")
         self.feature_layers = layers
-        self._features = torch.empty(self._features.shape[0], len(layers) * self.fast.hidden, dtype=self._features.dtype)
+        self._features = self._features.new_empty(self._features.shape[0], len(layers) * self.fast.hidden)
         self.reset()
 
     def reset(self) -> None:
@@ -315,20 +327,20 @@ class FastRunner:
         for old, new in zip(self._cache, grown):
             new[:, :, :, :n] = old[:, :, :, :n]
         self._cache = grown
-        features = torch.empty(new_capacity, self._features.shape[1], dtype=self._features.dtype)
+        features = self._features.new_empty(new_capacity, self._features.shape[1])
         features[:n] = self._features[:n]
         self._features = features
 
     def forward(self, token_ids: list[int], num_logits: int = 1, tree: TreeLayout | None = None) -> torch.Tensor:
         start = len(self.cached)
         self._ensure(start + len(token_ids))
-        logits = self.fast.forward(torch.tensor(token_ids, dtype=torch.long), start, self._cache, num_logits, tree,
-                                   self.feature_layers)
+        logits = self.fast.forward(torch.tensor(token_ids, dtype=torch.long, device=self.fast.device), start, self._cache,
+                                   num_logits, tree, self.feature_layers)
         self._features[start:start + len(token_ids)] = self.fast.last_hidden
         self.cached.extend(token_ids)
         if self.vocab_size is not None:
             logits = logits[:, : self.vocab_size]
-        return logits.float()
+        return logits.float().cpu()  # the engine's acceptance arithmetic runs on the CPU, as with ModelRunner
 
     def forward_tree(self, token_ids: list[int], parents: list[int]) -> torch.Tensor:
         """Score a token tree (see ``TreeLayout``) appended after the cache in one pass: logits
@@ -339,7 +351,7 @@ class FastRunner:
         """After ``forward_tree`` at cache length ``start``: keep the tree nodes ``nodes`` (block
         indices of one branch, root first) as the sequence continuing the cache, drop the rest.
         Their keys were rotated for position ``start + depth``, which is where they now sit."""
-        src = torch.tensor(nodes, dtype=torch.long) + start
+        src = torch.tensor(nodes, dtype=torch.long, device=self.fast.device) + start
         end = start + len(nodes)
         for kv in self._cache:
             kv[:, :, :, start:end] = kv[:, :, :, src]  # advanced indexing copies before writing

@@ -81,8 +81,8 @@ class _Tap:
     def _layer(self, module, inputs, output):
         self._outputs.append((output[0] if isinstance(output, tuple) else output).to(torch.float16))
 
-    def _logits(self, module, inputs, output):
-        self.steps.append((torch.cat(self._outputs, dim=-1), output.argmax(-1)))
+    def _logits(self, module, inputs, output):  # kept on the CPU, where training reads them from
+        self.steps.append((torch.cat(self._outputs, dim=-1).cpu(), output.argmax(-1).cpu()))
         self._outputs = []
 
     def sequence(self, row: int, pad: int, prompt_len: int, answer_len: int, filler: int):
@@ -136,8 +136,8 @@ def generate_answers(model, tokenizer, prompts: list[str], path: Path, max_new_t
             chunk = todo[i:i + batch]
             encoded = [chat_token_ids(tokenizer, [{"role": "user", "content": p}]) for p in chunk]
             width = max(len(e) for e in encoded)
-            ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
-            mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+            ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=model.device)
+            mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device)
             sampling = {"do_sample": False}
             if temperature > 0:
                 torch.manual_seed(seed * 100003 + len(done))
@@ -184,7 +184,7 @@ def self_prompts(model, tokenizer, n: int, path: Path, batch: int, seed: int, ma
     text = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], add_generation_prompt=True, tokenize=False)
     if sentinel not in text:
         raise ConfigError("self_prompts", "the target's chat template does not place the user's text verbatim; use 0")
-    prefix = tokenizer(text[: text.index(sentinel)], add_special_tokens=False, return_tensors="pt").input_ids
+    prefix = tokenizer(text[: text.index(sentinel)], add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
     eos = eos_token_ids(model, tokenizer)
     pad = _pad_id(model, tokenizer)
     bar = _progress(n, f"self-written prompts -> {path.name}", "prompt")
@@ -198,7 +198,7 @@ def self_prompts(model, tokenizer, n: int, path: Path, batch: int, seed: int, ma
                 break
             torch.manual_seed(seed * 100003 + k)
             with torch.inference_mode():
-                out = model.generate(prefix.repeat(batch, 1), attention_mask=torch.ones(batch, prefix.shape[1], dtype=torch.long),
+                out = model.generate(prefix.repeat(batch, 1), attention_mask=torch.ones_like(prefix).repeat(batch, 1),
                                      do_sample=True, temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=max_new_tokens,
                                      pad_token_id=pad)
             got = []
@@ -260,7 +260,7 @@ def extract_features(model, records: list[dict], path: Path, layers: tuple[int, 
                 runner.capture_layers(layers)
             runner.reset()
             logits = runner.forward(ids, num_logits=len(ids))
-            f, lab = runner.features(0, len(ids)).to(torch.float16).clone(), logits.argmax(-1).to(torch.int32)
+            f, lab = runner.features(0, len(ids)).to("cpu", torch.float16).clone(), logits.argmax(-1).to(torch.int32)
         data["features"].append(f)
         data["labels"].append(lab)
         data["tokens"].append(torch.tensor(ids, dtype=torch.int32))
@@ -341,9 +341,10 @@ def train_head(args) -> Path:
     random.seed(args.seed)
     target = load_model(args.target, param="target", dtype="float32", device=args.device)
     model, tok = target.model, target.tokenizer
+    device = model.device
     if not supports(model):  # the feature pass and drafting both read features from the lean runner
-        raise ConfigError("target", "train-draft needs a Llama-family target on the CPU (--device cpu); "
-                                    f"got {model.config.model_type} on {next(model.parameters()).device}")
+        raise ConfigError("target", "train-draft needs a Llama-family target (llama, mistral: plain RoPE, no biases); "
+                                    f"got {model.config.model_type}")
     n_layers = model.config.num_hidden_layers
     layers = feature_layers(args.feature_layers, n_layers)
     tag = "" if layers == (n_layers - 1,) else "_layers" + "-".join(map(str, layers))
@@ -408,12 +409,12 @@ def train_head(args) -> Path:
     val, train = Sequences(val_items, vocab_map, hidden), Sequences(items, vocab_map, hidden)
 
     parts = TargetParts(model, vocab_ids)
-    head = FeatureHead.for_target(model, args.inner, layers)
+    head = FeatureHead.for_target(model, args.inner, layers).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.0)
     ckpt = work / "checkpoint.pt"
     start_epoch = phase_start = 0
     if ckpt.is_file():
-        state = torch.load(ckpt)
+        state = torch.load(ckpt, map_location="cpu")  # a run stopped on one device resumes on another
         trained = tuple(state.get("feature_layers", (n_layers - 1,)))
         if trained != layers:
             raise ConfigError("feature_layers", f"{ckpt} was trained reading layers {trained}, not {layers}; "
@@ -438,7 +439,7 @@ def train_head(args) -> Path:
     weights = [0.8 ** s for s in range(args.depth)]
 
     def loss_fn(batch):
-        f, emb, f_next, y, mask = batch
+        f, emb, f_next, y, mask = (t.to(device) for t in batch)
         outs = head(f, emb, depth=args.depth)
         yy, fm, total, correct = y[mask], f_next[mask], 0.0, []
         soft = None
@@ -459,7 +460,7 @@ def train_head(args) -> Path:
         with torch.no_grad():
             for sel in val.batches(args.batch_tokens):
                 batch = val.batch(sel, parts.embed)
-                mask = batch[-1]
+                mask = batch[-1].to(device)
                 l, correct = loss_fn(batch)
                 ok = []
                 for s, c in enumerate(correct):  # back from answer positions to [B, T]
@@ -589,5 +590,5 @@ def register(sub) -> None:
                    help="target layers the head reads: 'last', 'low-mid-last' (EAGLE-3) or numbers such as 2,15 "
                         "(the last layer is always read)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu or cuda[:N]")
     p.set_defaults(func=cmd_train)

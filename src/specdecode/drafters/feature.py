@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, GenerationConfig
-from ..fastllama import _rope, _rope_theta, attention_shape, rope_tables
+from ..fastllama import _rope, _rope_theta, attention_shape, causal_mask, rope_tables
 from ..runner import common_prefix
 from ..sampling import logits_to_probs, sample
 from .base import Draft, Drafter
@@ -143,7 +143,7 @@ class FeatureHead(torch.nn.Module):
         i-s+k for k = 1..s."""
         T = features.shape[1]
         scale = 1.0 / math.sqrt(self.head_dim)
-        idx = torch.arange(T)
+        idx = torch.arange(T, device=features.device)
         keys, values, outs = [], [], []
         prev = self.mix(features)
         for s in range(depth):
@@ -172,7 +172,8 @@ class FeatureHead(torch.nn.Module):
 
     # -- drafting: one sequence, a KV cache --------------------------------------------------
     def new_cache(self, capacity: int) -> torch.Tensor:
-        return torch.zeros(2, self.n_kv, capacity, self.head_dim)
+        w = self.fc.weight
+        return torch.zeros(2, self.n_kv, capacity, self.head_dim, dtype=w.dtype, device=w.device)
 
     def step(self, features: torch.Tensor, token_embeddings: torch.Tensor, start: int, cache: torch.Tensor,
              positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,24 +185,31 @@ class FeatureHead(torch.nn.Module):
         k_len = features.shape[0]
         end = start + k_len
         x = self.fc(torch.cat([features, token_embeddings], dim=-1))
+        positions = positions.to(x.device) if positions is not None else None
+        mask = mask.to(x.device) if mask is not None else None
         q, k, v = self._project(x, start, positions)
         cache[0, :, start:end] = k
         cache[1, :, start:end] = v
         if mask is None and k_len > 1:
-            mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+            mask = causal_mask(start, end, x.device)
         att = F.scaled_dot_product_attention(q[None], cache[None, 0, :, :end], cache[None, 1, :, :end], attn_mask=mask,
                                              enable_gqa=self.n_heads != self.n_kv)[0]
         return self._finish(x, att)
 
 
-def target_fingerprint(model) -> str:
-    """Identifies a target's weights well enough to refuse a draft trained for another one."""
+def target_fingerprint(model, exact: bool = False) -> str:
+    """Identifies a target's weights well enough to refuse a draft trained for another one: a hash
+    of its shape and of samples of its weights, rounded to bfloat16 so that the same model loaded
+    in float32 (the CPU's default) or bfloat16 (a GPU's) has the same fingerprint wherever it
+    lives. ``exact``: the unrounded hash, which heads written before the rounding carry (still
+    accepted)."""
     cfg = model.config
     h = hashlib.sha256()
     h.update(f"{cfg.model_type}|{cfg.vocab_size}|{cfg.hidden_size}|{cfg.num_hidden_layers}".encode())
     emb = model.get_input_embeddings().weight.detach()
-    h.update(emb[:: max(1, emb.shape[0] // 64), :32].float().contiguous().numpy().tobytes())
-    h.update(model.model.norm.weight.detach().float().numpy().tobytes())
+    for w in (emb[:: max(1, emb.shape[0] // 64), :32], model.model.norm.weight.detach()):
+        w = w.cpu() if exact else w.to("cpu", torch.bfloat16)
+        h.update(w.float().contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
 
 
@@ -225,7 +233,7 @@ def save_feature_draft(out: Path, head: FeatureHead, vocab_ids: torch.Tensor, ta
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     tensors["vocab_ids"] = vocab_ids.to(torch.int64)
     weights = out / "model.safetensors"
     save_file(tensors, str(weights))
@@ -250,7 +258,7 @@ def draft_config(path: str | Path) -> dict:
 
 def trained_for(cfg: dict, target) -> bool:
     """Whether the draft head with config ``cfg`` was trained for ``target`` (by its weights)."""
-    return cfg.get("target_fingerprint") == target_fingerprint(target)
+    return cfg.get("target_fingerprint") in (target_fingerprint(target), target_fingerprint(target, exact=True))
 
 
 def is_feature_draft(path: str) -> bool:
@@ -281,6 +289,8 @@ def load_feature_draft(path: str, target, param: str = "draft") -> "FeatureDraft
                        cfg["rms_norm_eps"], cfg["rope_theta"], cfg["max_positions"],
                        cfg.get("feature_layers") or (target.config.num_hidden_layers - 1,))
     head.load_state_dict({k: v for k, v in tensors.items() if k != "vocab_ids"})
+    embed = target.get_input_embeddings().weight  # the head runs where the target does, in its dtype
+    head = head.to(embed.device, embed.dtype)
     return FeatureDrafter(head.eval(), TargetParts(target, tensors["vocab_ids"]), vocab_size=cfg["target_vocab_size"],
                           name=f"head:{Path(path).name}")
 
@@ -304,7 +314,7 @@ class FeatureDrafter(Drafter):
 
     def attach(self, target_runner) -> None:
         if not hasattr(target_runner, "features"):
-            raise ConfigError("draft", "a feature draft head needs the lean Llama runner for the target (CPU, Llama family)")
+            raise ConfigError("draft", "a feature draft head needs the lean Llama runner for the target (Llama family, CPU or CUDA, not --no-fast)")
         target_runner.capture_layers(self.head.feature_layers)
         self.target_runner = target_runner
         self.reset()
@@ -341,7 +351,7 @@ class FeatureDrafter(Drafter):
         for i in range(max_tokens):
             if i:
                 g = self.head.step(g, embed[tokens[-1]][None], n_ctx - 2 + i, self._cache)
-            logits = self.parts.logits(g[0])  # [V']
+            logits = self.parts.logits(g[0]).float().cpu()  # [V']; sampling and the engine's arithmetic run on the CPU
             dist = logits_to_probs(logits, config.temperature, config.top_k, config.top_p)
             top = float(torch.softmax(logits, -1).max()) if config.greedy else float(dist.max())
             pick = int(dist.argmax()) if config.greedy else sample(dist, generator)
@@ -379,7 +389,7 @@ class FeatureDrafter(Drafter):
         frontier = [-1]
         next_slot = n_ctx - 1
         for depth in range(max_depth):
-            logits = self.parts.logits(torch.stack([states[n] for n in frontier]))
+            logits = self.parts.logits(torch.stack([states[n] for n in frontier])).float().cpu()
             probs = (torch.softmax(logits, dim=-1) if config.greedy
                      else logits_to_probs(logits, config.temperature, config.top_k, config.top_p))
             top_p, top_i = probs.topk(min(self.branches, probs.shape[-1]), dim=-1)
