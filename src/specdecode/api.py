@@ -21,10 +21,11 @@ from .models import load_model
 BUILTIN_DRAFTERS = ("none", "ngram", "head", "head+ngram")
 # The draft head trained for the default target (specdecode train-draft, see README), shipped inside
 # the package; "head" names it, "head+ngram" uses a long n-gram match when there is one and the head
-# otherwise. "auto" is head+ngram where the shipped head fits (the default target, on the lean CPU
-# runner) and n-gram lookup elsewhere: on Spec-Bench (39 prompts, greedy, the head drafting trees)
-# head+ngram measured 1.67x in total, median prompt 1.70x (the rounds 1-4 head: 1.56x and 1.66x,
-# median 1.60x and 1.65x, against n-gram lookup's 1.36x, ahead of it on 30 and 32 of 39; README).
+# otherwise. "auto" is head+ngram where the shipped head fits (the default target, on the lean
+# runner) and n-gram lookup elsewhere. The shipped head (12,000 self-written requests, three target
+# layers; README) made 1.32x and 1.27x on Spec-Bench (39 prompts, greedy, trees), median prompt 1.34x
+# and 1.26x, against 1.26x and 1.22x for the rounds 1-5 head it replaced, on a slow day of this
+# machine; the rounds 1-5 head had made 1.67x, median 1.70x, when passes were faster (README).
 SHIPPED_HEAD = Path(__file__).parent / "drafts" / "smollm2-135m-instruct"
 
 
