@@ -7,8 +7,10 @@ passes over a block are what speculative decoding pays for, so this matters twic
 
 What it does (in the spirit of gpt-fast): plain functions over the Hugging Face weights, with
 q/k/v and gate/up fused into one product each, a preallocated KV cache written at explicit
-positions (cutting it back is setting a shorter length), and for every weight both layouts, each
-used for the block sizes where it was measured faster on this machine at load time.
+positions (cutting it back is setting a shorter length), and on a CPU, for every weight both
+layouts, each used for the block sizes where it was measured faster on this machine at load time
+(on a GPU one layout, ``F.linear``; there a small model's pass is bound by kernel launches, which
+only CUDA graphs would cut - not done).
 
 It computes the same function as the Hugging Face model (tests compare logits and greedy
 output); float rounding differs in the last bits, as it does between any two matmul kernels.
