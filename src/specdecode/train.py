@@ -313,7 +313,8 @@ class Sequences:
             mask[b, max(0, prompt_len - 2):n - 2] = True  # label index i+1 in [prompt_len-1, n-2]
         y = labels[:, 1:]
         mask &= y >= 0
-        return feats[:, :-1], embed[tokens[:, 1:]], feats[:, 1:, -self.hidden:], y, mask
+        on = embed.device  # built where the head trains: the target's embeddings live there
+        return feats[:, :-1].to(on), embed[tokens[:, 1:]], feats[:, 1:, -self.hidden:].to(on), y.to(on), mask.to(on)
 
 
 def distill_loss(logits: torch.Tensor, labels: torch.Tensor, target_probs: torch.Tensor | None, soft: float) -> torch.Tensor:
@@ -439,7 +440,7 @@ def train_head(args) -> Path:
     weights = [0.8 ** s for s in range(args.depth)]
 
     def loss_fn(batch):
-        f, emb, f_next, y, mask = (t.to(device) for t in batch)
+        f, emb, f_next, y, mask = batch
         outs = head(f, emb, depth=args.depth)
         yy, fm, total, correct = y[mask], f_next[mask], 0.0, []
         soft = None
@@ -460,7 +461,7 @@ def train_head(args) -> Path:
         with torch.no_grad():
             for sel in val.batches(args.batch_tokens):
                 batch = val.batch(sel, parts.embed)
-                mask = batch[-1].to(device)
+                mask = batch[-1]
                 l, correct = loss_fn(batch)
                 ok = []
                 for s, c in enumerate(correct):  # back from answer positions to [B, T]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -230,16 +229,13 @@ class TargetParts:
 
 
 def save_feature_draft(out: Path, head: FeatureHead, vocab_ids: torch.Tensor, target, meta: dict) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     tensors["vocab_ids"] = vocab_ids.to(torch.int64)
-    weights = out / "model.safetensors"
-    save_file(tensors, str(weights))
-    umask = os.umask(0)  # safetensors creates the file 0600; give it the mode any other file written here gets
-    os.umask(umask)
-    weights.chmod(0o666 & ~umask)
+    # written as bytes: safetensors' save_file creates its file 0600, unlike every other file here
+    (out / "model.safetensors").write_bytes(save(tensors))
     config = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
