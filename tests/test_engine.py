@@ -244,3 +244,46 @@ def test_calibration_learns_an_overconfident_drafter_and_raises_the_floor():
     cal2 = Calibration(prior_weight=0.0001)
     cal2.observe(Draft([1, 2], confidence=[0.9, 0.5]).path_scores(), [True, False])
     assert cal2.tried[9] > 0.99 and cal2.passed[9] > 0.99 and cal2.tried[4] > 0.99 and cal2.passed[4] < 0.01
+
+
+def test_cost_model_asks_for_a_plain_step_until_and_between_measurements_of_one_token():
+    fresh = CostModel()
+    assert fresh.baseline_stale()  # T(1) unknown: measure it before speculating
+    fresh.observe_target(1, 0.04)
+    assert not fresh.baseline_stale()
+    for _ in range(fresh.refresh_every - 1):
+        fresh.observe_target(4, 0.06)
+    assert not fresh.baseline_stale()
+    fresh.observe_target(4, 0.06)
+    assert fresh.baseline_stale()  # refresh_every passes without a 1-token one
+    assert not CostModel(target_s={1: 0.04, 4: 0.06}).baseline_stale()  # given (bench's calibration)
+    assert not CostModel.prior().baseline_stale()  # frozen: it would not take the measurement
+
+
+def test_cost_policy_measures_the_one_token_pass_before_and_while_speculating(tiny_target, tokenizer, tmp_path):
+    """A draft that always agrees makes speculation pay at every step, so the plain steps in the
+    run are the measurements of T(1): one before the first draft and one after each 32 passes."""
+    from specdecode.trace import TraceWriter, read_trace
+
+    class Flat(CostModel):  # plans as if passes were nearly flat, whatever this machine times
+        def target(self, n):
+            return 0.05 * (1 + 0.01 * (n - 1))
+
+        def draft(self):
+            return 0.0
+
+    dec = SpeculativeDecoder(tiny_target, tokenizer, ModelDrafter(tiny_target, vocab_size=len(tokenizer)), cost=Flat())
+    cfg = GenerationConfig(max_new_tokens=120, draft_len=2, ignore_eos=True)
+    writer = TraceWriter(tmp_path / "t.jsonl")
+    got = dec.generate(PROMPTS[0], cfg, chat=False, trace=writer)
+    writer.close()
+    assert got.token_ids == plain(tiny_target, tokenizer, PROMPTS[0], n=120).token_ids
+    steps = [r for r in read_trace(tmp_path / "t.jsonl") if r["type"] == "step"]
+    # the last step has room for one token only, so it is plain whatever the policy wants
+    plain_at = [r["step"] for r in steps[:-1] if r["draft_len"] == 0]
+    assert plain_at == [0, 33]  # before the first draft, then after 32 speculative passes
+    assert all(r["accepted"] == 2 for r in steps if r["draft_len"])
+    assert 1 in dec.cost.target_s
+    # the cost model is the decoder's, shared by its calls: no new measurement is due at the start
+    second = dec.generate(PROMPTS[0], GenerationConfig(max_new_tokens=8, draft_len=2, ignore_eos=True), chat=False)
+    assert second.stats.drafted_at[0] == second.stats.steps  # 3 + 3 + 2 tokens, all speculative

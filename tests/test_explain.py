@@ -55,3 +55,12 @@ def test_acceptance_collapse_position_and_cli(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["bottleneck"] == "acceptance"
     assert (tmp_path / "p_timeline.png").stat().st_size > 1000
+
+
+def test_one_token_pass_inferred_without_plain_steps_is_said_so():
+    measured = analyse(trace("acceptance"))
+    assert measured["t1_measured"] and not any("inferred" in line for line in measured["advice"])
+    speculative_only = [s for s in trace("acceptance") if s["drafted"]]
+    inferred = analyse(speculative_only)
+    assert not inferred["t1_measured"]
+    assert any("No plain step" in line and "inferred" in line for line in inferred["advice"])

@@ -34,6 +34,16 @@ class CostModel:
     # A frozen model ignores observed timings. Seeded sampling plans with one, so that the draft
     # lengths - and with them the random draws - do not depend on machine noise.
     frozen: bool = False
+    # T(1), plain decoding's cost per token, is what every choice is weighed against. Unless it was
+    # given, it is not known until a 1-token pass is observed, and inferring it from a larger pass
+    # by the prior's shape can be far off (this CPU has read T(2)/T(1) as 1.05 one day and 1.5 on
+    # another): ``baseline_stale`` asks for a plain step before the first speculative one and
+    # after every ``refresh_every`` passes without one, so the baseline follows the machine.
+    refresh_every: int = 32
+    _since_baseline: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._since_baseline = 0 if 1 in self.target_s else self.refresh_every
 
     @classmethod
     def prior(cls, draft_ratio: float = 0.0) -> "CostModel":
@@ -57,8 +67,14 @@ class CostModel:
     def observe_target(self, n: int, seconds: float) -> None:
         if self.frozen:
             return
+        self._since_baseline = 0 if n == 1 else self._since_baseline + 1
         old = self.target_s.get(n)
         self.target_s[n] = seconds if old is None else old + self.smoothing * (seconds - old)
+
+    def baseline_stale(self) -> bool:
+        """Whether the next step should be a plain one, to measure T(1) (never for a frozen model,
+        which would not take the measurement)."""
+        return not self.frozen and self._since_baseline >= self.refresh_every
 
     def observe_draft(self, tokens: int, seconds: float) -> None:
         if tokens <= 0 or self.frozen:

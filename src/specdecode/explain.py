@@ -54,7 +54,7 @@ def cost_from_steps(steps: list[dict]) -> CostModel:
     for s in steps:
         by_n.setdefault(s["target_tokens"], []).append(s["verify_s"])
     curve = {n: _median(v) for n, v in by_n.items()}
-    if 1 not in curve:  # no plain step: infer T(1) from the smallest block by the prior's shape
+    if 1 not in curve:  # no plain step (a fixed policy, or an older trace): infer T(1) by the prior's shape
         n0 = min(curve)
         curve[1] = curve[n0] / prior_pass_ratio(n0)
     drafted = sum(s["drafted"] for s in steps)
@@ -142,6 +142,7 @@ def analyse(steps: list[dict]) -> dict:
         "acceptance_collapses_at": collapse,
         "policy_off_fraction": off,
         "target_pass_ms": {k: 1000 * v for k, v in sorted(cost.target_s.items())},
+        "t1_measured": any(s["target_tokens"] == 1 for s in steps),
         "verify_cost_ratio_at_typical_block": cost.target(typical_block) / t1,
         "typical_block": typical_block,
         "draft_cost_ratio": cost.draft() / t1 if t1 else 0.0,
@@ -203,6 +204,13 @@ def advice(r: dict) -> list[str]:
         )
     else:
         out.append("No single bottleneck: every factor is within 5% of ideal.")
+    if not r["t1_measured"]:
+        out.append(
+            f"No plain step in this trace, so the 1-token pass ({r['target_pass_ms'][1]:.1f} ms) is inferred from the "
+            f"{r['typical_block']}-token one by a fixed shape (+{100 * (prior_pass_ratio(2) - 1):.0f}% per token), "
+            "and the speedups below are estimates: run it with --policy cost (the default), which measures it, "
+            "or compare with --draft none."
+        )
     out.append(
         f"Predicted speedup of this run over plain decoding: {r['predicted_speedup']:.2f}x. The measured figures say a "
         f"draft length of {r['recommended_draft_len']} would give {r['recommended_predicted_speedup']:.2f}x"

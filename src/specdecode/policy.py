@@ -6,7 +6,8 @@
   falls below a threshold (``GenerationConfig.confidence``).
 * ``cost`` (default): each step, pick the tau that maximises expected tokens per second from the
   online acceptance estimate and the cost curve (``costmodel``), including tau = 0 (no
-  speculation) when nothing pays. With a drafter that knows how sure it is of each token
+  speculation) when nothing pays, and a plain step now and then while it does, to keep measuring
+  the 1-token pass everything is weighed against (``CostModel.baseline_stale``). With a drafter that knows how sure it is of each token
   (``Drafter.dynamic``: the trained head, a draft model) the block length is decided token by
   token instead (EAGLE-2's dynamic draft): the drafter goes on while the chance that the whole
   block so far is accepted is above the break-even point where one more drafted token costs more
@@ -150,6 +151,8 @@ class CostPolicy(Policy):
             if self.plain_steps % self.probe_every == 0:
                 return min(2, self.max_tau)
             return 0
+        if self.cost.baseline_stale():
+            return 0  # a plain step, to measure T(1) (``CostModel.baseline_stale``)
         return self.max_tau if self.dynamic else tau
 
     def path_floor(self) -> float:
