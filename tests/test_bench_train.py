@@ -347,3 +347,26 @@ def test_self_prompts_keep_ended_distinct_requests_and_resume(tokenizer, tmp_pat
     assert self_prompts(stuck, tokenizer, 3, tmp_path / "stuck.jsonl", batch=2, seed=0) == []
     assert len(stuck.calls) == 4 * 2 + 4
     assert "wrote 0 usable requests of 3" in capsys.readouterr().err
+
+
+def test_feature_noise_perturbs_training_inputs_only(tiny_dir, tmp_path, capsys):
+    """--feature-noise changes what the head learns from (same seed, same data, other weights), not
+    what it is measured on: the evaluation before any step is the same with and without it."""
+    from safetensors.torch import load_file
+
+    args = ["train-draft", "--target", str(tiny_dir), "--prompts", "4", "--varied-prompts", "0", "--broad-prompts", "0",
+            "--max-new-tokens", "12", "--batch", "2", "--batch-tokens", "128", "--draft-vocab", "512", "--depth", "2",
+            "--epochs", "1"]
+    runs = {}
+    for name, noise in (("plain", "0"), ("again", "0"), ("noisy", "0.5")):
+        assert main(args + ["--out", str(tmp_path / name), "--feature-noise", noise]) == 0
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        runs[name] = (config, load_file(str(tmp_path / name / "model.safetensors")))
+    assert runs["noisy"][0]["trained_with"]["feature_noise"] == 0.5
+    assert runs["noisy"][0]["history"][0] == runs["plain"][0]["history"][0]  # evaluation reads clean features
+    same = [torch.equal(runs["again"][1][k], v) for k, v in runs["plain"][1].items()]
+    assert all(same)  # seeded: without noise a rerun is the same head (the control for the next line)
+    assert not all(torch.equal(runs["noisy"][1][k], v) for k, v in runs["plain"][1].items())
+    capsys.readouterr()
+    assert main(args + ["--out", str(tmp_path / "bad"), "--feature-noise", "-0.1"]) == 2
+    assert "--feature-noise: must be a fraction of the features' spread in [0, 10) (got -0.1)" in capsys.readouterr().err

@@ -436,11 +436,17 @@ def train_head(args) -> Path:
 
     # features of a Llama's last layer are large and uneven; the regression works in units of
     # their overall spread so that it neither swamps nor vanishes beside the cross-entropy
-    scale = float(torch.cat([it[0][:64, -hidden:].float() for it in train.items[:256]]).std())
+    sample = torch.cat([it[0][:64].float() for it in train.items[:256]])
+    scale = float(sample[:, -hidden:].std())
+    # --feature-noise: uniform noise on the features the head reads, in units of each layer's spread
+    # (EAGLE trains so): at drafting time it reads features of text unlike its training data
+    spread = sample.view(len(sample), -1, hidden).std(dim=(0, 2)).repeat_interleave(hidden).to(device)
     weights = [0.8 ** s for s in range(args.depth)]
 
-    def loss_fn(batch):
+    def loss_fn(batch, noise: float = 0.0):
         f, emb, f_next, y, mask = batch
+        if noise:
+            f = f + (torch.rand_like(f) * 2 - 1) * (noise * spread)
         outs = head(f, emb, depth=args.depth)
         yy, fm, total, correct = y[mask], f_next[mask], 0.0, []
         soft = None
@@ -496,7 +502,7 @@ def train_head(args) -> Path:
             lr = args.lr * min(1.0, (step + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * step / total))
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss, correct = loss_fn(train.batch(sel, parts.embed))
+            loss, correct = loss_fn(train.batch(sel, parts.embed), args.feature_noise)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -514,7 +520,7 @@ def train_head(args) -> Path:
     meta = {
         "target": args.target or "default",
         "trained_with": {k: getattr(args, k) for k in ("prompts", "varied_prompts", "broad_prompts", "self_prompts", "max_new_tokens", "epochs", "lr",
-                                                       "batch_tokens", "depth", "inner", "draft_vocab", "reg_weight", "soft_labels", "feature_layers", "seed")},
+                                                       "batch_tokens", "depth", "inner", "draft_vocab", "reg_weight", "soft_labels", "feature_noise", "feature_layers", "seed")},
         "train_sequences": len(train.items),
         "train_positions": sum(int(it[0].shape[0]) - it[3] for it in train.items),
         "draft_vocab_coverage": coverage,
@@ -561,6 +567,8 @@ def cmd_train(args) -> int:
         raise ConfigError("lr", f"must be > 0 (got {args.lr})")
     if not 0.0 <= args.soft_labels <= 1.0:
         raise ConfigError("soft_labels", f"must be a weight in [0, 1] (got {args.soft_labels})")
+    if not 0.0 <= args.feature_noise < 10.0:
+        raise ConfigError("feature_noise", f"must be a fraction of the features' spread in [0, 10) (got {args.feature_noise})")
     train_head(args)
     return 0
 
@@ -587,6 +595,9 @@ def register(sub) -> None:
     p.add_argument("--soft-labels", type=float, default=0.0,
                    help="weight in [0, 1] of the target's whole next-token distribution in the loss, against its "
                         "argmax token (0: the argmax only)")
+    p.add_argument("--feature-noise", type=float, default=0.0,
+                   help="uniform noise on the features the head reads in training, as a fraction of each layer's "
+                        "spread (EAGLE uses 0.1; 0: none)")
     p.add_argument("--feature-layers", default="last",
                    help="target layers the head reads: 'last', 'low-mid-last' (EAGLE-3) or numbers such as 2,15 "
                         "(the last layer is always read)")
