@@ -49,14 +49,13 @@ def _median(xs):
 
 
 def cost_from_steps(steps: list[dict]) -> CostModel:
-    """T(n) as the median verification time of steps with n target tokens; the draft's cost per token."""
+    """T(n) as the median verification time of steps with n target tokens; the draft's cost per token.
+    Without a plain step, T(1) is the model's extrapolation from the smallest block by the prior's
+    shape (``CostModel.target``)."""
     by_n: dict[int, list[float]] = {}
     for s in steps:
         by_n.setdefault(s["target_tokens"], []).append(s["verify_s"])
     curve = {n: _median(v) for n, v in by_n.items()}
-    if 1 not in curve:  # no plain step (a fixed policy, or an older trace): infer T(1) by the prior's shape
-        n0 = min(curve)
-        curve[1] = curve[n0] / prior_pass_ratio(n0)
     drafted = sum(s["drafted"] for s in steps)
     draft_s = sum(s["draft_s"] for s in steps if s["drafted"])
     return CostModel(target_s=curve, draft_token_s=draft_s / drafted if drafted else 0.0, frozen=True)
@@ -141,8 +140,9 @@ def analyse(steps: list[dict]) -> dict:
         "drafted_by_position": drafted_at,
         "acceptance_collapses_at": collapse,
         "policy_off_fraction": off,
-        "target_pass_ms": {k: 1000 * v for k, v in sorted(cost.target_s.items())},
-        "t1_measured": any(s["target_tokens"] == 1 for s in steps),
+        "target_pass_ms": {k: 1000 * cost.target(k) for k in sorted({1, *cost.target_s})},  # T(1) inferred if not measured
+        "t1_measured": 1 in cost.target_s,
+        "smallest_block": min(cost.target_s),
         "verify_cost_ratio_at_typical_block": cost.target(typical_block) / t1,
         "typical_block": typical_block,
         "draft_cost_ratio": cost.draft() / t1 if t1 else 0.0,
@@ -207,7 +207,7 @@ def advice(r: dict) -> list[str]:
     if not r["t1_measured"]:
         out.append(
             f"No plain step in this trace, so the 1-token pass ({r['target_pass_ms'][1]:.1f} ms) is inferred from the "
-            f"{r['typical_block']}-token one by a fixed shape (+{100 * (prior_pass_ratio(2) - 1):.0f}% per token), "
+            f"{r['smallest_block']}-token one by a fixed shape (+{100 * (prior_pass_ratio(2) - 1):.0f}% per token), "
             "and the speedups below are estimates: run it with --policy cost (the default), which measures it, "
             "or compare with --draft none."
         )

@@ -7,11 +7,11 @@
 * ``cost`` (default): each step, pick the tau that maximises expected tokens per second from the
   online acceptance estimate and the cost curve (``costmodel``), including tau = 0 (no
   speculation) when nothing pays, and a plain step now and then while it does, to keep measuring
-  the 1-token pass everything is weighed against (``CostModel.baseline_stale``). With a drafter that knows how sure it is of each token
-  (``Drafter.dynamic``: the trained head, a draft model) the block length is decided token by
-  token instead (EAGLE-2's dynamic draft): the drafter goes on while the chance that the whole
-  block so far is accepted is above the break-even point where one more drafted token costs more
-  time than it is expected to save, up to ``draft_len``. That chance is the product of the
+  the 1-token pass everything is weighed against (``CostModel.baseline_stale``). With a drafter
+  that knows how sure it is of each token (``Drafter.dynamic``: the trained head, a draft model)
+  the block length is decided token by token instead (EAGLE-2's dynamic draft): the drafter goes
+  on while the chance that the whole block so far is accepted is above the break-even point where
+  one more drafted token costs more time than it is expected to save, up to ``draft_len``. That chance is the product of the
   drafter's confidences, calibrated online (``Calibration``): a head trained on one kind of text
   is overconfident on another (measured: blocks it gave 0.3-0.4 were accepted 19% of the time).
 """
