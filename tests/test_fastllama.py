@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from specdecode import GenerationConfig
 from specdecode.drafters.base import NoDrafter
+from specdecode import fastllama
 from specdecode.engine import SpeculativeDecoder
 from specdecode.fastllama import FastLlama, FastRunner, supports
 from specdecode.runner import ModelRunner
@@ -63,7 +66,29 @@ def test_both_layouts_give_the_same_products(tiny_target):
     lin.use_wt = [True] * len(lin.use_wt)
     a = lin(x)
     lin.use_wt = [False] * len(lin.use_wt)
-    torch.testing.assert_close(lin(x), a, atol=1e-4, rtol=1e-4)
+    b = lin(x)
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    # Row-major out of both, and in: a transposed activation sends the next product to a slow kernel.
+    assert a.is_contiguous() and b.is_contiguous()
+    torch.testing.assert_close(lin(x.t().contiguous().t()), a, atol=1e-4, rtol=1e-4)
+
+
+def test_layout_tuning_times_whole_passes_once_per_machine(tiny_target, tmp_path, monkeypatch):
+    cache_file = tmp_path / "tuning.json"
+    fast = FastLlama(tiny_target, tuning_cache=cache_file)
+    choice = fast.lm_head.use_wt
+    assert len(choice) == fastllama.MAX_TUNED + 1 and all(isinstance(c, bool) for c in choice)
+    assert all(lin.use_wt == choice for lin in fast.linears())
+    assert len(json.loads(cache_file.read_text())) == 1
+
+    def must_not_time(*args, **kwargs):
+        raise AssertionError("timed again although the cache holds this machine and model")
+
+    monkeypatch.setattr(fastllama, "_time_layouts", must_not_time)
+    again = FastLlama(tiny_target, tuning_cache=cache_file)
+    assert again.lm_head.use_wt == choice
+    with pytest.raises(AssertionError, match="timed again"):  # control: another cache file is timed
+        FastLlama(tiny_target, tuning_cache=tmp_path / "other.json")
 
 
 def test_default_target_greedy_output_unchanged_by_fast_path(default_target):

@@ -8,9 +8,12 @@ passes over a block are what speculative decoding pays for, so this matters twic
 What it does (in the spirit of gpt-fast): plain functions over the Hugging Face weights, with
 q/k/v and gate/up fused into one product each, a preallocated KV cache written at explicit
 positions (cutting it back is setting a shorter length), and on a CPU, for every weight both
-layouts, each used for the block sizes where it was measured faster on this machine at load time
-(on a GPU one layout, ``F.linear``; there a small model's pass is bound by kernel launches, which
-only CUDA graphs would cut - not done).
+layouts, each used for the block sizes where whole passes ran faster with it on this machine at
+load time (on a GPU one layout, ``F.linear``; there a small model's pass is bound by kernel
+launches, which only CUDA graphs would cut - not done). Both layouts take and give row-major
+activations: a product fed the transposed output of the one before it takes another, much slower,
+kernel. On the default target these two choices made a 2-token pass cost about what a 1-token
+pass does, instead of 1.5x.
 
 It computes the same function as the Hugging Face model (tests compare logits and greedy
 output); float rounding differs in the last bits, as it does between any two matmul kernels.
@@ -65,55 +68,68 @@ class _Linear:
         if self.wt is None:
             return F.linear(x, self.w)
         k = x.shape[0]
-        if k > MAX_TUNED or self.use_wt[k]:
+        return self.product(x, k > MAX_TUNED or self.use_wt[k])
+
+    def product(self, x: torch.Tensor, transposed: bool) -> torch.Tensor:
+        """``x @ w.T`` by the stored transpose, or as ``(w @ x.T).T``; row-major in and out in
+        both (fed a transposed view, the next product would take a much slower kernel)."""
+        if transposed:
             return x @ self.wt
-        return (self.w @ x.t()).t()
+        return (self.w @ x.contiguous().t()).t().contiguous()
 
 
-def _time(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        best = min(best, (time.perf_counter() - t) / reps)
-    return best
-
-
-def tune_layouts(linears: list[_Linear], cache_file: Path | None = None) -> dict:
-    """Pick, per weight shape and block size, the faster of ``x @ w.T`` (stored transposed) and
-    ``(w @ x.T).T``. Results are cached per machine and torch version: tuning takes seconds."""
-    key_prefix = f"{platform.processor() or platform.machine()}|{_cpu_name()}|torch{torch.__version__}|threads{torch.get_num_threads()}"
+def tune_layouts(fast: "FastLlama", cache_file: Path | None = None) -> list[bool]:
+    """Pick, per block size, the faster of ``x @ w.T`` (stored transposed) and ``(w @ x.T).T`` for
+    the model's products, by timing whole forward passes over a block of that size with each.
+    Timing products one by one misleads: over and over, one weight sits in a cache that a pass,
+    streaming hundreds of megabytes of weights, never has, and even a stream of same-shaped
+    products picked the slower layout for blocks of 3-12 tokens on the default target. Results
+    are cached per machine, torch version, thread count and model shape: tuning takes seconds."""
+    shapes = sorted({tuple(lin.w.shape) for lin in fast.linears()})
+    key = (f"pass|{platform.processor() or platform.machine()}|{_cpu_name()}|torch{torch.__version__}|"
+           f"threads{torch.get_num_threads()}|{len(fast.layers)} layers|{shapes}|{fast.embed.dtype}")
     table = {}
     if cache_file is not None and cache_file.is_file():
         try:
             table = json.loads(cache_file.read_text())
         except (OSError, ValueError):
             table = {}
-    changed = False
-    for lin in linears:
-        if lin.wt is None:  # not on the CPU: one layout, nothing to choose
-            continue
-        key = f"{key_prefix}|{tuple(lin.w.shape)}|{lin.w.dtype}"
-        if key not in table:
-            choice = [True]
-            for k in range(1, MAX_TUNED + 1):
-                x = torch.randn(k, lin.w.shape[1], dtype=lin.w.dtype)
-                reps = max(3, int(2e7 // lin.w.numel()))
-                choice.append(_time(lambda: x @ lin.wt, reps) <= _time(lambda: lin.w @ x.t(), reps))
-            table[key] = choice
-            changed = True
-        lin.use_wt = list(table[key])
-    if changed and cache_file is not None:
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(table))
-            os.replace(tmp, cache_file)
-        except OSError:
-            pass
-    return table
+    if key not in table:
+        table[key] = _time_layouts(fast)
+        if cache_file is not None:
+            try:
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+                tmp.write_text(json.dumps(table))
+                os.replace(tmp, cache_file)
+            except OSError:
+                pass
+    choice = list(table[key])
+    for lin in fast.linears():
+        lin.use_wt = list(choice)
+    return choice
+
+
+def _time_layouts(fast: "FastLlama", context: int = 32, rounds: int = 3) -> list[bool]:
+    """``use_wt`` by block size: whether a pass over k tokens after ``context`` cached ones, all
+    logits asked for (as verification asks), ran faster with ``x @ w.T`` than with ``(w @ x.T).T``;
+    the two alternate, best of ``rounds`` each."""
+    linears = list(fast.linears())
+    cache = fast.new_cache(context + MAX_TUNED)
+    ids = torch.arange(context + MAX_TUNED, device=fast.device) % fast.embed.shape[0]
+    fast.forward(ids[:context], 0, cache, 0)
+    choice = [True]
+    for k in range(1, MAX_TUNED + 1):
+        best = {True: float("inf"), False: float("inf")}
+        for _ in range(rounds):
+            for transposed in best:
+                for lin in linears:
+                    lin.use_wt[k] = transposed
+                t = time.perf_counter()
+                fast.forward(ids[context:context + k], context, cache, k)
+                best[transposed] = min(best[transposed], time.perf_counter() - t)
+        choice.append(best[True] <= best[False])
+    return choice
 
 
 def _cpu_name() -> str:
@@ -173,8 +189,8 @@ class FastLlama:
         cos, sin = rope_tables(theta, self.head_dim, self.max_positions)
         self.device = self.embed.device
         self.cos, self.sin = cos.to(self.device, self.embed.dtype), sin.to(self.device, self.embed.dtype)
-        if tune:
-            tune_layouts(list(self.linears()), tuning_cache)
+        if tune and self.device.type == "cpu":  # on a GPU: one layout, nothing to choose
+            tune_layouts(self, tuning_cache)
 
     def linears(self):
         for _, qkv, o, _, gate_up, down in self.layers:
