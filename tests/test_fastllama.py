@@ -91,6 +91,42 @@ def test_layout_tuning_times_whole_passes_once_per_machine(tiny_target, tmp_path
         FastLlama(tiny_target, tuning_cache=tmp_path / "other.json")
 
 
+def test_pad_sizes_pick_the_cheapest_larger_block_by_a_margin():
+    ms = [0.0, 11.0, 10.0, 14.0, 10.0, 15.0, 18.0, 17.0, 12.0]  # by block size; 0 is unused
+    assert fastllama.pad_sizes(ms) == [0, 1, 2, 4, 4, 8, 8, 8, 8]  # 1 never padded; 2: 10 vs 10 is no gain
+
+
+def test_padded_passes_give_what_unpadded_ones_do(tiny_target):
+    """Blocks run padded to a cheaper size leave the same logits, features, cache and context as
+    the same blocks run as they are: sequences, and trees, whose pad tokens are roots of their own."""
+    plain = FastRunner(FastLlama(tiny_target, tune=False), capacity=8)
+    padded = FastRunner(FastLlama(tiny_target, tune=False), capacity=8)
+    padded.fast.pad_to = [0, 1] + [8] * 7 + list(range(9, fastllama.MAX_TUNED + 1))
+    sizes = []
+    forward = padded.fast.forward
+    padded.fast.forward = lambda ids, *args: sizes.append(len(ids)) or forward(ids, *args)
+
+    def same(a, b):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+    prompt = list(range(10, 30))
+    same(padded.forward(prompt, 1), plain.forward(prompt, 1))
+    same(padded.forward([5, 6, 7], 3), plain.forward([5, 6, 7], 3))
+    same(padded.forward([8, 9], 0), plain.forward([8, 9], 0))
+    start = len(plain.cached)
+    tokens, parents = [40, 41, 42, 43, 44], [-1, 0, 0, 1, -1]
+    same(padded.forward_tree(tokens, parents), plain.forward_tree(tokens, parents))
+    for runner in (plain, padded):
+        runner.keep_branch(start, [0, 1, 3])
+    same(padded.forward([50], 1), plain.forward([50], 1))
+    assert sizes == [20, 8, 8, 8, 1]  # control: the short blocks did run padded
+    assert padded.cached == plain.cached
+    same(padded.features(0, len(plain.cached)), plain.features(0, len(plain.cached)))
+    for (kp, vp), (kq, vq) in zip(padded.cache_tensors(), plain.cache_tensors()):
+        same(kp, kq)
+        same(vp, vq)
+
+
 def test_default_target_greedy_output_unchanged_by_fast_path(default_target):
     cfg = GenerationConfig(max_new_tokens=40)
     prompts = ["Explain photosynthesis in two sentences.", "What is 17 times 3?"]

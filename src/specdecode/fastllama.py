@@ -13,7 +13,8 @@ load time (on a GPU one layout, ``F.linear``; there a small model's pass is boun
 launches, which only CUDA graphs would cut - not done). Both layouts take and give row-major
 activations: a product fed the transposed output of the one before it takes another, much slower,
 kernel. On the default target these two choices made a 2-token pass cost about what a 1-token
-pass does, instead of 1.5x.
+pass does, instead of 1.5x. Blocks are padded with ignored tokens to a larger size where that size
+was measured cheaper (kernels work in column blocks: a 4-token pass can cost less than a 3-token one).
 
 It computes the same function as the Hugging Face model (tests compare logits and greedy
 output); float rounding differs in the last bits, as it does between any two matmul kernels.
@@ -83,7 +84,8 @@ def tune_layouts(fast: "FastLlama", cache_file: Path | None = None) -> list[bool
     the model's products, by timing whole forward passes over a block of that size with each.
     Timing products one by one misleads: over and over, one weight sits in a cache that a pass,
     streaming hundreds of megabytes of weights, never has, and even a stream of same-shaped
-    products picked the slower layout for blocks of 3-12 tokens on the default target. Results
+    products picked the slower layout for blocks of 3-12 tokens on the default target. The pass
+    times also set which block sizes are padded to a cheaper larger one (``pad_sizes``). Results
     are cached per machine, torch version, thread count and model shape: tuning takes seconds."""
     shapes = sorted({tuple(lin.w.shape) for lin in fast.linears()})
     key = (f"pass|{platform.processor() or platform.machine()}|{_cpu_name()}|torch{torch.__version__}|"
@@ -94,7 +96,7 @@ def tune_layouts(fast: "FastLlama", cache_file: Path | None = None) -> list[bool
             table = json.loads(cache_file.read_text())
         except (OSError, ValueError):
             table = {}
-    if key not in table:
+    if not isinstance(table.get(key), dict):
         table[key] = _time_layouts(fast)
         if cache_file is not None:
             try:
@@ -104,21 +106,36 @@ def tune_layouts(fast: "FastLlama", cache_file: Path | None = None) -> list[bool
                 os.replace(tmp, cache_file)
             except OSError:
                 pass
-    choice = list(table[key])
+    choice = list(table[key]["use_wt"])
     for lin in fast.linears():
         lin.use_wt = list(choice)
+    fast.pad_to = pad_sizes(table[key]["ms"])
     return choice
 
 
-def _time_layouts(fast: "FastLlama", context: int = 32, rounds: int = 3) -> list[bool]:
-    """``use_wt`` by block size: whether a pass over k tokens after ``context`` cached ones, all
-    logits asked for (as verification asks), ran faster with ``x @ w.T`` than with ``(w @ x.T).T``;
-    the two alternate, best of ``rounds`` each."""
+def pad_sizes(ms: list[float], margin: float = 0.95) -> list[int]:
+    """``pad_to[k]`` for blocks of 2 or more tokens: the block size p >= k to run a k-token pass as
+    (k real tokens and p - k ignored ones), the cheapest p whose measured pass time ``ms[p]`` beat
+    the best so far by the margin; else k. Matrix kernels work in column blocks, so on this CPU a
+    3-token pass cost 1.15x a 4-token one and 9-15 tokens more than 16. One token is never padded:
+    plain decoding stays a 1-token pass."""
+    pad_to = list(range(len(ms)))
+    for k in range(2, len(ms)):
+        for p in range(k + 1, len(ms)):
+            if ms[p] < margin * ms[pad_to[k]]:
+                pad_to[k] = p
+    return pad_to
+
+
+def _time_layouts(fast: "FastLlama", context: int = 32, rounds: int = 3) -> dict:
+    """By block size k: ``use_wt``, whether a pass over k tokens after ``context`` cached ones, all
+    logits asked for (as verification asks), ran faster with ``x @ w.T`` than with ``(w @ x.T).T``
+    (the two alternate, best of ``rounds`` each), and ``ms``, the faster one's time."""
     linears = list(fast.linears())
     cache = fast.new_cache(context + MAX_TUNED)
     ids = torch.arange(context + MAX_TUNED, device=fast.device) % fast.embed.shape[0]
     fast.forward(ids[:context], 0, cache, 0)
-    choice = [True]
+    choice, ms = [True], [0.0]
     for k in range(1, MAX_TUNED + 1):
         best = {True: float("inf"), False: float("inf")}
         for _ in range(rounds):
@@ -129,7 +146,8 @@ def _time_layouts(fast: "FastLlama", context: int = 32, rounds: int = 3) -> list
                 fast.forward(ids[context:context + k], context, cache, k)
                 best[transposed] = min(best[transposed], time.perf_counter() - t)
         choice.append(best[True] <= best[False])
-    return choice
+        ms.append(1000 * min(best.values()))
+    return {"use_wt": choice, "ms": ms}
 
 
 def _cpu_name() -> str:
@@ -185,6 +203,7 @@ class FastLlama:
                 )
             self.norm = inner.norm.weight.detach()
             self.lm_head = _Linear(model.get_output_embeddings().weight)
+        self.pad_to = list(range(MAX_TUNED + 1))  # identity until tuned (``pad_sizes``)
         theta = _rope_theta(cfg)
         cos, sin = rope_tables(theta, self.head_dim, self.max_positions)
         self.device = self.embed.device
@@ -196,6 +215,12 @@ class FastLlama:
         for _, qkv, o, _, gate_up, down in self.layers:
             yield from (qkv, o, gate_up, down)
         yield self.lm_head
+
+    def padding(self, k: int, start: int) -> int:
+        """How many ignored tokens to append to a k-token pass at cache position ``start`` to make
+        it cheaper (``pad_sizes``); none past the model's positions."""
+        p = self.pad_to[k] if k < len(self.pad_to) else k
+        return p - k if start + p <= self.max_positions else 0
 
     def new_cache(self, capacity: int) -> list[torch.Tensor]:
         shape = (2, 1, self.n_kv, capacity, self.head_dim)
@@ -350,11 +375,19 @@ class FastRunner:
         self._features = features
 
     def forward(self, token_ids: list[int], num_logits: int = 1, tree: TreeLayout | None = None) -> torch.Tensor:
-        start = len(self.cached)
-        self._ensure(start + len(token_ids))
-        logits = self.fast.forward(torch.tensor(token_ids, dtype=torch.long, device=self.fast.device), start, self._cache,
-                                   num_logits, tree, self.feature_layers)
-        self._features[start:start + len(token_ids)] = self.fast.last_hidden
+        start, k = len(self.cached), len(token_ids)
+        # Padded to a block size the kernels run faster: the extra tokens come after the real ones
+        # (as roots of their own, in a tree), so no real token attends to them; their keys sit
+        # past the cache's length and their logits and features are dropped.
+        pad = self.fast.padding(k, start)
+        ids = token_ids + token_ids[-1:] * pad
+        if pad and tree is not None:
+            tree = TreeLayout(tree.parents + [-1] * pad)
+        self._ensure(start + k + pad)
+        logits = self.fast.forward(torch.tensor(ids, dtype=torch.long, device=self.fast.device), start, self._cache,
+                                   num_logits + pad if num_logits else 0, tree, self.feature_layers)
+        logits = logits[:num_logits]
+        self._features[start:start + k] = self.fast.last_hidden[:k]
         self.cached.extend(token_ids)
         if self.vocab_size is not None:
             logits = logits[:, : self.vocab_size]
