@@ -87,3 +87,17 @@ def test_head_needs_the_lean_runner(tiny_target):
     drafter = _drafter(tiny_target)
     with pytest.raises(ConfigError, match="draft"):
         drafter.attach(make_runner(tiny_target, tiny_target.config.vocab_size, fast=False))
+
+
+def test_output_rows_give_the_same_logits_one_row_or_many(tiny_target):
+    """Several rows at once (a tree's frontier) take the other product layout on a CPU; the logits
+    are those of each row alone, and of the training path's batched form."""
+    parts = TargetParts(tiny_target, torch.tensor([3, 1, 4, 15, 9, 26]))
+    g = torch.randn(4, tiny_target.config.hidden_size)
+    many = parts.logits(g)
+    assert many.shape == (4, 6) and many.is_contiguous()
+    rows = torch.cat([parts.logits(g[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(many, rows, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(parts.logits(g[None])[0], rows, atol=1e-5, rtol=1e-5)
+    full = torch.nn.functional.rms_norm(g, (g.shape[-1],), parts.norm, parts.eps) @ tiny_target.get_output_embeddings().weight.detach().t()
+    torch.testing.assert_close(many, full[:, [3, 1, 4, 15, 9, 26]], atol=1e-5, rtol=1e-5)  # the rows asked for

@@ -220,12 +220,19 @@ class TargetParts:
         self.norm = model.model.norm.weight.detach()
         self.eps = model.config.rms_norm_eps
         self.vocab_ids = vocab_ids
-        # [H, V']: the target's output rows for the reduced vocabulary, in the fast layout for one row at a time
-        self.out_rows_t = model.get_output_embeddings().weight.detach()[vocab_ids].t().contiguous()
+        # [V', H]: the target's output rows for the reduced vocabulary, and [H, V'], its transpose,
+        # the fast layout on a CPU for one row at a time; for a few rows at once (a tree's
+        # frontier) the other is: 4 rows took 1.5 ms against 7.1 ms on this 2-core CPU (1 row:
+        # 2.4 against 1.0 ms), as the lean runner's products do (``fastllama``)
+        self.out_rows = model.get_output_embeddings().weight.detach()[vocab_ids].contiguous()
+        self.out_rows_t = self.out_rows.t().contiguous()
 
     def logits(self, g: torch.Tensor) -> torch.Tensor:
         """``[..., H]`` predicted features -> ``[..., V']`` logits over the reduced vocabulary."""
-        return F.rms_norm(g, (g.shape[-1],), self.norm, self.eps) @ self.out_rows_t
+        n = F.rms_norm(g, (g.shape[-1],), self.norm, self.eps)
+        if n.dim() == 2 and n.shape[0] > 1 and n.device.type == "cpu" and not n.requires_grad:
+            return (self.out_rows @ n.t()).t().contiguous()
+        return n @ self.out_rows_t
 
 
 def save_feature_draft(out: Path, head: FeatureHead, vocab_ids: torch.Tensor, target, meta: dict) -> None:
