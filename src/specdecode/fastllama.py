@@ -60,10 +60,11 @@ class _Linear:
     block size. On a GPU, one layout (the library's own ``F.linear``), which is what its BLAS is
     tuned for, and no second copy of the weights."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, use_wt: list[bool] | None = None):
         self.w = weight.detach().contiguous()  # [out, in]: (w @ x.T).T
         self.wt = self.w.t().contiguous() if self.w.device.type == "cpu" else None  # [in, out]: x @ wt
-        self.use_wt = [True] * (MAX_TUNED + 1)  # index: block size
+        # index: block size; a model's products share one list (``FastLlama.use_wt``), tuned for its passes
+        self.use_wt = use_wt if use_wt is not None else [True] * (MAX_TUNED + 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [k, in] -> [k, out]
         if self.wt is None:
@@ -74,9 +75,14 @@ class _Linear:
     def product(self, x: torch.Tensor, transposed: bool) -> torch.Tensor:
         """``x @ w.T`` by the stored transpose, or as ``(w @ x.T).T``; row-major in and out in
         both (fed a transposed view, the next product would take a much slower kernel)."""
-        if transposed:
-            return x @ self.wt
-        return (self.w @ x.contiguous().t()).t().contiguous()
+        return x @ self.wt if transposed else row_major_product(self.w, x)
+
+
+def row_major_product(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` for ``w`` [out, in] computed as ``(w @ x.T).T``, the faster way on a CPU for a
+    few rows of ``x``; row-major in and out (fed a transposed view, the next product would take a
+    much slower kernel)."""
+    return (w @ x.contiguous().t()).t().contiguous()
 
 
 def tune_layouts(fast: "FastLlama", cache_file: Path | None = None) -> list[bool]:
@@ -106,11 +112,9 @@ def tune_layouts(fast: "FastLlama", cache_file: Path | None = None) -> list[bool
                 os.replace(tmp, cache_file)
             except OSError:
                 pass
-    choice = list(table[key]["use_wt"])
-    for lin in fast.linears():
-        lin.use_wt = list(choice)
+    fast.use_wt[:] = table[key]["use_wt"]  # in place: the list every product reads
     fast.pad_to = pad_sizes(table[key]["ms"])
-    return choice
+    return list(fast.use_wt)
 
 
 def pad_sizes(ms: list[float], margin: float = 0.95) -> list[int]:
@@ -131,7 +135,6 @@ def _time_layouts(fast: "FastLlama", context: int = 32, rounds: int = 3) -> dict
     """By block size k: ``use_wt``, whether a pass over k tokens after ``context`` cached ones, all
     logits asked for (as verification asks), ran faster with ``x @ w.T`` than with ``(w @ x.T).T``
     (the two alternate, best of ``rounds`` each), and ``ms``, the faster one's time."""
-    linears = list(fast.linears())
     cache = fast.new_cache(context + MAX_TUNED)
     ids = torch.arange(context + MAX_TUNED, device=fast.device) % fast.embed.shape[0]
     fast.forward(ids[:context], 0, cache, 0)
@@ -140,8 +143,7 @@ def _time_layouts(fast: "FastLlama", context: int = 32, rounds: int = 3) -> dict
         best = {True: float("inf"), False: float("inf")}
         for _ in range(rounds):
             for transposed in best:
-                for lin in linears:
-                    lin.use_wt[k] = transposed
+                fast.use_wt[k] = transposed
                 t = time.perf_counter()
                 fast.forward(ids[context:context + k], context, cache, k)
                 best[transposed] = min(best[transposed], time.perf_counter() - t)
@@ -186,6 +188,9 @@ class FastLlama:
         self.hidden = cfg.hidden_size
         self.max_positions = cfg.max_position_embeddings
         inner = model.model
+        # by block size: whether the products run as x @ w.T (else (w @ x.T).T); one choice for the
+        # whole model, set by timing its passes (``tune_layouts``), shared by every product
+        self.use_wt = [True] * (MAX_TUNED + 1)
         with torch.no_grad():
             self.embed = inner.embed_tokens.weight.detach()
             self.layers = []
@@ -194,15 +199,15 @@ class FastLlama:
                 self.layers.append(
                     (
                         layer.input_layernorm.weight.detach(),
-                        _Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
-                        _Linear(a.o_proj.weight),
+                        _Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), self.use_wt),
+                        _Linear(a.o_proj.weight, self.use_wt),
                         layer.post_attention_layernorm.weight.detach(),
-                        _Linear(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
-                        _Linear(m.down_proj.weight),
+                        _Linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), self.use_wt),
+                        _Linear(m.down_proj.weight, self.use_wt),
                     )
                 )
             self.norm = inner.norm.weight.detach()
-            self.lm_head = _Linear(model.get_output_embeddings().weight)
+            self.lm_head = _Linear(model.get_output_embeddings().weight, self.use_wt)
         self.pad_to = list(range(MAX_TUNED + 1))  # identity until tuned (``pad_sizes``)
         theta = _rope_theta(cfg)
         cos, sin = rope_tables(theta, self.head_dim, self.max_positions)
