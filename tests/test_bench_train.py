@@ -1,6 +1,7 @@
 """bench's table and JSON on a small model; train-draft end to end on a tiny model; the shipped head."""
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -370,3 +371,54 @@ def test_feature_noise_perturbs_training_inputs_only(tiny_dir, tmp_path, capsys)
     capsys.readouterr()
     assert main(args + ["--out", str(tmp_path / "bad"), "--feature-noise", "-0.1"]) == 2
     assert "--feature-noise: must be a fraction of the features' spread in [0, 10) (got -0.1)" in capsys.readouterr().err
+
+
+def test_grounded_prompts_ask_over_the_targets_own_answers():
+    from specdecode.prompts import grounded_prompts
+
+    sources = [(f"Question number {i}?", f"Answer {i} says this. " * 30 + "And it was cut off mid") for i in range(20)]
+    got = grounded_prompts(sources, 60, seed=3, max_chars=1200)
+    assert got == grounded_prompts(sources, 60, seed=3, max_chars=1200) != grounded_prompts(sources, 60, seed=4, max_chars=1200)  # seeded
+    docs = [p for p in got if "Document 1:" in p]
+    assert docs and len(docs) < len(got)  # both kinds: questions over documents, and work on an article
+    for p in docs:  # the question asked is one whose answer is among the documents
+        i = int(p.rsplit("Question number ", 1)[1].split("?")[0])
+        assert f"Answer {i} says this." in p
+    for p in got:
+        context = p.replace("Document", "")
+        assert "says this." in context and "cut off mid" not in context  # whole sentences of the answers
+        assert len(p) < 1200 + 200  # the context stays under max_chars, plus the request around it
+
+
+def test_train_draft_further_from_a_head(tiny_dir, tmp_path, capsys):
+    """--init: training continues from a given head (its weights and vocabulary, whatever the new
+    data's counts); --passage-prompts asks over the other rounds' answers; a head for another
+    target, a directory that holds none, or another shape asked for is refused with a message."""
+    from safetensors.torch import load_file
+
+    base = ["train-draft", "--target", str(tiny_dir), "--prompts", "4", "--varied-prompts", "0", "--broad-prompts", "0",
+            "--max-new-tokens", "80", "--batch", "2", "--batch-tokens", "256", "--depth", "2", "--epochs", "1"]
+    first = tmp_path / "first"
+    assert main(base + ["--out", str(first), "--draft-vocab", "512"]) == 0
+    more = base + ["--passage-prompts", "3", "--seed", "1"]
+    assert main(more + ["--out", str(tmp_path / "init"), "--init", str(first), "--lr", "1e-12"]) == 0
+    assert main(more + ["--out", str(tmp_path / "fresh"), "--draft-vocab", "512", "--lr", "1e-12"]) == 0
+    a, b, c = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("first", "init", "fresh"))
+    assert torch.equal(a["vocab_ids"], b["vocab_ids"]) and not torch.equal(a["vocab_ids"], c["vocab_ids"])
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # started from the given head
+    assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in a if k != "vocab_ids")  # control: a new head
+    asked = [json.loads(x)["prompt"] for x in (tmp_path / "init" / "work" / "answers_6.jsonl").read_text().splitlines()]
+    answers = [json.loads(x)["answer"] for x in (tmp_path / "init" / "work" / "answers_1.jsonl").read_text().splitlines()]
+    assert len(asked) == 3 and all(any(s[:40] in p for s in answers) for p in asked)
+    config = json.loads((tmp_path / "init" / "config.json").read_text())
+    assert config["trained_with"]["init"] == str(first) and config["init_trained_with"]["prompts"] == 4
+    capsys.readouterr()
+    for extra, message in ((["--init", str(SHIPPED_HEAD)], "--init: .* was trained for another target"),
+                           (["--init", str(tmp_path)], "--init: .* is not a draft head directory"),
+                           (["--init", str(first), "--draft-vocab", "256"], "--draft-vocab: the head given by --init has 512"),
+                           (["--init", str(first), "--feature-layers", "0"], "--feature-layers: the head given by --init has")):
+        assert main(base + ["--out", str(tmp_path / "refused")] + extra) == 2
+        assert re.search(message, capsys.readouterr().err)
+    assert main(base[:3] + ["--out", str(tmp_path / "alone"), "--prompts", "0", "--varied-prompts", "0", "--broad-prompts", "0",
+                            "--self-prompts", "0", "--passage-prompts", "5"]) == 2
+    assert "--prompts: the rounds together must have at least 2 prompts" in capsys.readouterr().err

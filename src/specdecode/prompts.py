@@ -167,3 +167,50 @@ def broad_prompts(n: int, seed: int, words: list[str], passages: list[str]) -> l
         out.append(rng.choice(ASKS).format(t=t, u=u))
     rng.shuffle(out)
     return out
+
+
+GROUNDED = [
+    "Summarize the following article.\n\n{doc}",
+    "Summarize the following text in {k} sentences.\n\n{doc}",
+    "{doc}\n\nSummarize the text above in one paragraph.",
+    "Read the text below and list its key points as bullets.\n\n{doc}",
+    "Extract the names, numbers and dates mentioned in the following text, each with what it refers to.\n\n{doc}",
+    "Write a short title for this text, then a one-sentence summary.\n\n{doc}",
+    "Text: {doc}\n\nWhat is the main point of the text? Answer in your own words.",
+    "Rewrite the following text for {audience}.\n\n{doc}",
+    "Continue the following text with one more paragraph in the same style.\n\n{doc}",
+    "{docs}\n\nUsing only the documents above, answer this question: {question}",
+    "Answer the question based on the context.\n\nContext:\n{docs}\n\nQuestion: {question}",
+    "Here is some background information.\n\n{docs}\n\n{question}",
+]
+
+
+def grounded_prompts(sources: list[tuple[str, str]], n: int, seed: int, max_chars: int = 2400) -> list[str]:
+    """``n`` requests over longer contexts made of the target's own writing: summaries, key points,
+    extraction and rewriting of one or two of its answers run together (an article), and questions
+    answered from one to three of them (documents, as in retrieval-augmented chat) where one document
+    is the target's answer to that very question. ``sources`` are (request, answer) pairs; contexts are
+    kept under ``max_chars``. The draft learns to read and copy from a long prompt, which requests
+    written from the chat template alone (a line or two) never ask for."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        form = rng.choice(GROUNDED)
+        picked = rng.sample(sources, min(len(sources), rng.randint(1, 3) if "{docs}" in form else rng.randint(1, 2)))
+        texts, budget = [], max_chars
+        for _, answer in picked:  # whole sentences: answers cut off by the length limit end mid-way
+            answer = answer[: answer.rfind(".") + 1] or answer
+            if texts and len(answer) > budget:
+                break
+            text = answer[:budget]
+            texts.append(text[: text.rfind(".") + 1] or text)
+            budget -= len(texts[-1])
+        if "{docs}" in form:
+            question = picked[0][0]
+            order = list(range(len(texts)))
+            rng.shuffle(order)
+            docs = "\n\n".join(f"Document {i + 1}: {texts[k]}" for i, k in enumerate(order))
+            out.append(form.format(docs=docs, question=question))
+        else:
+            out.append(form.format(doc="\n\n".join(texts), k=rng.randint(2, 4), audience=rng.choice(AUDIENCES)))
+    return out

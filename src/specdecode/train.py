@@ -330,10 +330,10 @@ def distill_loss(logits: torch.Tensor, labels: torch.Tensor, target_probs: torch
 
 
 def train_head(args) -> Path:
-    from .drafters.feature import FeatureHead, TargetParts, save_feature_draft
+    from .drafters.feature import FeatureHead, TargetParts, draft_config, save_feature_draft
     from .fastllama import supports
     from .models import load_model
-    from .prompts import broad_prompts, passage_prompts, seed_prompts, varied_prompts, vocabulary_words
+    from .prompts import broad_prompts, grounded_prompts, passage_prompts, seed_prompts, varied_prompts, vocabulary_words
 
     out = Path(args.out)
     work = out / "work"
@@ -347,7 +347,8 @@ def train_head(args) -> Path:
         raise ConfigError("target", "train-draft needs a Llama-family target (llama, mistral: plain RoPE, no biases); "
                                     f"got {model.config.model_type}")
     n_layers = model.config.num_hidden_layers
-    layers = feature_layers(args.feature_layers, n_layers)
+    init = _init_head(args, model) if args.init else None
+    layers = init.head.feature_layers if init else feature_layers(args.feature_layers or "last", n_layers)
     tag = "" if layers == (n_layers - 1,) else "_layers" + "-".join(map(str, layers))
 
     def features_file(number: int, suffix: str) -> Path:  # named by the layers they hold
@@ -381,6 +382,12 @@ def train_head(args) -> Path:
             rounds[5] = answers(5, requests)
     if not rounds:
         raise ConfigError("self_prompts", "the target wrote no usable requests; add template rounds (--prompts)")
+    if args.passage_prompts:  # long contexts made of the target's answers in the rounds above
+        sources = [(r["prompt"], r["answer"]) for records in rounds.values() for r in records if len(r["answer"]) >= 300]
+        if not sources:
+            raise ConfigError("passage_prompts", "the other rounds wrote no answers long enough (300+ characters) to "
+                                                 "ask about; add a round (--self-prompts, --prompts)")
+        rounds[6] = answers(6, grounded_prompts(sources, args.passage_prompts, args.seed + 5))
 
     # 3. features, as captured with the answers (or one target pass per sequence where they were
     # not, as for answers written before); 5% of each round held out for validation (per round, so
@@ -395,14 +402,18 @@ def train_head(args) -> Path:
         val_items += got[:n_val]
         items += got[n_val:]
 
-    # reduced vocabulary: the tokens the target itself predicts most often in answers (always EOS)
+    # reduced vocabulary: the tokens the target itself predicts most often in answers (always EOS);
+    # a head trained further (--init) keeps its own
     vocab_size = model.config.vocab_size
     counts = torch.zeros(vocab_size, dtype=torch.long)
     for f, lab, t, prompt_len in items:
         counts += torch.bincount(lab[max(0, prompt_len - 1):-1].long(), minlength=vocab_size)  # the labels training reads
     eos = model.config.eos_token_id
     counts[eos] = counts.max() + 1
-    vocab_ids = torch.argsort(counts, descending=True)[: args.draft_vocab].sort().values
+    if init:
+        vocab_ids = init.parts.vocab_ids.cpu()
+    else:
+        vocab_ids = torch.argsort(counts, descending=True)[: args.draft_vocab or 8192].sort().values
     vocab_map = torch.full((vocab_size,), -100, dtype=torch.long)
     vocab_map[vocab_ids] = torch.arange(len(vocab_ids))
     coverage = float(counts[vocab_ids].sum() - counts[eos]) / max(1.0, float(counts.sum() - counts[eos]))
@@ -410,7 +421,8 @@ def train_head(args) -> Path:
     val, train = Sequences(val_items, vocab_map, hidden), Sequences(items, vocab_map, hidden)
 
     parts = TargetParts(model, vocab_ids)
-    head = FeatureHead.for_target(model, args.inner, layers).to(device)
+    head = init.head.float().train() if init else FeatureHead.for_target(model, args.inner, layers)
+    head = head.to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.0)
     ckpt = work / "checkpoint.pt"
     start_epoch = phase_start = 0
@@ -519,8 +531,10 @@ def train_head(args) -> Path:
 
     meta = {
         "target": args.target or "default",
-        "trained_with": {k: getattr(args, k) for k in ("prompts", "varied_prompts", "broad_prompts", "self_prompts", "max_new_tokens", "epochs", "lr",
-                                                       "batch_tokens", "depth", "inner", "draft_vocab", "reg_weight", "soft_labels", "feature_noise", "feature_layers", "seed")},
+        "trained_with": {k: getattr(args, k) for k in ("prompts", "varied_prompts", "broad_prompts", "self_prompts", "passage_prompts", "max_new_tokens",
+                                                       "epochs", "lr", "batch_tokens", "depth", "inner", "draft_vocab", "reg_weight", "soft_labels",
+                                                       "feature_noise", "feature_layers", "seed", "init")},
+        **({"init_trained_with": draft_config(args.init).get("trained_with")} if init else {}),
         "train_sequences": len(train.items),
         "train_positions": sum(int(it[0].shape[0]) - it[3] for it in train.items),
         "draft_vocab_coverage": coverage,
@@ -533,6 +547,27 @@ def train_head(args) -> Path:
           + f", {last['val_accepted_per_draft']:.2f} tokens accepted per {args.depth}-token draft; "
           f"draft vocabulary covers {coverage:.3f} of the target's answer tokens", file=sys.stderr)
     return out
+
+
+def _init_head(args, model):
+    """``--init DIR``: the draft head in DIR, to train further; refused when it was trained for
+    another target, or when ``--inner``, ``--draft-vocab`` or ``--feature-layers`` ask for another
+    shape than it has (it keeps its own)."""
+    from .drafters.feature import draft_config, is_feature_draft, load_feature_draft
+
+    if not is_feature_draft(args.init):
+        raise ConfigError("init", f"{args.init} is not a draft head directory (config.json and model.safetensors "
+                                  "written by specdecode train-draft)")
+    init = load_feature_draft(args.init, model, param="init")
+    cfg = draft_config(args.init)
+    n_layers = model.config.num_hidden_layers
+    layers = init.head.feature_layers
+    asked = {"inner": (args.inner, cfg["inner_size"]), "draft_vocab": (args.draft_vocab, cfg["draft_vocab_size"]),
+             "feature_layers": (args.feature_layers and feature_layers(args.feature_layers, n_layers), layers)}
+    for name, (given, has) in asked.items():
+        if given is not None and given != has:
+            raise ConfigError(name, f"the head given by --init has {has}; leave --{name.replace('_', '-')} out or give that")
+    return init
 
 
 def feature_layers(spec: str, n_layers: int) -> tuple[int, ...]:
@@ -554,19 +589,23 @@ def feature_layers(spec: str, n_layers: int) -> tuple[int, ...]:
 
 
 def cmd_train(args) -> int:
-    for name, low in (("prompts", 0), ("varied_prompts", 0), ("broad_prompts", 0), ("self_prompts", 0), ("max_new_tokens", 1),
-                      ("epochs", 1), ("batch", 1), ("batch_tokens", 16), ("depth", 1), ("draft_vocab", 16)):
-        if getattr(args, name) < low:
+    for name, low in (("prompts", 0), ("varied_prompts", 0), ("broad_prompts", 0), ("self_prompts", 0), ("passage_prompts", 0),
+                      ("max_new_tokens", 1), ("epochs", 1), ("batch", 1), ("batch_tokens", 16), ("depth", 1), ("draft_vocab", 16)):
+        if getattr(args, name) is not None and getattr(args, name) < low:
             raise ConfigError(name, f"must be >= {low} (got {getattr(args, name)})")
     if args.prompts + args.varied_prompts + args.broad_prompts + args.self_prompts < 2:
         raise ConfigError("prompts", "the rounds together must have at least 2 prompts (--prompts, --varied-prompts, "
-                                     "--broad-prompts, --self-prompts)")
+                                     "--broad-prompts, --self-prompts); --passage-prompts asks about their answers")
     if args.inner is not None and args.inner < 1:
         raise ConfigError("inner", f"must be >= 1 (got {args.inner})")
     if not args.lr > 0:
         raise ConfigError("lr", f"must be > 0 (got {args.lr})")
     if not 0.0 <= args.soft_labels <= 1.0:
         raise ConfigError("soft_labels", f"must be a weight in [0, 1] (got {args.soft_labels})")
+    if args.init == "head":
+        from .api import SHIPPED_HEAD
+
+        args.init = str(SHIPPED_HEAD)
     if not 0.0 <= args.feature_noise < 10.0:
         raise ConfigError("feature_noise", f"must be a fraction of the features' spread in [0, 10) (got {args.feature_noise})")
     train_head(args)
@@ -583,6 +622,12 @@ def register(sub) -> None:
                    help="prompts over topics from the target's own vocabulary, answered greedily")
     p.add_argument("--self-prompts", type=int, default=0,
                    help="requests the target writes itself from its chat template (Magpie), answered greedily")
+    p.add_argument("--passage-prompts", type=int, default=0,
+                   help="requests over long contexts made of the target's answers in the other rounds (summaries, "
+                        "extraction, questions over documents), answered greedily")
+    p.add_argument("--init", default=None,
+                   help="a draft head directory to train further (the shipped one: 'head'), keeping its shape and "
+                        "vocabulary, instead of a new head started from the target's last layer")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=32, help="generation batch size")
     p.add_argument("--epochs", type=int, default=8)
@@ -590,7 +635,7 @@ def register(sub) -> None:
     p.add_argument("--depth", type=int, default=3, help="draft steps unrolled in training")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--inner", type=int, default=None, help="the head's MLP width (default: the target's, copied from its last layer)")
-    p.add_argument("--draft-vocab", type=int, default=8192, help="reduced output vocabulary")
+    p.add_argument("--draft-vocab", type=int, default=None, help="reduced output vocabulary (default 8192)")
     p.add_argument("--reg-weight", type=float, default=0.5, help="weight of the feature regression loss")
     p.add_argument("--soft-labels", type=float, default=0.0,
                    help="weight in [0, 1] of the target's whole next-token distribution in the loss, against its "
@@ -598,9 +643,9 @@ def register(sub) -> None:
     p.add_argument("--feature-noise", type=float, default=0.0,
                    help="uniform noise on the features the head reads in training, as a fraction of each layer's "
                         "spread (EAGLE uses 0.1; 0: none)")
-    p.add_argument("--feature-layers", default="last",
-                   help="target layers the head reads: 'last', 'low-mid-last' (EAGLE-3) or numbers such as 2,15 "
-                        "(the last layer is always read)")
+    p.add_argument("--feature-layers", default=None,
+                   help="target layers the head reads: 'last' (default), 'low-mid-last' (EAGLE-3) or numbers such as "
+                        "2,15 (the last layer is always read)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu or cuda[:N]")
     p.set_defaults(func=cmd_train)
