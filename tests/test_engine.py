@@ -287,3 +287,42 @@ def test_cost_policy_measures_the_one_token_pass_before_and_while_speculating(ti
     # the cost model is the decoder's, shared by its calls: no new measurement is due at the start
     second = dec.generate(PROMPTS[0], GenerationConfig(max_new_tokens=8, draft_len=2, ignore_eos=True), chat=False)
     assert second.stats.drafted_at[0] == second.stats.steps  # 3 + 3 + 2 tokens, all speculative
+
+
+class _SureHead(Drafter):
+    """A stand-in head: a tree of two roots whose best one has probability ``sure``."""
+
+    name = "fake"
+
+    def __init__(self, sure: float):
+        self.sure, self.calls = sure, 0
+
+    def propose(self, context, max_tokens, config, generator) -> Draft:
+        self.calls += 1
+        return Draft([101, 102], confidence=[self.sure, self.sure / 2], parents=[-1, -1])
+
+
+def test_hybrid_takes_a_short_match_where_it_has_been_right_more_often_than_the_head_is_sure():
+    from specdecode.drafters.ngram import HybridDrafter, first_confidence
+
+    cfg = GenerationConfig(max_new_tokens=8)
+    unsure, sure = HybridDrafter(_SureHead(0.3)), HybridDrafter(_SureHead(0.7))
+    ctx = [5, 6, 7, 9, 6]  # the longest match is 1 token (6), followed by 7 before
+    assert unsure.match_rate(1) == 0.5  # the prior
+    assert unsure.propose(ctx, 8, cfg, None).tokens == [7, 9, 6]  # 0.5 > 0.3: the match
+    assert sure.propose(ctx, 8, cfg, None).tokens == [101, 102]  # 0.5 < 0.7: the head
+    # the token that came next is scored against the match's, used or not
+    for h in (unsure, sure):
+        h.propose(ctx + [7], 8, cfg, None)
+    assert unsure.match_rate(1) == sure.match_rate(1) == (1 + 1) / (1 + 2)
+    miss = HybridDrafter(_SureHead(0.3))
+    ctx2 = ctx
+    for i in range(3):  # what follows 6 is never what followed it before: the rate falls below the head's 0.3
+        miss.propose(ctx2, 8, cfg, None)
+        ctx2 = ctx2 + [50 + i, 6]
+    assert miss.propose(ctx2, 8, cfg, None).tokens == [101, 102] and miss.match_rate(1) == (0 + 1) / (3 + 2)
+    miss.reset()
+    assert miss.match_rate(1) == 0.5  # per request
+    long = HybridDrafter(_SureHead(0.99))  # a 3-token match is taken whatever the head says, without asking it
+    assert long.propose([1, 2, 3, 4, 1, 2, 3], 8, cfg, None).tokens == [4, 1, 2, 3] and long.head.calls == 0
+    assert first_confidence(Draft([1, 2], confidence=[0.4, 0.2])) == 0.4  # a chain's first token

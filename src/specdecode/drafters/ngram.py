@@ -60,17 +60,25 @@ class NgramDrafter(Drafter):
 
 class HybridDrafter(Drafter):
     """A long n-gram match when the context has one (copying a span of the prompt), else the
-    trained head. Each step's draft is verified against the distribution it came from, so mixing
-    drafters step by step keeps the output exact."""
+    trained head - or a shorter match's continuation where its first token has been right more
+    often in this request than the head is sure of its own. Each step's draft is verified against
+    the distribution it came from, so mixing drafters step by step keeps the output exact."""
 
-    def __init__(self, head: Drafter, ngram: NgramDrafter | None = None, min_match: int = 3, ngram_tokens: int = 4):
-        self.head, self.ngram, self.min_match = head, ngram or NgramDrafter(max_ngram=max(3, min_match)), min_match
+    def __init__(self, head: Drafter, ngram: NgramDrafter | None = None, min_match: int = 3, ngram_tokens: int = 4,
+                 prior: float = 0.5, prior_weight: float = 2.0):
+        self.head, self.min_match = head, min_match
+        self.ngram = ngram or NgramDrafter(max_ngram=max(3, min_match), min_ngram=1)
         # a copied span carries no confidence to end it early, so its block is capped: verifying up
         # to 5 tokens costs about one 1-token pass on the CPU, 9 tokens about 1.6
         self.ngram_tokens = ngram_tokens
+        # shorter matches (1 .. min_match - 1 tokens) are scored at every step, used or not: how
+        # often the token that followed a match of each length was the one that came next, starting
+        # from ``prior`` as if seen ``prior_weight`` times
+        self.prior, self.prior_weight = prior, prior_weight
         self.name = f"{head.name}+ngram"
         self.cost_prior = head.cost_prior
         self.dynamic = head.dynamic
+        self.reset()
 
     def attach(self, target_runner) -> None:
         self.head.attach(target_runner)
@@ -78,13 +86,43 @@ class HybridDrafter(Drafter):
     def reset(self) -> None:
         self.head.reset()
         self.ngram.reset()
+        self._pending: tuple[int, int, int] | None = None  # (context length, match length, token it offered)
+        self._hits: dict[int, int] = {}
+        self._tries: dict[int, int] = {}
+
+    def match_rate(self, n: int) -> float:
+        """How often, in this request so far, an ``n``-token match's next token came next."""
+        return (self._hits.get(n, 0) + self.prior * self.prior_weight) / (self._tries.get(n, 0) + self.prior_weight)
+
+    def _score_pending(self, context: list[int]) -> None:
+        if self._pending is not None and len(context) > self._pending[0]:
+            at, n, token = self._pending
+            self._tries[n] = self._tries.get(n, 0) + 1
+            self._hits[n] = self._hits.get(n, 0) + (context[at] == token)
+        self._pending = None
 
     def propose(self, context, max_tokens, config, generator) -> Draft:
+        self._score_pending(context)
         n, follow = self.ngram.match(context, min(max_tokens, self.ngram_tokens))
         if n >= self.min_match and follow:
             return Draft(follow)  # one-hot, and no confidence to calibrate
         self.head.path_floor, self.head.tree_size = self.path_floor, self.tree_size
-        return self.head.propose(context, max_tokens, config, generator)
+        draft = self.head.propose(context, max_tokens, config, generator)
+        if not follow:
+            return draft
+        self._pending = (len(context), n, follow[0])
+        if len(draft) and self.match_rate(n) > first_confidence(draft):
+            return Draft(follow)
+        return draft
 
     def observe(self, draft: Draft, num_accepted: int) -> None:
         self.head.observe(draft, num_accepted)
+
+
+def first_confidence(draft: Draft) -> float:
+    """The drafter's probability of its likeliest first token (a tree's best root), 1.0 without one."""
+    if not draft.confidence:
+        return 1.0
+    if draft.parents is None:
+        return draft.confidence[0]
+    return max(c for c, p in zip(draft.confidence, draft.parents) if p < 0)
