@@ -303,7 +303,7 @@ class _SureHead(Drafter):
 
 
 def test_hybrid_takes_a_short_match_where_it_has_been_right_more_often_than_the_head_is_sure():
-    from specdecode.drafters.ngram import HybridDrafter, first_confidence
+    from specdecode.drafters.ngram import HybridDrafter
 
     cfg = GenerationConfig(max_new_tokens=8)
     unsure, sure = HybridDrafter(_SureHead(0.3)), HybridDrafter(_SureHead(0.7))
@@ -325,4 +325,4 @@ def test_hybrid_takes_a_short_match_where_it_has_been_right_more_often_than_the_
     assert miss.match_rate(1) == 0.5  # per request
     long = HybridDrafter(_SureHead(0.99))  # a 3-token match is taken whatever the head says, without asking it
     assert long.propose([1, 2, 3, 4, 1, 2, 3], 8, cfg, None).tokens == [4, 1, 2, 3] and long.head.calls == 0
-    assert first_confidence(Draft([1, 2], confidence=[0.4, 0.2])) == 0.4  # a chain's first token
+    assert Draft([1, 2], confidence=[0.4, 0.2]).first_confidence() == 0.4  # a chain's first token

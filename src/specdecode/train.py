@@ -330,7 +330,7 @@ def distill_loss(logits: torch.Tensor, labels: torch.Tensor, target_probs: torch
 
 
 def train_head(args) -> Path:
-    from .drafters.feature import FeatureHead, TargetParts, draft_config, save_feature_draft
+    from .drafters.feature import FeatureHead, TargetParts, save_feature_draft
     from .fastllama import supports
     from .models import load_model
     from .prompts import broad_prompts, grounded_prompts, passage_prompts, seed_prompts, varied_prompts, vocabulary_words
@@ -347,7 +347,7 @@ def train_head(args) -> Path:
         raise ConfigError("target", "train-draft needs a Llama-family target (llama, mistral: plain RoPE, no biases); "
                                     f"got {model.config.model_type}")
     n_layers = model.config.num_hidden_layers
-    init = _init_head(args, model) if args.init else None
+    init, init_cfg = _init_head(args, model) if args.init else (None, None)
     layers = init.head.feature_layers if init else feature_layers(args.feature_layers or "last", n_layers)
     tag = "" if layers == (n_layers - 1,) else "_layers" + "-".join(map(str, layers))
 
@@ -534,7 +534,7 @@ def train_head(args) -> Path:
         "trained_with": {k: getattr(args, k) for k in ("prompts", "varied_prompts", "broad_prompts", "self_prompts", "passage_prompts", "max_new_tokens",
                                                        "epochs", "lr", "batch_tokens", "depth", "inner", "draft_vocab", "reg_weight", "soft_labels",
                                                        "feature_noise", "feature_layers", "seed", "init")},
-        **({"init_trained_with": draft_config(args.init).get("trained_with")} if init else {}),
+        **({"init_trained_with": init_cfg.get("trained_with")} if init else {}),
         "train_sequences": len(train.items),
         "train_positions": sum(int(it[0].shape[0]) - it[3] for it in train.items),
         "draft_vocab_coverage": coverage,
@@ -550,9 +550,9 @@ def train_head(args) -> Path:
 
 
 def _init_head(args, model):
-    """``--init DIR``: the draft head in DIR, to train further; refused when it was trained for
-    another target, or when ``--inner``, ``--draft-vocab`` or ``--feature-layers`` ask for another
-    shape than it has (it keeps its own)."""
+    """``--init DIR``: the draft head in DIR, to train further, and its config; refused when it was
+    trained for another target, or when ``--inner``, ``--draft-vocab`` or ``--feature-layers`` ask
+    for another shape than it has (it keeps its own)."""
     from .drafters.feature import draft_config, is_feature_draft, load_feature_draft
 
     if not is_feature_draft(args.init):
@@ -567,7 +567,7 @@ def _init_head(args, model):
     for name, (given, has) in asked.items():
         if given is not None and given != has:
             raise ConfigError(name, f"the head given by --init has {has}; leave --{name.replace('_', '-')} out or give that")
-    return init
+    return init, cfg
 
 
 def feature_layers(spec: str, n_layers: int) -> tuple[int, ...]:

@@ -36,6 +36,15 @@ class Draft:
             out.append(c * (out[parent] if parent >= 0 else 1.0))
         return out
 
+    def first_confidence(self) -> float:
+        """The drafter's probability of its likeliest first token (a tree's best root); 1.0 when
+        it gives no confidence (n-gram lookup)."""
+        if not self.confidence:
+            return 1.0
+        if self.parents is None:
+            return self.confidence[0]
+        return max(c for c, p in zip(self.confidence, self.parents) if p < 0)
+
     def depth(self) -> int:
         """Tokens on the longest path: the chain's length, or the tree's depth."""
         if self.parents is None:

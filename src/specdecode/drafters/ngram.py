@@ -111,18 +111,9 @@ class HybridDrafter(Drafter):
         if not follow:
             return draft
         self._pending = (len(context), n, follow[0])
-        if len(draft) and self.match_rate(n) > first_confidence(draft):
+        if len(draft) and self.match_rate(n) > draft.first_confidence():
             return Draft(follow)
         return draft
 
     def observe(self, draft: Draft, num_accepted: int) -> None:
         self.head.observe(draft, num_accepted)
-
-
-def first_confidence(draft: Draft) -> float:
-    """The drafter's probability of its likeliest first token (a tree's best root), 1.0 without one."""
-    if not draft.confidence:
-        return 1.0
-    if draft.parents is None:
-        return draft.confidence[0]
-    return max(c for c, p in zip(draft.confidence, draft.parents) if p < 0)
