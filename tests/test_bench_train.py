@@ -9,7 +9,7 @@ import torch
 
 from specdecode import GenerationConfig
 from specdecode.api import SHIPPED_HEAD, make_drafter
-from specdecode.bench import format_table, run_bench
+from specdecode.bench import format_table, run_bench, write_plots
 from specdecode.cli import main
 from specdecode.config import ConfigError
 from specdecode.drafters.base import NoDrafter
@@ -52,6 +52,12 @@ def test_bench_table_and_json(tiny_dir, tmp_path, capsys):
         assert block["greedy_match"] is True
         assert block["mean_accepted_tokens"] >= 1.0
     assert summary["cost_model"]["target_pass_ms"]
+    for block in [summary["overall"], *summary["categories"].values()]:  # a prefix of counts never growing
+        reached = block["reached_by_position"]
+        assert len(reached) == len(block["acceptance_by_position"]) and reached == sorted(reached, reverse=True)
+    plots = write_plots(summary, tmp_path)
+    assert [p.name for p in plots] == ["speedup_by_category.png", "acceptance_by_position.png"]
+    assert all(p.stat().st_size > 1000 for p in plots)
     table = format_table(summary)
     assert "overall" in table and "vs hf" in table
     code = main(["bench", "--dataset", str(data), "--target", str(tiny_dir), "--categories", "nope"])

@@ -64,3 +64,34 @@ def test_one_token_pass_inferred_without_plain_steps_is_said_so():
     inferred = analyse(speculative_only)
     assert not inferred["t1_measured"]
     assert any("No plain step" in line and "inferred" in line for line in inferred["advice"])
+
+
+def test_acceptance_by_position_is_conditional_wherever_it_is_reported():
+    """Four 3-token chains accepting 0, 1, 3 and 2 tokens: position 1 is reached 4 times and
+    accepted 3, position 2 reached 3 times (first accepted) and accepted 2, position 3 reached 2
+    and accepted 1. The run's stats, explain and bench's summary all say 3/4, 2/3, 1/2, and the
+    cost model's 1 + a1 + a1*a2 + a1*a2*a3 then gives the tokens per step the run had (2.5).
+    Dividing by every step that drafted a position (3/4, 2/4, 1/4) would predict 2.22."""
+    from specdecode.bench import PromptResult, summarize
+    from specdecode.costmodel import CostModel, expected_tokens
+    from specdecode.explain import acceptance_by_position
+    from specdecode.stats import RunStats, StepRecord
+
+    steps = [step(i, 3, 3, a, 0.001, T1) for i, a in enumerate([0, 1, 3, 2])]
+    stats = RunStats()
+    for s in steps:
+        stats.add(StepRecord(**{k: v for k, v in s.items() if k != "type"}))
+    want = [3 / 4, 2 / 3, 1 / 2]
+    assert stats.acceptance_by_position == pytest.approx(want)
+    assert acceptance_by_position(steps)[0] == pytest.approx(want)
+    result = PromptResult(0, "x", 10, 1.0, 10, 1.0, True, steps, stats.to_json())
+    summary = summarize([result], CostModel(target_s={1: T1}), compare_hf=False)
+    assert summary["overall"]["acceptance_by_position"] == pytest.approx(want)
+    assert summary["overall"]["reached_by_position"] == [4, 3, 2]
+    emitted_per_step = sum(s["emitted"] for s in steps) / len(steps)
+    assert expected_tokens(stats.acceptance_by_position, 3) == pytest.approx(emitted_per_step)
+
+    # a tree step: 5 candidates over depth 2, first depth accepted; its positions are its depths
+    tree = RunStats()
+    tree.add(StepRecord(0, 5, 5, 1, 2, 0.001, T1, 0.0, 6, depth=2))
+    assert (tree.drafted_at, tree.reached_at, tree.accepted_at) == ([1, 1], [1, 1], [1, 0])

@@ -122,6 +122,7 @@ def _hf_generate(model, tokenizer, prompt_ids, config: GenerationConfig, counter
 
 def summarize(results: list[PromptResult], cost, compare_hf: bool) -> dict:
     from .costmodel import predicted_speedup_of_steps
+    from .stats import rates_by_position
 
     def block(rs: list[PromptResult]) -> dict:
         base_tps = sum(r.base_tokens for r in rs) / sum(r.base_s for r in rs)
@@ -130,8 +131,11 @@ def summarize(results: list[PromptResult], cost, compare_hf: bool) -> dict:
         accepted = sum(r.stats["accepted"] for r in rs)
         steps = sum(r.stats["steps"] for r in rs)
         width = max((len(r.stats["drafted_at"]) for r in rs), default=0)
-        d_at = [sum(r.stats["drafted_at"][i] for r in rs if i < len(r.stats["drafted_at"])) for i in range(width)]
-        a_at = [sum(r.stats["accepted_at"][i] for r in rs if i < len(r.stats["accepted_at"])) for i in range(width)]
+
+        def summed(key: str) -> list[int]:  # per-position counts over the prompts, of unequal lengths
+            return [sum(r.stats[key][i] for r in rs if i < len(r.stats[key])) for i in range(width)]
+
+        d_at, r_at, a_at = summed("drafted_at"), summed("reached_at"), summed("accepted_at")
         all_steps = [s for r in rs for s in r.steps]
         predicted = predicted_speedup_of_steps(all_steps, cost)
         speedup = spec_tps / base_tps
@@ -142,8 +146,9 @@ def summarize(results: list[PromptResult], cost, compare_hf: bool) -> dict:
             "min_speedup": min(r.speedup for r in rs),
             "mean_accepted_tokens": sum(r.spec_tokens for r in rs) / steps if steps else 0.0,
             "acceptance_rate": accepted / drafted if drafted else 0.0,
-            "acceptance_by_position": [a / d if d else 0.0 for a, d in zip(a_at, d_at)],
+            "acceptance_by_position": rates_by_position(a_at, r_at),
             "drafted_by_position": d_at,
+            "reached_by_position": r_at,
             "tokens_per_second": spec_tps,
             "baseline_tokens_per_second": base_tps,
             "greedy_match": all(r.greedy_match for r in rs) if rs[0].greedy_match is not None else None,
@@ -319,6 +324,9 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+MIN_REACHED = 20  # fewer tests of a position than this are left out of the acceptance plot
+
+
 def write_plots(summary: dict, out: Path) -> list[Path]:
     import matplotlib
 
@@ -344,17 +352,22 @@ def write_plots(summary: dict, out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, c in list(summary["categories"].items()) + [("overall", summary["overall"])]:
-        acc = c["acceptance_by_position"]
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    colors = plt.get_cmap("tab20").colors  # 13 Spec-Bench categories: tab10 would repeat colours
+    for k, (name, c) in enumerate(list(summary["categories"].items()) + [("overall", summary["overall"])]):
+        # a position reached a handful of times says nothing (1 of 2 reads as 0.5): leave it out
+        # (counts never grow with the position, so what is kept is a prefix)
+        acc = [a for a, n in zip(c["acceptance_by_position"], c["reached_by_position"]) if n >= MIN_REACHED]
         if acc:
-            ax.plot(range(1, len(acc) + 1), acc, marker="o", lw=2.5 if name == "overall" else 1,
-                    color="black" if name == "overall" else None, label=name)
+            overall = name == "overall"
+            ax.plot(range(1, len(acc) + 1), acc, marker="o", lw=2.5 if overall else 1,
+                    color="black" if overall else colors[k % len(colors)], label=name)
     ax.set_xlabel("draft position")
-    ax.set_ylabel("acceptance (given all earlier accepted)")
+    ax.set_ylabel("acceptance, given the earlier\npositions were accepted")
     ax.set_ylim(0, 1.05)
-    ax.set_title("acceptance by draft position")
-    ax.legend(fontsize=7, ncol=2)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_title(f"acceptance by draft position (positions reached at least {MIN_REACHED} times)", fontsize=10)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     paths.append(out / "acceptance_by_position.png")
     fig.savefig(paths[-1], dpi=110)

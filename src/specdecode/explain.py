@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .config import ConfigError
 from .costmodel import CostModel, best_draft_len, prior_pass_ratio
+from .stats import rates_by_position, tally_positions
 
 BOTTLENECKS = ("acceptance", "draft_cost", "verification_cost", "overhead", "policy_off", "none")
 
@@ -68,12 +69,14 @@ def _positions(step: dict) -> int:
 
 
 def acceptance_by_position(steps: list[dict]) -> tuple[list[float], list[int]]:
-    width = max((_positions(s) for s in steps), default=0)
-    drafted_at = [sum(1 for s in steps if _positions(s) > i) for i in range(width)]
-    accepted_at = [sum(1 for s in steps if s["accepted"] > i) for i in range(width)]
-    # conditional: of the steps that reached position i (all before accepted) and drafted it
-    reached = [sum(1 for s in steps if _positions(s) > i and s["accepted"] >= i) for i in range(width)]
-    return [a / r if r else 0.0 for a, r in zip(accepted_at, reached)], drafted_at
+    """Acceptance at each position given the earlier ones were accepted, as ``RunStats`` counts
+    it, and how many steps drafted each position."""
+    drafted_at: list[int] = []
+    reached_at: list[int] = []
+    accepted_at: list[int] = []
+    for s in steps:
+        tally_positions(drafted_at, reached_at, accepted_at, _positions(s), s["accepted"])
+    return rates_by_position(accepted_at, reached_at), drafted_at
 
 
 def _speedup(steps, cost: CostModel, *, accept_all=False, free_draft=False, flat_verify=False, no_overhead=False):

@@ -257,6 +257,7 @@ def _spec_stats(stats) -> dict:
         "mean_accepted_length": stats.mean_accepted_length,
         "accepted_per_position": stats.accepted_at,
         "drafted_per_position": stats.drafted_at,
+        "reached_per_position": stats.reached_at,  # drafted, and every earlier position accepted
         "tokens_per_second": stats.tokens_per_second,
     }
 

@@ -7,9 +7,10 @@ Definitions (used by the trace, the CLI, the server and the benchmark alike):
 * ``mean_accepted_length`` = emitted tokens / target passes: tokens per target forward pass,
   **counting the target's own recovered or bonus token** (Spec-Bench's "mean accepted tokens"; plain
   decoding scores exactly 1.0). ``mean_accepted_drafts`` is the same without that token.
-* ``acceptance_by_position[i]``: of the steps that drafted at least i+1 tokens (a tree: reached
-  depth i+1), the fraction whose token at position i+1 was accepted (all earlier ones were
-  accepted too, by definition).
+* ``acceptance_by_position[i]``: the chance that the drafted token at position i+1 is accepted
+  given that the i before it were: of the steps that drafted at least i+1 tokens (a tree: reached
+  depth i+1) and had their first i accepted, the fraction that accepted position i+1 too. The
+  cost model's expected tokens per step, 1 + a1 + a1*a2 + ..., multiplies exactly these.
 * time is split into drafting, verification (the target pass plus the acceptance rule) and
   overhead (everything else in the loop: detokenising, stop checks, bookkeeping); prefill is
   reported apart.
@@ -58,6 +59,7 @@ class RunStats:
     total_s: float = 0.0
     drafted_at: list[int] = field(default_factory=list)  # steps that drafted >= i+1 tokens
     accepted_at: list[int] = field(default_factory=list)  # steps that accepted >= i+1 tokens
+    reached_at: list[int] = field(default_factory=list)  # steps that drafted >= i+1 and accepted >= i
 
     def add(self, rec: StepRecord) -> None:
         self.steps += 1
@@ -67,14 +69,7 @@ class RunStats:
         self.draft_s += rec.draft_s
         self.verify_s += rec.verify_s
         self.overhead_s += rec.overhead_s
-        grow = rec.positions - len(self.drafted_at)
-        if grow > 0:
-            self.drafted_at.extend([0] * grow)
-            self.accepted_at.extend([0] * grow)
-        for i in range(rec.positions):
-            self.drafted_at[i] += 1
-        for i in range(rec.accepted):
-            self.accepted_at[i] += 1
+        tally_positions(self.drafted_at, self.reached_at, self.accepted_at, rec.positions, rec.accepted)
 
     @property
     def acceptance_rate(self) -> float:
@@ -90,7 +85,7 @@ class RunStats:
 
     @property
     def acceptance_by_position(self) -> list[float]:
-        return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at)]
+        return rates_by_position(self.accepted_at, self.reached_at)
 
     @property
     def tokens_per_second(self) -> float:
@@ -114,3 +109,21 @@ class RunStats:
         ):
             out[name] = getattr(self, name)
         return out
+
+
+def tally_positions(drafted_at: list[int], reached_at: list[int], accepted_at: list[int], positions: int,
+                    accepted: int) -> None:
+    """Count one step into per-position tallies: it drafted positions 1..``positions`` (a tree:
+    its depth), reached (tested) position i+1 when its first i were accepted, and accepted the
+    first ``accepted``."""
+    for counts in (drafted_at, reached_at, accepted_at):
+        counts.extend([0] * (positions - len(counts)))
+    for i in range(positions):
+        drafted_at[i] += 1
+        reached_at[i] += int(i <= accepted)
+        accepted_at[i] += int(i < accepted)
+
+
+def rates_by_position(accepted_at: list[int], reached_at: list[int]) -> list[float]:
+    """Acceptance at each draft position given the earlier ones were accepted (0 where never reached)."""
+    return [a / r if r else 0.0 for a, r in zip(accepted_at, reached_at)]
