@@ -348,7 +348,7 @@ def train_head(args) -> Path:
                                     f"got {model.config.model_type}")
     n_layers = model.config.num_hidden_layers
     init, init_cfg = _init_head(args, model) if args.init else (None, None)
-    layers = init.head.feature_layers if init else feature_layers(args.feature_layers or "last", n_layers)
+    layers = init.head.feature_layers if init else feature_layers(args.feature_layers or DEFAULT_FEATURE_LAYERS, n_layers)
     tag = "" if layers == (n_layers - 1,) else "_layers" + "-".join(map(str, layers))
 
     def features_file(number: int, suffix: str) -> Path:  # named by the layers they hold
@@ -413,7 +413,7 @@ def train_head(args) -> Path:
     if init:
         vocab_ids = init.parts.vocab_ids.cpu()
     else:
-        vocab_ids = torch.argsort(counts, descending=True)[: args.draft_vocab or 8192].sort().values
+        vocab_ids = torch.argsort(counts, descending=True)[: args.draft_vocab or DEFAULT_DRAFT_VOCAB].sort().values
     vocab_map = torch.full((vocab_size,), -100, dtype=torch.long)
     vocab_map[vocab_ids] = torch.arange(len(vocab_ids))
     coverage = float(counts[vocab_ids].sum() - counts[eos]) / max(1.0, float(counts.sum() - counts[eos]))
@@ -549,6 +549,12 @@ def train_head(args) -> Path:
     return out
 
 
+# --draft-vocab and --feature-layers default to None so that --init can tell "not given" from a
+# conflicting value; a new head takes these
+DEFAULT_DRAFT_VOCAB = 8192
+DEFAULT_FEATURE_LAYERS = "last"
+
+
 def _init_head(args, model):
     """``--init DIR``: the draft head in DIR, to train further, and its config; refused when it was
     trained for another target, or when ``--inner``, ``--draft-vocab`` or ``--feature-layers`` ask
@@ -635,7 +641,7 @@ def register(sub) -> None:
     p.add_argument("--depth", type=int, default=3, help="draft steps unrolled in training")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--inner", type=int, default=None, help="the head's MLP width (default: the target's, copied from its last layer)")
-    p.add_argument("--draft-vocab", type=int, default=None, help="reduced output vocabulary (default 8192)")
+    p.add_argument("--draft-vocab", type=int, default=None, help=f"reduced output vocabulary (default {DEFAULT_DRAFT_VOCAB})")
     p.add_argument("--reg-weight", type=float, default=0.5, help="weight of the feature regression loss")
     p.add_argument("--soft-labels", type=float, default=0.0,
                    help="weight in [0, 1] of the target's whole next-token distribution in the loss, against its "
@@ -644,7 +650,7 @@ def register(sub) -> None:
                    help="uniform noise on the features the head reads in training, as a fraction of each layer's "
                         "spread (EAGLE uses 0.1; 0: none)")
     p.add_argument("--feature-layers", default=None,
-                   help="target layers the head reads: 'last' (default), 'low-mid-last' (EAGLE-3) or numbers such as "
+                   help=f"target layers the head reads: '{DEFAULT_FEATURE_LAYERS}' (default), 'low-mid-last' (EAGLE-3) or numbers such as "
                         "2,15 (the last layer is always read)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu or cuda[:N]")
