@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(BIN)/specdecode generate "Summarize in one sentence: The city council approved a budget with three new bus lines, a renovated central station and free fares for students; critics said it costs too much." --max-new-tokens 64
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -19,8 +19,8 @@ import torch
 import specdecode
 from specdecode.api import SHIPPED_HEAD
 from specdecode.config import GenerationConfig
-from specdecode.drafters.feature import load_feature_draft
-from specdecode.runner import make_runner
+from specdecode.drafters.head_file import load_feature_draft
+from specdecode.runners import make_runner
 
 EDGES = [0.0, 0.3, 0.5, 0.7, 0.9, 1.01]
 
@@ -66,7 +66,9 @@ def agreement(model, head, seqs) -> tuple[list[int], list[int], float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--head", action="append", help="a trained head's directory, or 'head' (the shipped one); repeatable")
+    p.add_argument(
+        "--head", action="append", help="a trained head's directory, or 'head' (the shipped one); repeatable"
+    )
     p.add_argument("--requests", default=str(Path(__file__).with_name("own_requests.json")),
                    help="JSON object: group name -> list of requests")
     p.add_argument("--answers", help="a train-draft answers_N.jsonl instead of --requests")
@@ -81,8 +83,11 @@ def main() -> None:
         for name, seqs in groups.items():
             hits, total, sure = agreement(dec.model, head, seqs)
             n = sum(total)
-            bins = "  ".join(f"[{EDGES[k]:.1f},{min(EDGES[k + 1], 1.0):.1f}): {hits[k] / total[k]:.2f} ({total[k] / n:.2f})"
-                             for k in range(len(total)) if total[k])
+            bins = "  ".join(
+                f"[{EDGES[k]:.1f},{min(EDGES[k + 1], 1.0):.1f}): {hits[k] / total[k]:.2f} ({total[k] / n:.2f})"
+                for k in range(len(total))
+                if total[k]
+            )
             print(f"{name}: {len(seqs)} requests, {n} positions, agreement {sum(hits) / n:.3f}, "
                   f"target's mean top-1 {sure:.2f}\n   by target top-1 (share of positions): {bins}")
 

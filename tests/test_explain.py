@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from specdecode.explain import analyse, cmd_explain, load_steps
+from specdecode.cli import main
+from specdecode.explain import analyse, load_steps
 
 
 def step(i, tau, drafted, accepted, draft_s, verify_s, overhead_s=0.0005):
@@ -35,11 +36,29 @@ def trace(kind):
     return steps
 
 
-@pytest.mark.parametrize("kind", ["policy_off", "acceptance", "draft_cost", "verification_cost", "overhead"])
+# the headline of the advice for each kind of bottleneck
+HEADLINES = {
+    "policy_off": "Bottleneck: speculation was off",
+    "acceptance": "Bottleneck: acceptance too low",
+    "draft_cost": "Bottleneck: the draft is too slow",
+    "verification_cost": "Bottleneck: verification is expensive",
+    "overhead": "Bottleneck: loop overhead",
+}
+
+
+@pytest.mark.parametrize("kind", list(HEADLINES))
 def test_bottleneck_is_named(kind):
     report = analyse(trace(kind))
     assert report["bottleneck"] == kind
-    assert any(kind.split("_")[0] in line.lower() or "speculation was off" in line for line in report["advice"])
+    named = [line for line in report["advice"] if line.startswith("Bottleneck:")]
+    assert len(named) == 1 and named[0].startswith(HEADLINES[kind])  # the advice names this kind, and only it
+
+
+def test_balanced_run_names_no_bottleneck():
+    steps = [step(i, 4, 4, 4, 0.0, T1, 0.0) for i in range(60)] + [step(60, 0, 0, 0, 0.0, T1, 0.0)]
+    report = analyse(steps)
+    assert report["bottleneck"] == "none"
+    assert not any(line.startswith("Bottleneck:") for line in report["advice"])
 
 
 def test_acceptance_collapse_position_and_cli(tmp_path, capsys):
@@ -48,10 +67,7 @@ def test_acceptance_collapse_position_and_cli(tmp_path, capsys):
     steps, _ = load_steps(str(path))
     assert analyse(steps)["acceptance_collapses_at"] == 1
 
-    class Args:
-        trace, json, plots = str(path), True, str(tmp_path / "p")
-
-    assert cmd_explain(Args) == 0
+    assert main(["explain", str(path), "--json", "--plots", str(tmp_path / "p")]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["bottleneck"] == "acceptance"
     assert (tmp_path / "p_timeline.png").stat().st_size > 1000

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from specdecode import GenerationConfig
-from specdecode.drafters.base import NoDrafter
-from specdecode.drafters.feature import FeatureDrafter, FeatureHead, TargetParts
+from specdecode.drafters.base import DraftPlan, NoDrafter
+from specdecode.drafters.head import FeatureHead, TargetParts
 from specdecode.engine import SpeculativeDecoder
-from specdecode.runner import make_runner
+from specdecode.runners import make_runner
 
-from conftest import DEVICES, on
+from conftest import DEVICES, on, random_head_drafter
 
 
 @pytest.mark.parametrize("layers", [None, (1, 3)])
@@ -48,21 +48,11 @@ def test_a_new_head_reading_more_layers_starts_as_the_plain_head():
         assert not torch.allclose(wide(f, e)[0], plain(f[..., :32], e)[0])  # negative control: not the first layer
 
 
-def _drafter(model, seed=3, layers=None):
-    torch.manual_seed(seed)
-    head = FeatureHead.for_target(model, feature_layers=layers).to(model.device).eval()
-    with torch.no_grad():  # a random head: its drafts are wrong often, which exercises rollback
-        head.fc.weight.normal_(0, 0.05)
-        if head.fuse is not None:
-            head.fuse.weight.normal_(0, 0.05)
-    return FeatureDrafter(head, TargetParts(model, torch.arange(model.config.vocab_size)), model.config.vocab_size)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tree,layers", [(False, None), (True, None), (False, (0, 1)), (True, (0, 1))])
 def test_drafter_cache_across_steps_equals_a_fresh_one(tiny_target, tokenizer, tree, layers, device):
     tiny_target = on(tiny_target, device)
-    drafter = _drafter(tiny_target, layers=layers)
+    drafter = random_head_drafter(tiny_target, layers=layers)
     dec = SpeculativeDecoder(tiny_target, tokenizer, drafter)
     cfg = GenerationConfig(max_new_tokens=40, policy="fixed", draft_len=3, ignore_eos=True, tree=tree)
     result = dec.generate("Once upon a time", cfg)
@@ -71,20 +61,19 @@ def test_drafter_cache_across_steps_equals_a_fresh_one(tiny_target, tokenizer, t
     assert result.token_ids == plain.token_ids  # greedy output is the target's
     context = result.prompt_token_ids + result.token_ids
     gen = torch.Generator()
-    kept = drafter.propose(context, 4, cfg, gen)
-    fresh = _drafter(tiny_target, layers=layers)
+    kept = drafter.propose(context, DraftPlan(4), cfg, gen)
+    fresh = random_head_drafter(tiny_target, layers=layers)
     fresh.attach(dec.target)
-    fresh.tree_size = drafter.tree_size  # the policy's, as the loop set it
-    again = fresh.propose(context, 4, cfg, gen)
+    again = fresh.propose(context, DraftPlan(4), cfg, gen)
     assert kept.tokens == again.tokens and kept.parents == again.parents
-    assert drafter.propose(context, 4, cfg, gen).tokens == kept.tokens  # the same context twice
+    assert drafter.propose(context, DraftPlan(4), cfg, gen).tokens == kept.tokens  # the same context twice
     assert kept.confidence == pytest.approx(again.confidence, abs=1e-5)
 
 
 def test_head_needs_the_lean_runner(tiny_target):
     from specdecode.config import ConfigError
 
-    drafter = _drafter(tiny_target)
+    drafter = random_head_drafter(tiny_target)
     with pytest.raises(ConfigError, match="draft"):
         drafter.attach(make_runner(tiny_target, tiny_target.config.vocab_size, fast=False))
 
@@ -99,5 +88,8 @@ def test_output_rows_give_the_same_logits_one_row_or_many(tiny_target):
     rows = torch.cat([parts.logits(g[i:i + 1]) for i in range(4)])
     torch.testing.assert_close(many, rows, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(parts.logits(g[None])[0], rows, atol=1e-5, rtol=1e-5)
-    full = torch.nn.functional.rms_norm(g, (g.shape[-1],), parts.norm, parts.eps) @ tiny_target.get_output_embeddings().weight.detach().t()
+    full = (
+        torch.nn.functional.rms_norm(g, (g.shape[-1],), parts.norm, parts.eps)
+        @ tiny_target.get_output_embeddings().weight.detach().t()
+    )
     torch.testing.assert_close(many, full[:, [3, 1, 4, 15, 9, 26]], atol=1e-5, rtol=1e-5)  # the rows asked for

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -69,7 +68,8 @@ def test_completion_stream_equals_non_stream_and_cli(server, client):
     prompt = "The three primary colors are"
     full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
     streamed = "".join(
-        c.choices[0].text for c in client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stream=True)
+        c.choices[0].text
+        for c in client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stream=True)
     )
     assert full.choices[0].text == streamed
     assert full.usage.completion_tokens > 0
@@ -82,7 +82,9 @@ def test_completion_stream_equals_non_stream_and_cli(server, client):
 
 def test_chat_stream_equals_non_stream_and_cli(client):
     msg = "Summarize in one sentence: The council approved three new bus lines and free fares for students."
-    full = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": msg}], max_tokens=40, temperature=0)
+    full = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": msg}], max_tokens=40, temperature=0
+    )
     chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": msg}],
                                                  max_tokens=40, temperature=0, stream=True,
                                                  stream_options={"include_usage": True}))
@@ -109,14 +111,19 @@ def test_metrics_move_by_exactly_the_requests_tokens(server, client):
     before = {n: _metric(base, n) for n in names}
     pos0 = _metric(base, "vllm:spec_decode_num_accepted_tokens_per_pos_total", '{position="0"}')
     article = "Alice met Bob in Paris. Alice gave Bob a red book. Bob gave Alice a blue pen. "
-    r = client.completions.create(model=MODEL, prompt="Repeat exactly: " + article * 3 + "\nRepeat: ", max_tokens=40, temperature=0)
+    r = client.completions.create(
+        model=MODEL, prompt="Repeat exactly: " + article * 3 + "\nRepeat: ", max_tokens=40, temperature=0
+    )
     spec = r.model_extra["speculative_decoding"]
     assert spec["drafted_tokens"] > 0 and spec["accepted_tokens"] > 0
     after = {n: _metric(base, n) for n in names}
     assert after[names[1]] - before[names[1]] == spec["drafted_tokens"]
     assert after[names[2]] - before[names[2]] == spec["accepted_tokens"]
     assert after[names[0]] - before[names[0]] == spec["drafted_per_position"][0]
-    assert _metric(base, "vllm:spec_decode_num_accepted_tokens_per_pos_total", '{position="0"}') - pos0 == spec["accepted_per_position"][0]
+    assert (
+        _metric(base, "vllm:spec_decode_num_accepted_tokens_per_pos_total", '{position="0"}') - pos0
+        == spec["accepted_per_position"][0]
+    )
 
 
 @pytest.mark.parametrize(
@@ -145,7 +152,11 @@ def test_bad_requests_get_400_and_server_keeps_serving(server, path, body, param
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["message"]
-    ok = httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 2, "temperature": 0}, timeout=60)
+    ok = httpx.post(
+        base + "/v1/completions",
+        json={"model": MODEL, "prompt": "Hello", "max_tokens": 2, "temperature": 0},
+        timeout=60,
+    )
     assert ok.status_code == 200
 
 
@@ -173,7 +184,9 @@ def test_disconnect_mid_stream_frees_the_worker(server):
                 break  # leave mid-stream: the connection closes
     time.sleep(0.5)
     t = time.perf_counter()
-    r = httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1, "temperature": 0}, timeout=60)
+    r = httpx.post(
+        base + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1, "temperature": 0}, timeout=60
+    )
     assert r.status_code == 200
     # 400 tokens would take ~20 s; a freed worker answers within a couple of target passes
     assert time.perf_counter() - t < 5

@@ -9,19 +9,17 @@ import pytest
 import torch
 
 from specdecode import GenerationConfig
-from specdecode.costmodel import CostModel
-from specdecode.drafters.base import Draft
-from specdecode.engine import SpeculativeDecoder
-from specdecode.fastllama import FastLlama, FastRunner
-from specdecode.policy import make_policy
 from specdecode.check import run_check
 from specdecode.config import ConfigError
+from specdecode.costmodel import CostModel
+from specdecode.drafters.base import DraftPlan
+from specdecode.engine import SpeculativeDecoder
+from specdecode.policy import make_policy
+from specdecode.runners import LeanLlama, LeanRunner
 from specdecode.sampling import logits_to_probs
 from specdecode.verify import residual_distribution, verify_tree
 
-from conftest import DEVICES, on
-from test_engine import PROMPTS, plain
-from test_feature_head import _drafter
+from conftest import DEVICES, PROMPTS, on, plain, random_head_drafter
 
 CONTEXT = list(range(100, 120))
 # pending token 7; under it 11 and 12; under 11: 13; under 12: 14 and 15; under 14: 16
@@ -30,7 +28,7 @@ PARENTS = [-1, 0, 0, 1, 2, 2, 4]
 
 
 def _runner(model):
-    runner = FastRunner(FastLlama(model, tune=False), capacity=16)  # small: the tree grows it
+    runner = LeanRunner(LeanLlama(model, tune=False), capacity=16)  # small: the tree grows it
     runner.forward(CONTEXT, num_logits=0)
     return runner
 
@@ -81,7 +79,9 @@ def _logits_choosing(choices, vocab=20):
 
 
 def _greedy_tree(drafted, parents, choices):
-    return verify_tree(drafted, parents, logits_to_probs(_logits_choosing(choices), 0.0), torch.Generator().manual_seed(0))
+    return verify_tree(
+        drafted, parents, logits_to_probs(_logits_choosing(choices), 0.0), torch.Generator().manual_seed(0)
+    )
 
 
 def test_tree_acceptance_follows_the_target_argmax():
@@ -177,15 +177,15 @@ def test_tree_size_spends_the_flat_part_of_the_cost_curve():
 
 
 def test_head_tree_holds_the_chain_and_its_confidences(tiny_target, tokenizer):
-    drafter = _drafter(tiny_target)
+    drafter = random_head_drafter(tiny_target)
     dec = SpeculativeDecoder(tiny_target, tokenizer, drafter)
     context = dec.encode("Once upon a time", chat=False)
     dec.target.sync([])
     dec.target.forward(context[:-1], num_logits=0)
     gen = torch.Generator()
-    chain = drafter.propose(context, 3, GenerationConfig(tree=False), gen)
+    chain = drafter.propose(context, DraftPlan(3), GenerationConfig(tree=False), gen)
     drafter.width, drafter.branches = 9, 3  # every node of depths 1 and 2 is expanded
-    tree = drafter.propose(context, 3, GenerationConfig(), gen)
+    tree = drafter.propose(context, DraftPlan(3), GenerationConfig(), gen)
     assert tree.parents is not None and len(tree) == 3 + 9 + 27 and tree.depth() == len(chain) == 3
     # the chain is the tree's branch of first choices, with the same probabilities: the tree's
     # head states at depth > 1 are the chain's (a wrong position or mask would change them)
@@ -200,13 +200,15 @@ def test_head_tree_holds_the_chain_and_its_confidences(tiny_target, tokenizer):
 @pytest.mark.parametrize("tau", [2, 3, 8])
 def test_greedy_tree_drafts_identical_to_plain_decoding(tiny_target, tokenizer, tau, device):
     tiny_target = on(tiny_target, device)
-    drafter = _drafter(tiny_target)
+    drafter = random_head_drafter(tiny_target)
     trees = []
     propose = drafter.propose
     drafter.propose = lambda *a: trees.append(propose(*a)) or trees[-1]
     dec = SpeculativeDecoder(tiny_target, tokenizer, drafter)
     for prompt in PROMPTS:
-        got = dec.generate(prompt, GenerationConfig(max_new_tokens=40, draft_len=tau, policy="fixed", ignore_eos=True), chat=False)
+        got = dec.generate(
+            prompt, GenerationConfig(max_new_tokens=40, draft_len=tau, policy="fixed", ignore_eos=True), chat=False
+        )
         assert got.token_ids == plain(tiny_target, tokenizer, prompt).token_ids
     branching = [d for d in trees if d.parents is not None and len(d) > d.depth()]
     assert branching and len(branching) > len(trees) // 2  # most steps really verified a tree
@@ -214,17 +216,19 @@ def test_greedy_tree_drafts_identical_to_plain_decoding(tiny_target, tokenizer, 
 
 
 def test_sampling_drafts_trees_and_keeps_the_target_distribution(tiny_target, tokenizer):
-    drafter = _drafter(tiny_target)
+    drafter = random_head_drafter(tiny_target)
     dec = SpeculativeDecoder(tiny_target, tokenizer, drafter)
     context = dec.encode("Once upon a time", chat=False)
     dec.target.forward(context[:-1], num_logits=0)
     sampling = GenerationConfig(temperature=1.0, top_k=50, draft_len=3, policy="fixed", tree=True)
-    draft = drafter.propose(context, 3, sampling, torch.Generator().manual_seed(1))
+    draft = drafter.propose(context, DraftPlan(3), sampling, torch.Generator().manual_seed(1))
     assert draft.parents is not None and draft.probs is None  # one-hot candidates
     for tree in (False, "auto"):  # --tree off, and the default under sampling: a sampled chain with its distribution
-        chain = drafter.propose(context, 3, sampling.with_(tree=tree), torch.Generator().manual_seed(1))
+        chain = drafter.propose(context, DraftPlan(3), sampling.with_(tree=tree), torch.Generator().manual_seed(1))
         assert chain.parents is None and chain.probs is not None
-    assert drafter.propose(context, 3, GenerationConfig(draft_len=3, policy="fixed"), None).parents is not None  # auto, greedy
+    assert (
+        drafter.propose(context, DraftPlan(3), GenerationConfig(draft_len=3, policy="fixed"), None).parents is not None
+    )  # auto, greedy
     # end to end (the check's chi-square on the first two tokens): a random head's candidates are
     # mostly rejected, so the rejection-and-residual path is what this exercises
     report = run_check(dec, sampling, ["The cat sat on the mat and the cat"], draws=400, alpha=1e-3, progress=False)
@@ -233,13 +237,13 @@ def test_sampling_drafts_trees_and_keeps_the_target_distribution(tiny_target, to
 
 
 def test_confidence_policy_stops_tree_expansion(tiny_target, tokenizer):
-    drafter = _drafter(tiny_target)  # a random head: its probabilities are far below 0.9
+    drafter = random_head_drafter(tiny_target)  # a random head: its probabilities are far below 0.9
     dec = SpeculativeDecoder(tiny_target, tokenizer, drafter)
     context = dec.encode("Once upon a time", chat=False)
     dec.target.forward(context[:-1], num_logits=0)
     gen = torch.Generator()
-    deep = drafter.propose(context, 4, GenerationConfig(), gen)
-    shallow = drafter.propose(context, 4, GenerationConfig(policy="confidence", confidence=0.9), gen)
+    deep = drafter.propose(context, DraftPlan(4), GenerationConfig(), gen)
+    shallow = drafter.propose(context, DraftPlan(4), GenerationConfig(policy="confidence", confidence=0.9), gen)
     assert deep.depth() == 4 and shallow.depth() == 1 and len(shallow) == drafter.branches
 
 

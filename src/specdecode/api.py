@@ -11,35 +11,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import ConfigError
+from .config import DEFAULT_DRAFT, ConfigError
 from .drafters.base import Drafter, NoDrafter
+from .drafters.head_file import SHIPPED_HEAD
 from .drafters.model import ModelDrafter, check_same_vocabulary
 from .drafters.ngram import HybridDrafter, NgramDrafter
 from .engine import SpeculativeDecoder
 from .models import load_model
+from .runners import runs_lean
 
 BUILTIN_DRAFTERS = ("none", "ngram", "head", "head+ngram")
-# The draft head trained for the default target (specdecode train-draft, see README), shipped inside
-# the package; "head" names it, "head+ngram" uses a long n-gram match when there is one and the head
-# otherwise. "auto" is head+ngram where the shipped head fits (the default target, on the lean
-# runner) and n-gram lookup elsewhere. The shipped head (12,000 self-written requests, three target
-# layers; README) made 1.32x and 1.27x on Spec-Bench (39 prompts, greedy, trees), median prompt 1.34x
-# and 1.26x, against 1.26x and 1.22x for the rounds 1-5 head it replaced, on a slow day of this
-# machine; the rounds 1-5 head had made 1.67x, median 1.70x, when passes were faster (README).
-SHIPPED_HEAD = Path(__file__).parent / "drafts" / "smollm2-135m-instruct"
 
 
 def auto_drafter(target, fast: bool = True) -> str:
     """What ``--draft auto`` means for this target: the shipped head with n-gram lookup where the
     head was trained for it and the lean runner it reads features from applies, else n-gram."""
-    from .drafters.feature import draft_config, trained_for
-    from .runner import runs_lean
+    from .drafters.head_file import draft_config, trained_for
 
     fits = runs_lean(target.model, fast) and trained_for(draft_config(SHIPPED_HEAD), target.model)
     return "head+ngram" if fits else "ngram"
 
 
-def load(target: str | None = None, draft: str = "auto", *, dtype: str = "auto", device: str = "auto",
+def load(target: str | None = None, draft: str = DEFAULT_DRAFT, *, dtype: str = "auto", device: str = "auto",
          fast: bool = True) -> SpeculativeDecoder:
     """Load a target (hub id, local directory, GGUF file, or None for the default) and a drafter:
     ``"none"`` (plain decoding), ``"ngram"`` (prompt lookup), ``"head"`` (the shipped draft head of
@@ -55,15 +48,19 @@ def load(target: str | None = None, draft: str = "auto", *, dtype: str = "auto",
 
 def make_drafter(spec: str, target, *, dtype: str = "auto", device: str = "auto", fast: bool = True) -> Drafter:
     if not isinstance(spec, str) or not spec:
-        raise ConfigError("draft", f"must be auto, none, ngram, head, head+ngram or a model id/path [+ngram] (got {spec!r})")
-    from .drafters.feature import is_feature_draft, load_feature_draft
+        raise ConfigError(
+            "draft", f"must be auto, none, ngram, head, head+ngram or a model id/path [+ngram] (got {spec!r})"
+        )
+    from .drafters.head_file import is_feature_draft, load_feature_draft
 
     if spec == "auto":
         spec = auto_drafter(target, fast)
     if spec.endswith("+ngram") and not Path(spec).exists():  # X+ngram: a long n-gram match, else X's draft
         base = spec[: -len("+ngram")]
         if base in ("", "none", "ngram", "auto") or base.endswith("+ngram"):
-            raise ConfigError("draft", f"+ngram follows head, a trained head's directory or a draft model (got {spec!r})")
+            raise ConfigError(
+                "draft", f"+ngram follows head, a trained head's directory or a draft model (got {spec!r})"
+            )
         return HybridDrafter(make_drafter(base, target, dtype=dtype, device=device, fast=fast))
     if spec == "head":
         spec = str(SHIPPED_HEAD)

@@ -19,10 +19,10 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, GenerationConfig, SpecDecodeError
+from .config import DEFAULT_DRAFT, ConfigError, GenerationConfig
 
 
 @dataclass
@@ -41,7 +41,11 @@ class PromptResult:
 
     @property
     def speedup(self) -> float:
-        return (self.spec_tokens / self.spec_s) / (self.base_tokens / self.base_s) if self.base_tokens and self.spec_s else 0.0
+        return (
+            (self.spec_tokens / self.spec_s) / (self.base_tokens / self.base_s)
+            if self.base_tokens and self.spec_s
+            else 0.0
+        )
 
 
 def load_questions(path: str, categories: list[str] | None, limit: int | None) -> list[dict]:
@@ -101,7 +105,11 @@ def _hf_generate(model, tokenizer, prompt_ids, config: GenerationConfig, counter
     told the same stopping rules."""
     import torch
 
-    kwargs = {"max_new_tokens": config.max_new_tokens, "do_sample": not config.greedy, "pad_token_id": model.config.eos_token_id}
+    kwargs = {
+        "max_new_tokens": config.max_new_tokens,
+        "do_sample": not config.greedy,
+        "pad_token_id": model.config.eos_token_id,
+    }
     if not config.greedy:
         kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or None)
     if config.ignore_eos:
@@ -190,40 +198,57 @@ def cost_report(cost, acceptance: list[float], max_tau: int) -> dict:
     }
 
 
-def run_bench(args) -> dict:
+@dataclass(frozen=True)
+class BenchSettings:
+    """What ``run_bench`` runs, besides the generation settings."""
+
+    dataset: str  # a Spec-Bench-format question.jsonl
+    target: str | None = None  # None: the default target
+    draft: str = DEFAULT_DRAFT
+    dtype: str = "auto"
+    device: str = "auto"
+    categories: tuple[str, ...] | None = None  # None: all
+    limit: int | None = None  # at most this many questions per category
+    compare: str | None = None  # "hf": also run Hugging Face's nearest assisted generation
+    trace: str | None = None  # write the speculative runs' steps to this file
+    chat: bool = True  # apply the chat template
+    progress: bool = True
+
+
+def run_bench(settings: BenchSettings, config: GenerationConfig) -> dict:
+    """Every question's first turn, by plain decoding and by speculation (and Hugging Face with
+    ``compare="hf"``), back to back in alternating order; the summary ``format_table`` prints."""
     from tqdm import tqdm
 
-    from .api import load, make_drafter
+    from .api import make_drafter
     from .costmodel import CostModel, measure_target_curve
     from .drafters.base import NoDrafter
     from .engine import SpeculativeDecoder
     from .models import load_model
     from .trace import TraceWriter
 
-    from .cli import config_from_args
-
-    # the same settings generate takes (--stop, --ignore-eos included), but sampled runs are
-    # reproducible by default: a benchmark that cannot be rerun cannot be compared
-    config = config_from_args(args)
+    # sampled runs are reproducible by default: a benchmark that cannot be rerun cannot be compared
     if config.seed is None and not config.greedy:
         config = config.with_(seed=0)
-    categories = [c for c in (args.categories or "").split(",") if c] or None
-    questions = load_questions(args.dataset, categories, args.limit)
+    categories = list(settings.categories) if settings.categories else None
+    questions = load_questions(settings.dataset, categories, settings.limit)
     if not questions:
         raise ConfigError("dataset", "no questions left after --categories/--limit")
-    if args.compare and args.compare != "hf":
-        raise ConfigError("compare", f"only 'hf' is supported (got {args.compare!r})")
+    if settings.compare and settings.compare != "hf":
+        raise ConfigError("compare", f"only 'hf' is supported (got {settings.compare!r})")
+    compare_hf = settings.compare == "hf"
 
-    target = load_model(args.target, param="target", dtype=args.dtype, device=args.device)
-    drafter = make_drafter(args.draft, target, dtype=args.dtype, device=args.device)
-    spec = SpeculativeDecoder(target.model, target.tokenizer, drafter)
+    target = load_model(settings.target, param="target", dtype=settings.dtype, device=settings.device)
+    drafter = make_drafter(settings.draft, target, dtype=settings.dtype, device=settings.device)
     base = SpeculativeDecoder(target.model, target.tokenizer, NoDrafter())
-    counterpart = hf_counterpart(drafter) if args.compare == "hf" else None
+    counterpart = hf_counterpart(drafter) if compare_hf else None
 
-    # the cost model: measured pass times 1..16 (and the draft's per-token cost, from the run)
+    # the cost model: measured pass times 1..16 (and the draft's per-token cost, from the run); the
+    # cost policy starts from it, then follows live timings
     curve = measure_target_curve(base.target, n_max=16)
-    spec.cost = CostModel(target_s=dict(curve))  # the cost policy starts here, then follows live timings
-    trace = TraceWriter(args.trace, meta={"target": args.target or "default", "draft": args.draft, "bench": True}) if args.trace else None
+    spec = SpeculativeDecoder(target.model, target.tokenizer, drafter, cost=CostModel(target_s=dict(curve)))
+    meta = {"target": settings.target or "default", "draft": settings.draft, "bench": True}
+    trace = TraceWriter(settings.trace, meta=meta) if settings.trace else None
 
     # warm-up: the first call of each path pays one-time costs (allocations, code paths)
     warm = spec.encode("Hello", chat=True)
@@ -231,10 +256,10 @@ def run_bench(args) -> dict:
     spec.generate(warm, config.with_(max_new_tokens=4))
 
     results: list[PromptResult] = []
-    bar = tqdm(questions, desc=f"bench {args.draft}", unit="prompt", file=sys.stderr, disable=args.quiet)
+    bar = tqdm(questions, desc=f"bench {settings.draft}", unit="prompt", file=sys.stderr, disable=not settings.progress)
     for i, q in enumerate(bar):
-        prompt_ids = spec.encode(q["turns"][0], chat=not args.no_chat)
-        contenders = ["base", "spec"] + (["hf"] if args.compare == "hf" else [])
+        prompt_ids = spec.encode(q["turns"][0], chat=settings.chat)
+        contenders = ["base", "spec"] + (["hf"] if compare_hf else [])
         if i % 2:
             contenders.reverse()
         out = {}
@@ -262,13 +287,25 @@ def run_bench(args) -> dict:
     drafted = sum(r.stats["drafted"] for r in results)
     measured = CostModel(target_s=dict(curve), smoothing=0.0,
                          draft_token_s=sum(r.stats["draft_s"] for r in results) / drafted if drafted else 0.0)
-    summary = summarize(results, measured, args.compare == "hf")
-    summary["cost_model"] = cost_report(measured, summary["overall"]["acceptance_by_position"] or [0.0], args.draft_len)
+    summary = summarize(results, measured, compare_hf)
+    summary["cost_model"] = cost_report(
+        measured, summary["overall"]["acceptance_by_position"] or [0.0], config.draft_len
+    )
     summary["config"] = {
-        "target": args.target or "default (SmolLM2-135M-Instruct)", "draft": args.draft, "dataset": args.dataset,
-        "limit": args.limit, "categories": categories, "max_new_tokens": config.max_new_tokens,
-        "temperature": config.temperature, "policy": config.policy, "draft_len": config.draft_len, "tree": config.tree,
-        "stop": list(config.stop), "ignore_eos": config.ignore_eos, "compare": args.compare, "prompts": len(results),
+        "target": settings.target or "default (SmolLM2-135M-Instruct)",
+        "draft": settings.draft,
+        "dataset": settings.dataset,
+        "limit": settings.limit,
+        "categories": categories,
+        "max_new_tokens": config.max_new_tokens,
+        "temperature": config.temperature,
+        "policy": config.policy,
+        "draft_len": config.draft_len,
+        "tree": config.tree,
+        "stop": list(config.stop),
+        "ignore_eos": config.ignore_eos,
+        "compare": settings.compare,
+        "prompts": len(results),
     }
     summary["prompts"] = [
         {"question_id": r.question_id, "category": r.category, "speedup": r.speedup, "tokens": r.spec_tokens,
@@ -300,7 +337,8 @@ class _StepRecorder:
 
 def format_table(summary: dict) -> str:
     hf = "ratio_vs_hf" in summary["overall"]
-    head = f"{'category':<16}{'n':>4}{'speedup':>9}{'median':>8}{'min':>7}{'pred':>7}{'eff':>6}{'acc.tok':>8}{'acc.rate':>9}{'draft':>7}{'tok/s':>8}{'base':>7}{'match':>7}"
+    head = (f"{'category':<16}{'n':>4}{'speedup':>9}{'median':>8}{'min':>7}{'pred':>7}{'eff':>6}{'acc.tok':>8}"
+            f"{'acc.rate':>9}{'draft':>7}{'tok/s':>8}{'base':>7}{'match':>7}")
     if hf:
         head += f"{'hf tok/s':>9}{'vs hf':>7}"
     lines = [head, "-" * len(head)]
@@ -340,8 +378,15 @@ def write_plots(summary: dict, out: Path) -> list[Path]:
     bars = ax.bar(cats, values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
     ax.axhline(1.0, color="black", lw=0.8)
     if any("predicted_speedup" in summary["categories"][c] for c in cats):
-        ax.scatter(cats, [summary["categories"][c]["predicted_speedup"] for c in cats], color="black", marker="_", s=300,
-                   label="cost-model prediction", zorder=3)
+        ax.scatter(
+            cats,
+            [summary["categories"][c]["predicted_speedup"] for c in cats],
+            color="black",
+            marker="_",
+            s=300,
+            label="cost-model prediction",
+            zorder=3,
+        )
         ax.legend()
     ax.bar_label(bars, fmt="%.2fx", fontsize=8)
     ax.set_ylabel("speedup over plain decoding")
@@ -375,30 +420,8 @@ def write_plots(summary: dict, out: Path) -> list[Path]:
     return paths
 
 
-def cmd_bench(args) -> int:
-    summary = run_bench(args)
-    print(format_table(summary))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(summary, indent=2))
-        plots = write_plots(summary, out)
-        print(f"\nwrote {out / 'results.json'} and {', '.join(p.name for p in plots)}")
-    return 0
-
-
-def register(sub) -> None:
-    from .cli import add_model_args, add_sampling_args
-
-    p = sub.add_parser("bench", help="speculative vs plain decoding (and HF) on a Spec-Bench question file")
-    p.add_argument("--dataset", required=True, help="Spec-Bench-format question.jsonl")
-    p.add_argument("--categories", default=None, help="comma-separated categories (default: all)")
-    p.add_argument("--limit", type=int, default=None, help="at most N questions per category")
-    p.add_argument("--compare", default=None, help="'hf': also run Hugging Face assisted generation")
-    p.add_argument("--out", default=None, help="directory for results.json and plots")
-    p.add_argument("--trace", default=None, help="write the speculative runs' steps to this file")
-    p.add_argument("--no-chat", action="store_true")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_model_args(p)
-    add_sampling_args(p)
-    p.set_defaults(func=cmd_bench, max_new_tokens=128)
+def write_results(summary: dict, out: Path) -> list[Path]:
+    """``results.json`` and the plots under ``out``; the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    return [out / "results.json", *write_plots(summary, out)]

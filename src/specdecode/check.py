@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 
@@ -23,6 +22,11 @@ from .config import ConfigError, GenerationConfig
 from .drafters.base import NoDrafter
 from .engine import SpeculativeDecoder
 from .sampling import logits_to_probs
+
+DEFAULT_DRAWS = 1000  # seeded generations per context in the sampling check
+DEFAULT_CONTEXTS = 2  # contexts the sampling check tests
+DEFAULT_ALPHA = 0.01  # overall significance level, split over the tests (Bonferroni)
+MIN_DRAWS = 20  # fewer draws leave the chi-square test without power
 
 CHECK_PROMPTS = [
     "Summarize in two sentences: The museum reopened after two years of renovation. Visitors can now see the "
@@ -124,7 +128,9 @@ def check_sampling(spec: SpeculativeDecoder, prompts: list[str], config: Generat
         c1 = torch.zeros_like(first)
         c2 = torch.zeros_like(second)
         drafted = accepted = 0
-        bar = tqdm(range(draws), desc=f"context {c + 1}/{len(prompts)}", file=sys.stderr, disable=not progress, leave=False)
+        bar = tqdm(
+            range(draws), desc=f"context {c + 1}/{len(prompts)}", file=sys.stderr, disable=not progress, leave=False
+        )
         for k in bar:
             r = spec.generate(ids, cfg.with_(seed=1_000_003 * c + k))
             c1[r.token_ids[0]] += 1
@@ -158,23 +164,16 @@ def run_check(spec: SpeculativeDecoder, config: GenerationConfig, prompts: list[
     return {"mode": "sampling", "passed": all(r["passed"] for r in results), "contexts": results}
 
 
-def cmd_check(args) -> int:
-    from .api import load
-    from .cli import config_from_args
+def validate_check(draws: int, alpha: float) -> None:
+    if not isinstance(draws, int) or draws < MIN_DRAWS:
+        raise ConfigError("draws", f"must be an integer >= {MIN_DRAWS} (got {draws!r})")
+    if not 0 < alpha < 0.5:
+        raise ConfigError("alpha", f"must be in (0, 0.5) (got {alpha})")
 
-    config = config_from_args(args)
-    if args.draws < 20:
-        raise ConfigError("draws", f"must be >= 20 (got {args.draws})")
-    if not 0 < args.alpha < 0.5:
-        raise ConfigError("alpha", f"must be in (0, 0.5) (got {args.alpha})")
-    spec = load(args.target, args.draft, dtype=args.dtype, device=args.device)
-    prompts = CHECK_PROMPTS[: args.contexts] if not config.greedy else CHECK_PROMPTS
-    report = run_check(spec, config, prompts, args.draws, args.alpha / max(1, 2 * len(prompts)), progress=not args.json)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(format_report(report, spec.tokenizer))
-    return 0 if report["passed"] else 1
+
+def check_prompts(config: GenerationConfig, contexts: int = DEFAULT_CONTEXTS) -> list[str]:
+    """Every check prompt for the greedy check; the first ``contexts`` for the (slower) sampling one."""
+    return CHECK_PROMPTS if config.greedy else CHECK_PROMPTS[:contexts]
 
 
 def format_report(report: dict, tokenizer) -> str:
@@ -187,7 +186,8 @@ def format_report(report: dict, tokenizer) -> str:
                 lines.append(
                     f"{c['verdict'].upper():<10} {c['prompt'][:60]!r}: first difference at token {c['position']}: "
                     f"speculative {c['speculative_token']} {tokenizer.decode([c['speculative_token']])!r} vs plain "
-                    f"{c['plain_token']} {tokenizer.decode([c['plain_token']])!r}; target top-2 logit gap {c['top2_gap']:.2e}"
+                    f"{c['plain_token']} {tokenizer.decode([c['plain_token']])!r}; "
+                    f"target top-2 logit gap {c['top2_gap']:.2e}"
                 )
     else:
         for r in report["contexts"]:
@@ -196,22 +196,10 @@ def format_report(report: dict, tokenizer) -> str:
                 if t is None:
                     continue
                 lines.append(
-                    f"{'pass' if t['passed'] else 'FAIL':<5} {name:<24} {r['prompt']!r}: {t['draws']} draws, chi2 {t['chi2']:.1f} "
-                    f"(dof {t['dof']}), p = {t['p_value']:.3g} (alpha {t['alpha']:.1g}), TV distance {t['tv_distance']:.3f}"
+                    f"{'pass' if t['passed'] else 'FAIL':<5} {name:<24} {r['prompt']!r}: {t['draws']} draws, "
+                    f"chi2 {t['chi2']:.1f} (dof {t['dof']}), p = {t['p_value']:.3g} (alpha {t['alpha']:.1g}), "
+                    f"TV distance {t['tv_distance']:.3f}"
                 )
             lines.append(f"      drafted {r['drafted']} tokens, accepted {r['accepted']}")
     lines.append("PASSED: output is the target's" if report["passed"] else "FAILED: output differs from the target's")
     return "\n".join(lines)
-
-
-def register(sub) -> None:
-    from .cli import add_model_args, add_sampling_args
-
-    p = sub.add_parser("check", help="empirical losslessness check of a target/drafter pair")
-    add_model_args(p)
-    add_sampling_args(p)
-    p.add_argument("--draws", type=int, default=1000, help="seeded generations per context (sampling)")
-    p.add_argument("--contexts", type=int, default=2, help="contexts for the sampling check")
-    p.add_argument("--alpha", type=float, default=0.01, help="overall significance level (Bonferroni-split)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_check, max_new_tokens=48)

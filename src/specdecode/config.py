@@ -8,9 +8,11 @@ it into one clear line (or an HTTP 400) instead of a traceback.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 POLICIES = ("cost", "fixed", "heuristic", "confidence")
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # "auto": bfloat16 on a GPU, float32 on a CPU
+DEFAULT_DRAFT = "auto"  # head+ngram where the shipped head fits the target (``api.auto_drafter``), else ngram
 TREE_CHOICES = {"auto": "auto", "on": True, "off": False}  # the CLI's --tree -> GenerationConfig.tree
 
 
@@ -41,10 +43,9 @@ class GenerationConfig:
     ignore_eos: bool = False  # benchmarks may want fixed-length outputs
     # drafters that can (the trained head) propose a tree of alternatives, verified in one pass,
     # instead of a single chain; at most draft_len tokens either way. "auto": trees under greedy
-    # decoding, chains under sampling (where a chain carries the head's distribution, accepted with
-    # min(1, p/q), and trees of one-hot candidates did not pay on Spec-Bench; README)
+    # decoding, chains under sampling (where a chain carries the head's own distribution, accepted
+    # with min(1, target/draft), which a tree of one-hot candidates cannot)
     tree: bool | str = "auto"
-    extra: dict = field(default_factory=dict, compare=False)  # free-form, carried into the trace
 
     @property
     def greedy(self) -> bool:
@@ -82,6 +83,9 @@ class GenerationConfig:
 
     def with_(self, **changes) -> "GenerationConfig":
         return replace(self, **changes).validate()
+
+
+DEFAULTS = GenerationConfig()  # the defaults the CLI's help and the server's requests show and use
 
 
 def _is_number(x) -> bool:

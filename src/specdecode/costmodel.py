@@ -14,10 +14,13 @@ import time
 from dataclasses import dataclass, field
 
 # Prior cost of a target pass over n tokens relative to a 1-token pass, before anything is measured:
-# the default target with the lean forward on a 2-core CPU measured 1.02 (n=2), 1.06 (4),
-# 1.56 (8), ~2.2 (16). A straight line through them is close enough for a prior.
+# a straight line, the shape of a small model's passes on a CPU (docs/results.md has measured curves);
+# the cost model replaces it with live timings as soon as it has them.
+PRIOR_SLOPE = 0.07  # each token beyond the first adds this fraction of a 1-token pass
+
+
 def prior_pass_ratio(n: int) -> float:
-    return 1.0 + 0.07 * (n - 1)
+    return 1.0 + PRIOR_SLOPE * (n - 1)
 
 
 @dataclass
@@ -109,13 +112,14 @@ def best_draft_len(acceptance: list[float], cost: CostModel, max_tau: int) -> tu
     return best, best_rate / plain
 
 
-def measure_target_curve(runner, n_max: int = 16, context: int = 128, reps: int = 5, clock=time.perf_counter) -> dict[int, float]:
+def measure_target_curve(
+    runner, n_max: int = 16, context: int = 128, reps: int = 5, clock=time.perf_counter
+) -> dict[int, float]:
     """Median seconds of a target pass over n = 1..n_max new tokens after a ``context``-token prefix.
 
     The sizes are measured in interleaved rounds (1..n_max, then again), so that a stall of the
     machine lasting several passes spoils one round of a few sizes, which the median drops, rather
-    than most repetitions of one size (seen here: a 1-token pass read as 152 ms, 4x its real cost,
-    and the report's predictions with it)."""
+    than most repetitions of one size (and with it every prediction weighed against that size)."""
     runner.reset()
     runner.forward(list(range(100, 100 + context)), num_logits=0)
     times: dict[int, list[float]] = {n: [] for n in range(1, n_max + 1)}

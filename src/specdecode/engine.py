@@ -1,7 +1,8 @@
 """The decoding loop: the one place that calls drafter, target, verifier and policy in order.
 
-One step (DEVELOPERS.md, steps 1-6):
-  1. the policy picks tau; the drafter proposes up to tau tokens with their distributions;
+One step:
+  1. the policy plans the step (``DraftPlan``: tau and where to stop early); the drafter proposes
+     up to tau tokens with their distributions;
   2. the target scores ``[pending] + drafted`` in one forward pass -> tau + 1 distributions;
   3-5. ``verify`` accepts a prefix and adds the target's recovered or bonus token;
   6. the target's cache is cut back to the accepted context (the drafter syncs its own cache at
@@ -26,12 +27,13 @@ from typing import Iterator
 import torch
 
 from .config import ConfigError, GenerationConfig
-from .drafters.base import Draft, Drafter
 from .costmodel import CostModel
+from .drafters.base import Draft, Drafter
 from .policy import Calibration, make_policy
-from .runner import make_runner
+from .runners import TreeRunner, make_runner
 from .sampling import logits_to_probs
 from .stats import RunStats, StepRecord
+from .text import Detokenizer, StopMatcher, chat_token_ids, eos_token_ids
 from .verify import verify, verify_tree
 
 
@@ -42,6 +44,7 @@ class StreamEvent:
     step: StepRecord | None = None
     finish_reason: str | None = None  # "stop" or "length" on the last event
     stats: RunStats | None = None  # on the last event
+    seed: int | None = None  # the seed the generation ran with (drawn when none was given), for reproducing it
 
 
 @dataclass
@@ -64,25 +67,6 @@ class GenerationResult:
         }
 
 
-def eos_token_ids(model, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids
-
-
-def chat_token_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """The chat template applied to ``messages``, with the assistant's turn opened."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # newer tokenizers return a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
-
-
 class SpeculativeDecoder:
     """Holds a loaded target and a drafter; generates many times.
 
@@ -102,7 +86,6 @@ class SpeculativeDecoder:
         self.cost = cost or CostModel()  # shared across calls: what was measured stays measured
         self.calibration = Calibration()  # how far the drafter's confidence is to be trusted, likewise
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
-        self.last_seed: int | None = None  # the seed of the latest call, for reproducing it
 
     # ---- prompts -------------------------------------------------------------------------
     def encode(self, prompt, chat: bool = True) -> list[int]:
@@ -128,16 +111,20 @@ class SpeculativeDecoder:
         return list(self.tokenizer(text).input_ids)
 
     # ---- generation ----------------------------------------------------------------------
-    def generate(self, prompt, config: GenerationConfig | None = None, *, chat: bool = True, trace=None) -> GenerationResult:
+    def generate(
+        self, prompt, config: GenerationConfig | None = None, *, chat: bool = True, trace=None
+    ) -> GenerationResult:
         prompt_ids = self.encode(prompt, chat)
         text, ids, last = [], [], None
         for event in self.stream(prompt_ids, config, trace=trace):
             text.append(event.text)
             ids.extend(event.token_ids)
             last = event
-        return GenerationResult("".join(text), ids, last.finish_reason, last.stats, prompt_ids, self.last_seed)
+        return GenerationResult("".join(text), ids, last.finish_reason, last.stats, prompt_ids, last.seed)
 
-    def stream(self, prompt, config: GenerationConfig | None = None, *, chat: bool = True, trace=None) -> Iterator[StreamEvent]:
+    def stream(
+        self, prompt, config: GenerationConfig | None = None, *, chat: bool = True, trace=None
+    ) -> Iterator[StreamEvent]:
         """Yield text as it is accepted. The last event carries ``finish_reason`` and ``stats``."""
         config = (config or GenerationConfig()).validate()
         prompt_ids = self.encode(prompt, chat)
@@ -148,7 +135,6 @@ class SpeculativeDecoder:
                 f"exceeds the model's context of {self.max_context} tokens",
             )
         seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little")
-        self.last_seed = seed
         generator = torch.Generator().manual_seed(seed)
         # Seeded sampling must not depend on timing noise or on earlier requests: plan with the
         # fixed prior cost curve and a fresh calibration. (Greedy output does not depend on the
@@ -156,12 +142,16 @@ class SpeculativeDecoder:
         seeded = config.seed is not None and not config.greedy
         cost = CostModel.prior(self.drafter.cost_prior) if seeded else self.cost
         calibration = Calibration() if seeded else self.calibration
-        policy = make_policy(config.policy, config.draft_len, cost, dynamic=self.drafter.dynamic, calibration=calibration)
+        policy = make_policy(
+            config.policy, config.draft_len, cost, dynamic=self.drafter.dynamic, calibration=calibration
+        )
         stats = RunStats(drafter=self.drafter.name, policy=policy.name, prompt_tokens=len(prompt_ids))
-        stop = _StopMatcher(config.stop)
-        decode = _Detokenizer(self.tokenizer)
+        stop = StopMatcher(config.stop)
+        decode = Detokenizer(self.tokenizer)
         if trace is not None:
-            trace.header(config=config, drafter=self.drafter.name, policy=policy.name, prompt_tokens=len(prompt_ids), seed=seed)
+            trace.header(
+                config=config, drafter=self.drafter.name, policy=policy.name, prompt_tokens=len(prompt_ids), seed=seed
+            )
 
         t_start = time.perf_counter()
         context = list(prompt_ids)
@@ -173,12 +163,9 @@ class SpeculativeDecoder:
         step = 0
         while True:
             t0 = time.perf_counter()
-            remaining = config.max_new_tokens - len(generated)
-            tau = max(0, min(policy.choose(), remaining - 1))
-            self.drafter.path_floor = policy.path_floor()
             room = self.max_context - len(context) if self.max_context else None  # tree tokens that fit
-            self.drafter.tree_size = policy.tree_size if room is None else (lambda s, r=room: min(policy.tree_size(s), r))
-            draft = self.drafter.propose(context, tau, config, generator) if tau else Draft([])
+            plan = policy.plan(config.max_new_tokens - len(generated), room)
+            draft = self.drafter.propose(context, plan, config, generator) if plan.max_tokens else Draft([])
             t1 = time.perf_counter()
             if draft.parents is None:
                 logits = self.target.forward([context[-1]] + draft.tokens, num_logits=len(draft) + 1)  # [tau+1, V]
@@ -188,8 +175,9 @@ class SpeculativeDecoder:
                 # cache holds context + all drafted tokens; keep context + accepted ones
                 self.target.truncate(len(context) + verdict.num_accepted)
             else:  # a tree of one-hot candidates: the pending token is its root
-                if draft.probs is not None:
-                    raise RuntimeError(f"drafter {self.drafter.name} proposed a tree with draft distributions")
+                if draft.probs is not None or not isinstance(self.target, TreeRunner):
+                    raise RuntimeError(f"drafter {self.drafter.name} proposed a tree with draft distributions, "
+                                       "or for a target runner without tree passes")
                 start = len(context) - 1
                 logits = self.target.forward_tree([context[-1]] + draft.tokens, [-1] + [p + 1 for p in draft.parents])
                 target_probs = logits_to_probs(logits, config.temperature, config.top_k, config.top_p)
@@ -218,8 +206,18 @@ class SpeculativeDecoder:
             if finish is None and len(generated) >= config.max_new_tokens:
                 finish = "length"
             t3 = time.perf_counter()
-            rec = StepRecord(step, tau, len(draft), verdict.num_accepted, len(new), t1 - t0, t2 - t1, t3 - t2,
-                             len(draft) + 1, None if draft.parents is None else draft.depth())
+            rec = StepRecord(
+                step,
+                plan.max_tokens,
+                len(draft),
+                verdict.num_accepted,
+                len(new),
+                t1 - t0,
+                t2 - t1,
+                t3 - t2,
+                len(draft) + 1,
+                None if draft.parents is None else draft.depth(),
+            )
             stats.add(rec)
             policy.observe(rec)
             if trace is not None:
@@ -229,67 +227,6 @@ class SpeculativeDecoder:
                 stats.total_s = time.perf_counter() - t_start
                 if trace is not None:
                     trace.summary(stats, finish)
-                yield StreamEvent(text_delta + decode.flush(), new, rec, finish, stats)
+                yield StreamEvent(text_delta + decode.flush(), new, rec, finish, stats, seed)
                 return
-            yield StreamEvent(text_delta, new, rec)
-
-
-class _StopMatcher:
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = tuple(stops)
-        self.longest = max((len(s) for s in self.stops), default=0)
-
-    def find(self, text: str, start: int) -> int | None:
-        """Earliest index where a stop string begins at or after ``start`` - (longest - 1)."""
-        lo = max(0, start - self.longest + 1)
-        hits = [i for i in (text.find(s, lo) for s in self.stops) if i >= 0]
-        return min(hits) if hits else None
-
-    def holdback(self, text: str) -> int:
-        """Characters at the end of ``text`` that could be the start of a stop string."""
-        for k in range(min(self.longest - 1, len(text)), 0, -1):
-            tail = text[-k:]
-            if any(s.startswith(tail) for s in self.stops):
-                return k
-        return 0
-
-
-class _Detokenizer:
-    """Incremental text from growing token ids: never emits a partial UTF-8 character or text
-    that may turn out to belong to a stop string."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.sent = 0  # characters of the decoded text already emitted
-        self.text = ""
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def advance(self, generated: list[int], stop: _StopMatcher) -> tuple[str, int | None]:
-        """Return (text safe to emit now, index in ``generated`` to cut at if a stop string completed)."""
-        previous = len(self.text)
-        self.text = self._decode(generated)
-        if stop.stops:
-            at = stop.find(self.text, previous)
-            if at is not None:
-                # the shortest prefix of tokens whose text contains the stop string
-                cut = len(generated)
-                while cut > 0 and stop.find(self._decode(generated[: cut - 1]), 0) is not None:
-                    cut -= 1
-                self.text = self.text[:at]
-                out = self.text[self.sent :]
-                self.sent = len(self.text)
-                return out, cut
-        safe = len(self.text)
-        if self.text.endswith("\ufffd"):
-            safe -= 1  # an incomplete multi-byte character; wait for its remaining bytes
-        safe -= stop.holdback(self.text[:safe])
-        out = self.text[self.sent : max(safe, self.sent)]
-        self.sent = max(safe, self.sent)
-        return out, None
-
-    def flush(self) -> str:
-        out = self.text[self.sent :]
-        self.sent = len(self.text)
-        return out
+            yield StreamEvent(text_delta, new, rec, seed=seed)

@@ -5,22 +5,20 @@ the time spent drafting, verifying and elsewhere. From it we rebuild the cost mo
 over n tokens, ``T(n)``; a drafted token, ``c``) and the acceptance by position, predict the run's
 speedup, and then ask, one factor at a time, how much faster it would have been had that factor
 been perfect: every drafted token accepted, drafting free, verification as cheap as a 1-token pass,
-no loop overhead. The factor with the largest gain is the bottleneck. A run whose policy kept
-speculation off most of the time is named as such first.
+no loop overhead. The factor with the largest gain is the bottleneck (``acceptance``,
+``draft_cost``, ``verification_cost`` or ``overhead``; ``none`` when none would gain 5%). A run whose
+policy kept speculation off most of the time is named as such first (``policy_off``).
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-import sys
 from pathlib import Path
 
 from .config import ConfigError
 from .costmodel import CostModel, best_draft_len, prior_pass_ratio
 from .stats import rates_by_position, tally_positions
-
-BOTTLENECKS = ("acceptance", "draft_cost", "verification_cost", "overhead", "policy_off", "none")
 
 
 def load_steps(path: str) -> tuple[list[dict], list[dict]]:
@@ -143,7 +141,9 @@ def analyse(steps: list[dict]) -> dict:
         "drafted_by_position": drafted_at,
         "acceptance_collapses_at": collapse,
         "policy_off_fraction": off,
-        "target_pass_ms": {k: 1000 * cost.target(k) for k in sorted({1, *cost.target_s})},  # T(1) inferred if not measured
+        "target_pass_ms": {
+            k: 1000 * cost.target(k) for k in sorted({1, *cost.target_s})
+        },  # T(1) inferred if not measured
         "t1_measured": 1 in cost.target_s,
         "smallest_block": min(cost.target_s),
         "verify_cost_ratio_at_typical_block": cost.target(typical_block) / t1,
@@ -172,21 +172,25 @@ def advice(r: dict) -> list[str]:
     )
     pos = ", ".join(f"{i + 1}:{a:.2f}" for i, a in enumerate(r["acceptance_by_position"][:8]))
     if pos:
-        out.append(f"Acceptance {r['acceptance_rate']:.2f} overall; by position (given the earlier ones accepted): {pos}.")
+        out.append(
+            f"Acceptance {r['acceptance_rate']:.2f} overall; by position (given the earlier ones accepted): {pos}."
+        )
     b = r["bottleneck"]
     g = r["gain_if_perfect"]
     if b == "policy_off":
         out.append(
             f"Bottleneck: speculation was off in {100 * r['policy_off_fraction']:.0f}% of steps - the policy judged "
-            f"that drafting does not pay here (acceptance {r['acceptance_rate']:.2f} against a verification pass costing "
-            f"{r['verify_cost_ratio_at_typical_block']:.2f}x a 1-token pass). The run is at plain-decoding speed by design; "
+            f"that drafting does not pay here (acceptance {r['acceptance_rate']:.2f} against a verification pass "
+            f"costing {r['verify_cost_ratio_at_typical_block']:.2f}x a 1-token pass). The run is at plain-decoding "
+            "speed by design; "
             "a better drafter for this text is the only way up."
         )
     elif b == "acceptance":
         where = (f"; it collapses at position {r['acceptance_collapses_at']}" if r["acceptance_collapses_at"] else "")
         out.append(
             f"Bottleneck: acceptance too low ({r['acceptance_rate']:.2f}{where}). Were every drafted token accepted, "
-            f"the run would be {g['acceptance']:.2f}x faster. Use a draft that agrees better with the target, or shorter blocks."
+            f"the run would be {g['acceptance']:.2f}x faster. Use a draft that agrees better with the target, or "
+            "shorter blocks."
         )
     elif b == "draft_cost":
         out.append(
@@ -263,26 +267,3 @@ def plot(report: dict, steps: list[dict], out_prefix: Path) -> list[Path]:
     fig.savefig(paths[1], dpi=100)
     plt.close(fig)
     return paths
-
-
-def cmd_explain(args) -> int:
-    steps, _ = load_steps(args.trace)
-    report = analyse(steps)
-    if args.plots:
-        report["plots"] = [str(p) for p in plot(report, steps, Path(args.plots))]
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        for line in report["advice"]:
-            print(line)
-        for p in report.get("plots", []):
-            print(f"plot: {p}")
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("explain", help="why a run was (not) fast, from its trace")
-    p.add_argument("trace", help="a file written by generate --trace (or bench --trace)")
-    p.add_argument("--json", action="store_true", help="machine-readable report")
-    p.add_argument("--plots", default=None, help="write PREFIX_timeline.png and PREFIX_acceptance.png")
-    p.set_defaults(func=cmd_explain)

@@ -1,4 +1,4 @@
-"""Loading Hugging Face causal LMs, and a thin runner that owns one model's KV cache.
+"""Loading Hugging Face causal LMs and their tokenizers (the runners that score them live in ``runners``).
 
 Models come from a hub id or local directory (``AutoModelForCausalLM``/``AutoTokenizer``), or from a
 GGUF file (transformers dequantises it with ``gguf_file=``). The default target is
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from .config import DTYPE_NAMES, ConfigError
 
 DEFAULT_TARGET = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = dict(zip(DTYPE_NAMES, (None, torch.float32, torch.bfloat16, torch.float16)))
 
 
 def cache_dir() -> Path:

@@ -11,15 +11,17 @@
   that knows how sure it is of each token (``Drafter.dynamic``: the trained head, a draft model)
   the block length is decided token by token instead (EAGLE-2's dynamic draft): the drafter goes
   on while the chance that the whole block so far is accepted is above the break-even point where
-  one more drafted token costs more time than it is expected to save, up to ``draft_len``. That chance is the product of the
-  drafter's confidences, calibrated online (``Calibration``): a head trained on one kind of text
-  is overconfident on another (measured: blocks it gave 0.3-0.4 were accepted 19% of the time).
+  one more drafted token costs more time than it is expected to save, up to ``draft_len``. That
+  chance is the product of the drafter's confidences, calibrated online (``Calibration``): a head
+  trained on one kind of text is overconfident on another.
 """
 
 from __future__ import annotations
 
 from .costmodel import CostModel, best_draft_len
+from .drafters.base import DraftPlan
 from .stats import StepRecord
+
 
 class Calibration:
     """How often a drafted block is accepted up to a token, by the product of the drafter's
@@ -71,6 +73,14 @@ class Policy:
 
     def __init__(self, max_tau: int):
         self.max_tau = max_tau
+
+    def plan(self, tokens_left: int, room: int | None = None) -> DraftPlan:
+        """The next proposal's plan: tau (``choose``), cut so that the step's tokens (drafted ones
+        and the target's own) fit in ``tokens_left``, and trees cut to the ``room`` left in the
+        model's context (None: unbounded)."""
+        tau = max(0, min(self.choose(), tokens_left - 1))
+        tree_size = self.tree_size if room is None else (lambda scores: min(self.tree_size(scores), room))
+        return DraftPlan(tau, self.path_floor(), tree_size)
 
     def choose(self) -> int:
         return self.max_tau

@@ -23,7 +23,7 @@ class TraceWriter:
         self._file.flush()
 
     def header(self, config, **info) -> None:
-        cfg = {k: v for k, v in asdict(config).items() if k != "extra"}
+        cfg = asdict(config)
         self._write({"type": "run", **self.meta, **info, "config": cfg})
 
     def step(self, rec) -> None:

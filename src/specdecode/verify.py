@@ -35,7 +35,9 @@ class Verdict:
     tokens: list[int]  # accepted drafted tokens followed by the recovered or bonus token
 
 
-def acceptance_probs(draft_tokens: list[int], draft_probs: torch.Tensor | None, target_probs: torch.Tensor) -> torch.Tensor:
+def acceptance_probs(
+    draft_tokens: list[int], draft_probs: torch.Tensor | None, target_probs: torch.Tensor
+) -> torch.Tensor:
     """``[tau]``: the chance each drafted token is accepted, ``min(1, target/draft)`` at its position."""
     tau = len(draft_tokens)
     idx = torch.tensor(draft_tokens, dtype=torch.long)

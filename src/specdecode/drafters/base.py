@@ -1,16 +1,35 @@
 """The contract between the decoding loop and every drafter.
 
-Two methods, as in Hugging Face's candidate generators: ``propose`` drafts up to ``max_tokens``
-tokens after a context, ``observe`` learns from how many of them the target accepted.
+Two methods, as in Hugging Face's candidate generators: ``propose`` drafts after a context as far
+as the step's ``DraftPlan`` allows, ``observe`` learns from how many drafted tokens the target
+accepted.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from ..config import GenerationConfig
+
+
+def verify_all(scores: list[float]) -> int:
+    """A tree size rule that verifies every candidate."""
+    return len(scores)
+
+
+@dataclass(frozen=True)
+class DraftPlan:
+    """What the loop allows one proposal, decided by the policy before it (``policy.Policy.plan``)."""
+
+    max_tokens: int  # tau: at most this many tokens in a chain, at most this deep in a tree
+    # drafters that report confidences end a chain (or stop expanding a tree path) once the product
+    # of their confidences falls below this; 0 means draft all ``max_tokens``
+    path_floor: float = 0.0
+    # how many of a tree's candidates to send to verification, given their path probabilities best first
+    tree_size: Callable[[list[float]], int] = verify_all
 
 
 @dataclass
@@ -21,7 +40,6 @@ class Draft:
     probs: torch.Tensor | None = None
     # the drafter's own probability of each drafted token; empty when it has none (n-gram lookup)
     confidence: list[float] = field(default_factory=list)
-    seconds: float = 0.0  # wall time spent drafting, filled in by the engine
     # None: the tokens form a chain, each continuing the one before. A list: they form a tree
     # of one-hot candidates (``probs`` None), ``parents[i]`` being the index of token i's parent, -1
     # for the pending token; parents come first, and ``confidence`` is then each token's
@@ -67,18 +85,14 @@ class Drafter:
     cost_prior = 0.0
     # True for drafters whose per-token confidence tracks how likely the target is to accept the
     # token (trained heads, draft models): the cost policy then lets them end a block early, at
-    # ``path_floor`` (set by the loop before each proposal; 0 means draft all ``max_tokens``)
+    # ``DraftPlan.path_floor``
     dynamic = False
-    path_floor = 0.0
 
-    def tree_size(self, scores: list[float]) -> int:
-        """How many of a tree's candidate tokens to verify, given their path probabilities, best
-        first. The loop sets this to the policy's before each proposal, like ``path_floor``."""
-        return len(scores)
-
-    def propose(
-        self, context: list[int], max_tokens: int, config: GenerationConfig, generator: torch.Generator
-    ) -> Draft:
+    def propose(self, context: list[int], plan: DraftPlan, config: GenerationConfig,
+                generator: torch.Generator) -> Draft:
+        """Draft after ``context`` (token ids, the last one pending: emitted, not yet scored by the
+        target) within ``plan``; sampled drafts draw from ``generator`` and carry the distribution
+        each token was drawn from."""
         raise NotImplementedError
 
     def observe(self, draft: Draft, num_accepted: int) -> None:
@@ -97,5 +111,5 @@ class NoDrafter(Drafter):
 
     name = "none"
 
-    def propose(self, context, max_tokens, config, generator) -> Draft:
+    def propose(self, context, plan, config, generator) -> Draft:
         return Draft([])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ConfigError
-from ..runner import make_runner
+from ..runners import make_runner
 from ..sampling import logits_to_probs, sample
 from .base import Draft, Drafter
 
@@ -39,7 +39,8 @@ class ModelDrafter(Drafter):
     def reset(self) -> None:
         self.runner.reset()
 
-    def propose(self, context, max_tokens, config, generator) -> Draft:
+    def propose(self, context, plan, config, generator) -> Draft:
+        max_tokens = plan.max_tokens
         if max_tokens <= 0:
             return Draft([])
         cached = self.runner.sync(context[:-1]) if len(context) > 1 else 0
@@ -59,7 +60,7 @@ class ModelDrafter(Drafter):
             probs.append(dist)
             confidence.append(top)
             path *= top
-            if i + 1 == max_tokens or top < config.confidence_floor or path < self.path_floor:
+            if i + 1 == max_tokens or top < config.confidence_floor or path < plan.path_floor:
                 break
             logits = self.runner.forward([token], num_logits=1)[0]
         # greedy draws are one-hot on the drafted token: no need to carry the distributions

@@ -53,8 +53,8 @@ class NgramDrafter(Drafter):
                 return n, context[start + n : start + n + max_tokens]
         return 0, []
 
-    def propose(self, context, max_tokens, config, generator) -> Draft:
-        _, follow = self.match(context, max_tokens)
+    def propose(self, context, plan, config, generator) -> Draft:
+        _, follow = self.match(context, plan.max_tokens)
         return Draft(follow)  # one-hot, and no confidence to calibrate
 
 
@@ -68,8 +68,8 @@ class HybridDrafter(Drafter):
                  prior: float = 0.5, prior_weight: float = 2.0):
         self.head, self.min_match = head, min_match
         self.ngram = ngram or NgramDrafter(max_ngram=max(3, min_match), min_ngram=1)
-        # a copied span carries no confidence to end it early, so its block is capped: verifying up
-        # to 5 tokens costs about one 1-token pass on the CPU, 9 tokens about 1.6
+        # a copied span carries no confidence to end it early, so its block is capped: a pass
+        # over up to about 5 tokens costs little more than a 1-token one on a CPU
         self.ngram_tokens = ngram_tokens
         # shorter matches (1 .. min_match - 1 tokens) are scored at every step, used or not: how
         # often the token that followed a match of each length was the one that came next, starting
@@ -101,13 +101,12 @@ class HybridDrafter(Drafter):
             self._hits[n] = self._hits.get(n, 0) + (context[at] == token)
         self._pending = None
 
-    def propose(self, context, max_tokens, config, generator) -> Draft:
+    def propose(self, context, plan, config, generator) -> Draft:
         self._score_pending(context)
-        n, follow = self.ngram.match(context, min(max_tokens, self.ngram_tokens))
+        n, follow = self.ngram.match(context, min(plan.max_tokens, self.ngram_tokens))
         if n >= self.min_match and follow:
             return Draft(follow)  # one-hot, and no confidence to calibrate
-        self.head.path_floor, self.head.tree_size = self.path_floor, self.tree_size
-        draft = self.head.propose(context, max_tokens, config, generator)
+        draft = self.head.propose(context, plan, config, generator)
         if not follow:
             return draft
         self._pending = (len(context), n, follow[0])

@@ -1,4 +1,4 @@
-"""The lean Llama forward computes the same function as the Hugging Face module."""
+"""The lean Llama runner computes the same function as the Hugging Face module."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import torch
 
 from specdecode import GenerationConfig
 from specdecode.drafters.base import NoDrafter
-from specdecode import fastllama
 from specdecode.engine import SpeculativeDecoder
-from specdecode.fastllama import FastLlama, FastRunner, supports
-from specdecode.runner import ModelRunner
+from specdecode.runners import HFRunner, LeanLlama, LeanRunner, supports, tuning
+from specdecode.runners.tuning import MAX_TUNED, pad_sizes
 
 from conftest import DEVICES, on
 
@@ -21,7 +20,7 @@ from conftest import DEVICES, on
 def test_logits_match_hugging_face_for_prefill_and_blocks(tiny_target, device):
     model = on(tiny_target, device)
     assert supports(model)
-    hf, fast = ModelRunner(model), FastRunner(FastLlama(model, tune=False), capacity=8)
+    hf, fast = HFRunner(model), LeanRunner(LeanLlama(model, tune=False), capacity=8)
     ids = list(range(10, 40))
     torch.testing.assert_close(fast.forward(ids, len(ids)), hf.forward(ids, len(ids)), atol=1e-4, rtol=1e-4)
     for block in ([5], [6, 7], [8, 9, 10, 11, 12]):  # also grows the cache past its capacity
@@ -38,9 +37,9 @@ def test_captured_layers_are_the_hugging_face_hidden_states(tiny_target):
     """Features of lower layers (for heads that read them, EAGLE-3) are those layers' outputs; the
     last layer's stays the output before the final norm, as a runner that captures only it gives."""
     ids = list(range(10, 30))
-    plain = FastRunner(FastLlama(tiny_target, tune=False), capacity=8)
+    plain = LeanRunner(LeanLlama(tiny_target, tune=False), capacity=8)
     plain.forward(ids, 1)
-    wide = FastRunner(FastLlama(tiny_target, tune=False), capacity=8)
+    wide = LeanRunner(LeanLlama(tiny_target, tune=False), capacity=8)
     wide.capture_layers((0, 1))
     wide.forward(ids[:12], 1)
     wide.forward(ids[12:], 1)  # grows the cache and the feature buffer past its capacity
@@ -60,7 +59,7 @@ def test_captured_layers_are_the_hugging_face_hidden_states(tiny_target):
 
 
 def test_both_layouts_give_the_same_products(tiny_target):
-    fast = FastLlama(tiny_target, tune=False)
+    fast = LeanLlama(tiny_target, tune=False)
     x = torch.randn(3, tiny_target.config.hidden_size)
     lin = fast.lm_head
     lin.use_wt = [True] * len(lin.use_wt)
@@ -75,36 +74,36 @@ def test_both_layouts_give_the_same_products(tiny_target):
 
 def test_layout_tuning_times_whole_passes_once_per_machine(tiny_target, tmp_path, monkeypatch):
     cache_file = tmp_path / "tuning.json"
-    fast = FastLlama(tiny_target, tuning_cache=cache_file)
+    fast = LeanLlama(tiny_target, tuning_cache=cache_file)
     choice = fast.lm_head.use_wt
-    assert len(choice) == fastllama.MAX_TUNED + 1 and all(isinstance(c, bool) for c in choice)
+    assert len(choice) == MAX_TUNED + 1 and all(isinstance(c, bool) for c in choice)
     assert all(lin.use_wt == choice for lin in fast.linears())
     assert len(json.loads(cache_file.read_text())) == 1
 
     def must_not_time(*args, **kwargs):
         raise AssertionError("timed again although the cache holds this machine and model")
 
-    monkeypatch.setattr(fastllama, "_time_layouts", must_not_time)
-    again = FastLlama(tiny_target, tuning_cache=cache_file)
+    monkeypatch.setattr(tuning, "_time_layouts", must_not_time)
+    again = LeanLlama(tiny_target, tuning_cache=cache_file)
     assert again.lm_head.use_wt == choice
     with pytest.raises(AssertionError, match="timed again"):  # control: another cache file is timed
-        FastLlama(tiny_target, tuning_cache=tmp_path / "other.json")
+        LeanLlama(tiny_target, tuning_cache=tmp_path / "other.json")
 
 
 def test_pad_sizes_pick_the_cheapest_larger_block_by_a_margin():
     ms = [0.0, 11.0, 10.0, 14.0, 10.0, 15.0, 18.0, 17.0, 12.0]  # by block size; 0 is unused
-    assert fastllama.pad_sizes(ms) == [0, 1, 2, 4, 4, 8, 8, 8, 8]  # 1 never padded; 2: 10 vs 10 is no gain
+    assert pad_sizes(ms) == [0, 1, 2, 4, 4, 8, 8, 8, 8]  # 1 never padded; 2: 10 vs 10 is no gain
 
 
 def test_padded_passes_give_what_unpadded_ones_do(tiny_target):
     """Blocks run padded to a cheaper size leave the same logits, features, cache and context as
     the same blocks run as they are: sequences, and trees, whose pad tokens are roots of their own."""
-    plain = FastRunner(FastLlama(tiny_target, tune=False), capacity=8)
-    padded = FastRunner(FastLlama(tiny_target, tune=False), capacity=8)
-    padded.fast.pad_to = [0, 1] + [8] * 7 + list(range(9, fastllama.MAX_TUNED + 1))
+    plain = LeanRunner(LeanLlama(tiny_target, tune=False), capacity=8)
+    padded = LeanRunner(LeanLlama(tiny_target, tune=False), capacity=8)
+    padded.model.pad_to = [0, 1] + [8] * 7 + list(range(9, MAX_TUNED + 1))
     sizes = []
-    forward = padded.fast.forward
-    padded.fast.forward = lambda ids, *args: sizes.append(len(ids)) or forward(ids, *args)
+    forward = padded.model.forward
+    padded.model.forward = lambda ids, *args: sizes.append(len(ids)) or forward(ids, *args)
 
     def same(a, b):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

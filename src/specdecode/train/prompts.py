@@ -130,7 +130,7 @@ def varied_prompts(n: int, seed: int, passages: list[str], topics: list[str] | N
         lambda: f"Write {rng.choice(FORMATS)} about {rng.choice(topics + things)}.",
         lambda: f"Describe {rng.choice(objects)} and explain how to take care of it.",
         lambda: f"Write a {rng.choice(LANGS)} program that reads input and does the following: {rng.choice(tasks)}. Add comments.",
-        lambda: f"Fix the bugs in this code and explain them:\n\ndef f(xs):\n    total = 0\n    for i in range(len(xs) + 1):\n        total += xs[i]\n    return total / len(xs)",
+        lambda: "Fix the bugs in this code and explain them:\n\ndef f(xs):\n    total = 0\n    for i in range(len(xs) + 1):\n        total += xs[i]\n    return total / len(xs)",
         lambda: f"If a train travels {rng.randint(30, 120)} km/h for {rng.randint(2, 9)} hours, how far does it go? Explain the calculation.",
         lambda: f"What is {rng.randint(12, 99)} times {rng.randint(3, 19)} plus {rng.randint(5, 500)}? Show your work.",
         lambda: f"A rectangle is {rng.randint(2, 30)} cm long and {rng.randint(2, 30)} cm wide. What are its area and perimeter?",

@@ -1,0 +1,39 @@
+"""``specdecode check``: is the output the target's? Greedy: token for token; sampling: a
+chi-square test of the output distribution."""
+
+from __future__ import annotations
+
+import json
+
+from .options import add_model_args, add_sampling_args, config_from_args
+
+CHECK_MAX_NEW_TOKENS = 48  # greedy cases long enough to reach drafted, rejected and bonus tokens
+
+
+def register(sub) -> None:
+    from ..check import DEFAULT_ALPHA, DEFAULT_CONTEXTS, DEFAULT_DRAWS
+
+    p = sub.add_parser("check", help="empirical losslessness check of a target/drafter pair")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--draws", type=int, default=DEFAULT_DRAWS, help="seeded generations per context (sampling)")
+    p.add_argument("--contexts", type=int, default=DEFAULT_CONTEXTS, help="contexts for the sampling check")
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="overall significance level (Bonferroni-split)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=run, max_new_tokens=CHECK_MAX_NEW_TOKENS)
+
+
+def run(args) -> int:
+    from ..api import load
+    from ..check import check_prompts, format_report, run_check, validate_check
+
+    config = config_from_args(args)
+    validate_check(args.draws, args.alpha)
+    spec = load(args.target, args.draft, dtype=args.dtype, device=args.device)
+    prompts = check_prompts(config, args.contexts)
+    report = run_check(spec, config, prompts, args.draws, args.alpha / max(1, 2 * len(prompts)), progress=not args.json)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report, spec.tokenizer))
+    return 0 if report["passed"] else 1

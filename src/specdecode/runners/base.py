@@ -1,0 +1,93 @@
+"""What the decoding loop and the drafters need from a model: the ``Runner`` protocol.
+
+A runner owns one model's KV cache and remembers which token ids it holds (``cached``). Feeding
+tokens appends to the cache; cutting back after a rejection is ``truncate``, with no recomputation;
+``sync`` keeps the longest common prefix of the cache and a new context, so a drafter or a second
+request that shares a prompt prefix pays only for the new suffix.
+
+Two optional capabilities are protocols of their own, which a runner declares by subclassing them
+and a drafter asks for with ``isinstance``:
+
+* ``TreeRunner``: score a token tree in one pass and keep one branch (tree verification);
+* ``FeatureRunner``: keep the outputs of chosen decoder layers at every cached position (what a
+  trained draft head reads).
+
+A new backend is a new module beside ``hf.py`` and ``lean.py`` whose runner subclasses ``Runner``
+(and the capabilities it has), and one more branch in ``runners.make_runner``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n, limit = 0, min(len(a), len(b))
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """One model and its KV cache."""
+
+    cached: list[int]  # token ids whose keys/values are in the cache, in order
+    vocab_size: int | None  # logits are cut to this many columns (padded vocabularies)
+
+    def forward(self, token_ids: list[int], num_logits: int = 1) -> torch.Tensor:
+        """Append ``token_ids`` to the cache in one pass; return float32 CPU logits
+        ``[num_logits, vocab]`` for the last ``num_logits`` of them (0: a prefill, no logits)."""
+        ...
+
+    def truncate(self, length: int) -> None:
+        """Cut the cache back to its first ``length`` tokens."""
+        ...
+
+    def reset(self) -> None:
+        """Empty the cache."""
+        ...
+
+    def cache_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(keys, values) per layer, ``[batch, kv_heads, len, head_dim]``, for tests and checks."""
+        ...
+
+    def sync(self, context: list[int]) -> int:
+        """Keep the longest cached prefix of ``context``; return how many tokens of it are cached."""
+        n = common_prefix(self.cached, context)
+        self.truncate(n)
+        return n
+
+
+@runtime_checkable
+class TreeRunner(Protocol):
+    """A runner that verifies a token tree in one pass (SpecInfer, Miao et al. 2024)."""
+
+    def forward_tree(self, token_ids: list[int], parents: list[int]) -> torch.Tensor:
+        """Score a tree appended after the cache: ``parents[i]`` is the block index of token i's
+        parent (-1: the last cached token). Logits ``[k, vocab]`` at every node; until
+        ``keep_branch`` the cache holds the whole tree."""
+        ...
+
+    def keep_branch(self, start: int, nodes: list[int]) -> None:
+        """After ``forward_tree`` at cache length ``start``: keep the nodes ``nodes`` (block
+        indices of one branch, root first) as the sequence continuing the cache, drop the rest."""
+        ...
+
+
+@runtime_checkable
+class FeatureRunner(Protocol):
+    """A runner that keeps decoder-layer outputs at every cached position (EAGLE's features)."""
+
+    def capture_layers(self, layers: tuple[int, ...] | None) -> None:
+        """Keep the outputs of these decoder layers (ascending, ending with the last one; None:
+        the last one only) from now on."""
+        ...
+
+    def features(self, start: int, end: int) -> torch.Tensor | None:
+        """``[end - start, len(layers) * hidden]`` at positions ``start..end-1``, or None unless
+        all of them are cached."""
+        ...
