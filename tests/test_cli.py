@@ -65,7 +65,8 @@ def test_tokenizer_mismatch_is_refused(capsys, tmp_path, tiny_target):
 
 def test_generate_json_on_default_target(capsys):
     code, out, err = run(
-        capsys, "generate", "What is the capital of France?", "--json", "--max-new-tokens", "12", "--draft", "ngram"
+        capsys, "generate", "What is the capital of France?", "--json", "--max-new-tokens", "12", "--draft", "ngram",
+        "--backend", "torch",
     )
     assert code == 0
     obj = json.loads(out)

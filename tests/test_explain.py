@@ -101,7 +101,7 @@ def test_acceptance_by_position_is_conditional_wherever_it_is_reported():
     assert stats.acceptance_by_position == pytest.approx(want)
     assert acceptance_by_position(steps)[0] == pytest.approx(want)
     result = PromptResult(0, "x", 10, 1.0, 10, 1.0, True, steps, stats.to_json())
-    summary = summarize([result], CostModel(target_s={1: T1}), compare_hf=False)
+    summary = summarize([result], CostModel(target_s={1: T1}))
     assert summary["overall"]["acceptance_by_position"] == pytest.approx(want)
     assert summary["overall"]["reached_by_position"] == [4, 3, 2]
     emitted_per_step = sum(s["emitted"] for s in steps) / len(steps)

@@ -11,16 +11,32 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import DEFAULT_DRAFT, ConfigError
+from .config import BACKENDS, DEFAULT_BACKEND, DEFAULT_DRAFT, ConfigError
 from .drafters.base import Drafter, NoDrafter
 from .drafters.head_file import SHIPPED_HEAD
 from .drafters.model import ModelDrafter, check_same_vocabulary
 from .drafters.ngram import HybridDrafter, NgramDrafter
 from .engine import SpeculativeDecoder
-from .models import load_model
-from .runners import runs_lean
+from .models import gguf_file, load_model
+from .runners import is_torch, output_rows, runs_lean
 
 BUILTIN_DRAFTERS = ("none", "ngram", "head", "head+ngram")
+
+
+def resolve_backend(backend: str, target: str | None) -> str:
+    """What ``--backend auto`` means: llama.cpp for a GGUF target (run in its own quantization,
+    measured faster end to end than the dequantised torch model; docs/results.md), torch otherwise."""
+    if backend not in BACKENDS:
+        raise ConfigError("backend", f"must be one of {', '.join(BACKENDS)} (got {backend!r})")
+    if backend != "auto":
+        return backend
+    return "llamacpp" if gguf_file(target, "target") is not None and llamacpp_available() else "torch"
+
+
+def llamacpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def auto_drafter(target, fast: bool = True) -> str:
@@ -33,15 +49,17 @@ def auto_drafter(target, fast: bool = True) -> str:
 
 
 def load(target: str | None = None, draft: str = DEFAULT_DRAFT, *, dtype: str = "auto", device: str = "auto",
-         fast: bool = True) -> SpeculativeDecoder:
+         fast: bool = True, backend: str = DEFAULT_BACKEND, threads: int | None = None) -> SpeculativeDecoder:
     """Load a target (hub id, local directory, GGUF file, or None for the default) and a drafter:
     ``"none"`` (plain decoding), ``"ngram"`` (prompt lookup), ``"head"`` (the shipped draft head of
     the default target), ``"head+ngram"`` (the head, or a long n-gram match when there is one),
     ``"auto"`` (head+ngram on the default target, n-gram on others) or a draft
     model's id/path (a trained head's directory too), either followed by ``+ngram`` to prefer a long
-    n-gram match when there is one.
+    n-gram match when there is one. ``backend``: ``"torch"``, ``"llamacpp"`` (a GGUF file in its own
+    quantization, on ``threads`` threads) or ``"auto"`` (``resolve_backend``).
     ``fast=False`` runs the Hugging Face modules instead of the lean Llama forward."""
-    loaded = load_model(target, param="target", dtype=dtype, device=device)
+    backend = resolve_backend(backend, target)
+    loaded = load_model(target, param="target", dtype=dtype, device=device, backend=backend, threads=threads)
     drafter = make_drafter(draft, loaded, dtype=dtype, device=device, fast=fast)
     return SpeculativeDecoder(loaded.model, loaded.tokenizer, drafter, fast=fast)
 
@@ -70,8 +88,14 @@ def make_drafter(spec: str, target, *, dtype: str = "auto", device: str = "auto"
         return NgramDrafter()
 
     if is_feature_draft(spec):
+        if not is_torch(target.model):
+            raise ConfigError("draft", "a draft head reads the target's features, which needs the torch backend "
+                                       "(--backend torch); on llamacpp use none, ngram or a draft model's .gguf file")
         return load_feature_draft(spec, target.model)
-    loaded = load_model(spec, param="draft", dtype=dtype, device=device)
+    if is_torch(target.model) or gguf_file(spec, "draft") is None:
+        loaded = load_model(spec, param="draft", dtype=dtype, device=device)
+    else:  # a GGUF draft for a llama.cpp target runs there too, with the target's threads
+        loaded = load_model(spec, param="draft", backend="llamacpp", threads=target.model.threads)
     check_same_vocabulary(target.tokenizer, loaded.tokenizer)
-    vocab = min(target.model.get_output_embeddings().weight.shape[0], len(target.tokenizer))
+    vocab = min(output_rows(target.model), len(target.tokenizer))
     return ModelDrafter(loaded.model, vocab_size=vocab, name=f"model:{spec}", fast=fast)

@@ -18,11 +18,10 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import DEFAULT_DRAFT, ConfigError, GenerationConfig
+from .config import DEFAULT_BACKEND, DEFAULT_DRAFT, ConfigError, GenerationConfig
 
 
 @dataclass
@@ -36,8 +35,8 @@ class PromptResult:
     greedy_match: bool | None
     steps: list[dict]
     stats: dict
-    hf_tokens: int = 0
-    hf_s: float = 0.0
+    # per peer engine (``peers``): (tokens, seconds, whether its greedy tokens equal our plain decoding's)
+    peers: dict[str, tuple[int, float, bool | None]] = field(default_factory=dict)
 
     @property
     def speedup(self) -> float:
@@ -82,53 +81,7 @@ def load_questions(path: str, categories: list[str] | None, limit: int | None) -
     return questions
 
 
-def hf_counterpart(drafter) -> tuple[str, object]:
-    """What ``--compare hf`` runs for this drafter: ("prompt_lookup", None) for n-gram lookup (and
-    for head+ngram, whose nearest Hugging Face feature it is), ("assistant", model) for a draft
-    model, ("none", None) for plain decoding. A lone feature head has no counterpart there."""
-    from .drafters.base import NoDrafter
-    from .drafters.ngram import HybridDrafter, NgramDrafter
-
-    if isinstance(drafter, (NgramDrafter, HybridDrafter)):
-        return "prompt_lookup", None
-    if isinstance(drafter, NoDrafter):
-        return "none", None
-    model = getattr(drafter, "model", None)
-    if model is None:
-        raise ConfigError("compare", f"Hugging Face has no counterpart of the {drafter.name} drafter; "
-                                     "compare with --draft ngram, head+ngram or a draft model")
-    return "assistant", model
-
-
-def _hf_generate(model, tokenizer, prompt_ids, config: GenerationConfig, counterpart: tuple[str, object]):
-    """Hugging Face's own assisted generation with the nearest drafter it has, greedy (or sampling),
-    told the same stopping rules."""
-    import torch
-
-    kwargs = {
-        "max_new_tokens": config.max_new_tokens,
-        "do_sample": not config.greedy,
-        "pad_token_id": model.config.eos_token_id,
-    }
-    if not config.greedy:
-        kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or None)
-    if config.ignore_eos:
-        kwargs["min_new_tokens"] = config.max_new_tokens
-    if config.stop:
-        kwargs.update(stop_strings=list(config.stop), tokenizer=tokenizer)
-    kind, assistant = counterpart
-    if kind == "prompt_lookup":
-        kwargs["prompt_lookup_num_tokens"] = 10
-    elif kind == "assistant":
-        kwargs["assistant_model"] = assistant
-    ids = torch.tensor([prompt_ids])
-    t = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-    return out.shape[1] - ids.shape[1], time.perf_counter() - t
-
-
-def summarize(results: list[PromptResult], cost, compare_hf: bool) -> dict:
+def summarize(results: list[PromptResult], cost) -> dict:
     from .costmodel import predicted_speedup_of_steps
     from .stats import rates_by_position
 
@@ -166,10 +119,12 @@ def summarize(results: list[PromptResult], cost, compare_hf: bool) -> dict:
             # seconds per drafted token over the target's 1-token pass
             "draft_cost_ratio": (sum(r.stats["draft_s"] for r in rs) / drafted / cost.target(1)) if drafted else 0.0,
         }
-        if compare_hf:
-            hf_tps = sum(r.hf_tokens for r in rs) / sum(r.hf_s for r in rs)
-            out["hf_tokens_per_second"] = hf_tps
-            out["ratio_vs_hf"] = spec_tps / hf_tps
+        for name in rs[0].peers:  # our tokens per second over each peer's, on the same prompts
+            peer_tps = sum(r.peers[name][0] for r in rs) / sum(r.peers[name][1] for r in rs)
+            out[f"{name}_tokens_per_second"] = peer_tps
+            out[f"ratio_vs_{name}"] = spec_tps / peer_tps
+            same = [r.peers[name][2] for r in rs]
+            out[f"{name}_identical_to_plain"] = None if same[0] is None else sum(same)
         return out
 
     cats: dict[str, list[PromptResult]] = {}
@@ -209,22 +164,25 @@ class BenchSettings:
     device: str = "auto"
     categories: tuple[str, ...] | None = None  # None: all
     limit: int | None = None  # at most this many questions per category
-    compare: str | None = None  # "hf": also run Hugging Face's nearest assisted generation
+    compare: str | None = None  # also run the engines people use: "hf" or "llamacpp" (``peers``)
+    backend: str = DEFAULT_BACKEND  # see api.resolve_backend
+    threads: int | None = None  # llama.cpp's threads (default: the machine's cores)
     trace: str | None = None  # write the speculative runs' steps to this file
     chat: bool = True  # apply the chat template
     progress: bool = True
 
 
 def run_bench(settings: BenchSettings, config: GenerationConfig) -> dict:
-    """Every question's first turn, by plain decoding and by speculation (and Hugging Face with
-    ``compare="hf"``), back to back in alternating order; the summary ``format_table`` prints."""
+    """Every question's first turn, by plain decoding and by speculation (and the ``compare`` peer's
+    engines), back to back in an order that alternates; the summary ``format_table`` prints."""
     from tqdm import tqdm
 
-    from .api import make_drafter
+    from .api import make_drafter, resolve_backend
     from .costmodel import CostModel, measure_target_curve
     from .drafters.base import NoDrafter
     from .engine import SpeculativeDecoder
     from .models import load_model
+    from .peers import make_peers
     from .trace import TraceWriter
 
     # sampled runs are reproducible by default: a benchmark that cannot be rerun cannot be compared
@@ -234,14 +192,12 @@ def run_bench(settings: BenchSettings, config: GenerationConfig) -> dict:
     questions = load_questions(settings.dataset, categories, settings.limit)
     if not questions:
         raise ConfigError("dataset", "no questions left after --categories/--limit")
-    if settings.compare and settings.compare != "hf":
-        raise ConfigError("compare", f"only 'hf' is supported (got {settings.compare!r})")
-    compare_hf = settings.compare == "hf"
-
-    target = load_model(settings.target, param="target", dtype=settings.dtype, device=settings.device)
+    backend = resolve_backend(settings.backend, settings.target)
+    target = load_model(settings.target, param="target", dtype=settings.dtype, device=settings.device,
+                        backend=backend, threads=settings.threads)
     drafter = make_drafter(settings.draft, target, dtype=settings.dtype, device=settings.device)
     base = SpeculativeDecoder(target.model, target.tokenizer, NoDrafter())
-    counterpart = hf_counterpart(drafter) if compare_hf else None
+    peers = make_peers(settings.compare, target, drafter, settings.threads)
 
     # the cost model: measured pass times 1..16 (and the draft's per-token cost, from the run); the
     # cost policy starts from it, then follows live timings
@@ -259,13 +215,13 @@ def run_bench(settings: BenchSettings, config: GenerationConfig) -> dict:
     bar = tqdm(questions, desc=f"bench {settings.draft}", unit="prompt", file=sys.stderr, disable=not settings.progress)
     for i, q in enumerate(bar):
         prompt_ids = spec.encode(q["turns"][0], chat=settings.chat)
-        contenders = ["base", "spec"] + (["hf"] if compare_hf else [])
+        contenders = ["base", "spec"] + (["peers"] if peers else [])
         if i % 2:
             contenders.reverse()
         out = {}
         for who in contenders:
-            if who == "hf":
-                out["hf"] = _hf_generate(target.model, target.tokenizer, prompt_ids, config, counterpart)
+            if who == "peers":
+                out["peers"] = peers.run(prompt_ids, config)
             else:
                 dec = base if who == "base" else spec
                 steps: list[dict] = []
@@ -273,10 +229,11 @@ def run_bench(settings: BenchSettings, config: GenerationConfig) -> dict:
                 res = dec.generate(prompt_ids, config, trace=recorder)
                 out[who] = (res, steps)
         b, s = out["base"][0], out["spec"][0]
+        peer_runs = {name: (len(tokens), seconds, (tokens == b.token_ids) if config.greedy else None)
+                     for name, (tokens, seconds) in out.get("peers", {}).items()}
         results.append(PromptResult(
             q.get("question_id"), q["category"], len(b.token_ids), b.stats.total_s, len(s.token_ids), s.stats.total_s,
-            (b.token_ids == s.token_ids) if config.greedy else None, out["spec"][1], s.stats.to_json(),
-            *(out["hf"] if "hf" in out else (0, 0.0)),
+            (b.token_ids == s.token_ids) if config.greedy else None, out["spec"][1], s.stats.to_json(), peer_runs,
         ))
         bar.set_postfix(speedup=f"{results[-1].speedup:.2f}", accepted=f"{s.stats.mean_accepted_length:.2f}")
     if trace is not None:
@@ -287,7 +244,7 @@ def run_bench(settings: BenchSettings, config: GenerationConfig) -> dict:
     drafted = sum(r.stats["drafted"] for r in results)
     measured = CostModel(target_s=dict(curve), smoothing=0.0,
                          draft_token_s=sum(r.stats["draft_s"] for r in results) / drafted if drafted else 0.0)
-    summary = summarize(results, measured, compare_hf)
+    summary = summarize(results, measured)
     summary["cost_model"] = cost_report(
         measured, summary["overall"]["acceptance_by_position"] or [0.0], config.draft_len
     )
@@ -335,12 +292,18 @@ class _StepRecorder:
             self.trace.summary(stats, finish_reason)
 
 
+def peer_names(block: dict) -> list[str]:
+    """The peer engines a summary block compares against (``ratio_vs_NAME`` keys)."""
+    return [k[len("ratio_vs_"):] for k in block if k.startswith("ratio_vs_")]
+
+
 def format_table(summary: dict) -> str:
-    hf = "ratio_vs_hf" in summary["overall"]
+    peers = peer_names(summary["overall"])
     head = (f"{'category':<16}{'n':>4}{'speedup':>9}{'median':>8}{'min':>7}{'pred':>7}{'eff':>6}{'acc.tok':>8}"
             f"{'acc.rate':>9}{'draft':>7}{'tok/s':>8}{'base':>7}{'match':>7}")
-    if hf:
-        head += f"{'hf tok/s':>9}{'vs hf':>7}"
+    for name in peers:
+        width = max(len(name) + 6, 9)
+        head += f"{name + ' tok/s':>{width}}{'vs ' + name:>{width}}"
     lines = [head, "-" * len(head)]
     rows = list(summary["categories"].items()) + [("overall", summary["overall"])]
     for name, c in rows:
@@ -348,8 +311,9 @@ def format_table(summary: dict) -> str:
         line = (f"{name:<16}{c['prompts']:>4}{c['speedup']:>8.2f}x{c['median_speedup']:>7.2f}x{c['min_speedup']:>6.2f}x"
                 f"{c['predicted_speedup']:>6.2f}x{c['efficiency']:>6.2f}{c['mean_accepted_tokens']:>8.2f}{c['acceptance_rate']:>9.2f}"
                 f"{c['draft_cost_ratio']:>7.3f}{c['tokens_per_second']:>8.1f}{c['baseline_tokens_per_second']:>7.1f}{match:>7}")
-        if hf:
-            line += f"{c['hf_tokens_per_second']:>9.1f}{c['ratio_vs_hf']:>6.2f}x"
+        for name in peers:
+            width = max(len(name) + 6, 9)
+            line += f"{c[name + '_tokens_per_second']:>{width}.1f}{c['ratio_vs_' + name]:>{width - 1}.2f}x"
         if name == "overall":
             lines.append("-" * len(head))
         lines.append(line)
@@ -389,6 +353,10 @@ def write_plots(summary: dict, out: Path) -> list[Path]:
         )
         ax.legend()
     ax.bar_label(bars, fmt="%.2fx", fontsize=8)
+    for k, name in enumerate(peer_names(summary["overall"])):  # our tokens/s over each peer engine's
+        ax.scatter(cats, [summary["categories"][c][f"ratio_vs_{name}"] for c in cats], marker="o", s=25,
+                   color=plt.get_cmap("tab10").colors[(k + 1) % 10], label=f"ours / {name}", zorder=4)
+        ax.legend(fontsize=8)
     ax.set_ylabel("speedup over plain decoding")
     ax.set_title(f"speedup per category ({summary['config']['draft']}, overall {summary['overall']['speedup']:.2f}x)")
     plt.setp(ax.get_xticklabels(), rotation=35, ha="right")

@@ -109,6 +109,33 @@ def check_greedy(spec: SpeculativeDecoder, plain: SpeculativeDecoder, prompts: l
     return cases
 
 
+def check_peer(peer, spec: SpeculativeDecoder, plain: SpeculativeDecoder, prompts: list[str],
+               config: GenerationConfig) -> list[dict]:
+    """The same question of another engine (``peers``): is its speculative decoding's greedy output
+    its own plain decoding's, and how does its plain decoding compare with ours? Per prompt, the
+    first position where each of its runs leaves our plain decoding's tokens (None: identical)."""
+    out = []
+    for prompt in prompts:
+        ids = plain.encode(prompt)
+        ours = plain.generate(ids, config).token_ids
+        runs = {name: tokens for name, (tokens, _) in peer.run(ids, config).items()}
+        names = list(runs)
+        row = {"prompt": prompt[:60]}
+        for name, tokens in runs.items():
+            row[f"{name}_vs_ours"] = _first_difference(tokens, ours)
+        plain_name = names[0]  # a peer lists its plain decoding first
+        for name in names[1:]:
+            row[f"{name}_vs_{plain_name}"] = _first_difference(runs[name], runs[plain_name])
+        out.append(row)
+    return out
+
+
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    if a == b:
+        return None
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def check_sampling(spec: SpeculativeDecoder, prompts: list[str], config: GenerationConfig, draws: int, alpha: float,
                    depth: int = 3, progress: bool = True) -> list[dict]:
     from tqdm import tqdm
@@ -152,13 +179,21 @@ def check_sampling(spec: SpeculativeDecoder, prompts: list[str], config: Generat
 
 
 def run_check(spec: SpeculativeDecoder, config: GenerationConfig, prompts: list[str] | None = None, draws: int = 1000,
-              alpha: float = 1e-3, progress: bool = True) -> dict:
+              alpha: float = 1e-3, progress: bool = True, peer=None) -> dict:
+    """Greedy: every prompt's output against plain decoding (and, with a ``peer`` engine, the same
+    question of it, reported beside ours; it does not decide ``passed``). Sampling: chi-square
+    tests of the first two tokens' distribution."""
     prompts = prompts or CHECK_PROMPTS
     if config.greedy:
         plain = SpeculativeDecoder(spec.model, spec.tokenizer, NoDrafter())
         cases = check_greedy(spec, plain, prompts, config)
         real = [c for c in cases if not c.match and c.verdict != "numerical tie"]
-        return {"mode": "greedy", "passed": not real, "cases": [c.__dict__ for c in cases]}
+        report = {"mode": "greedy", "passed": not real, "cases": [c.__dict__ for c in cases]}
+        if peer is not None:
+            report["peer"] = check_peer(peer, spec, plain, prompts, config)
+        return report
+    if peer is not None:
+        raise ConfigError("compare", "the peer comparison is of greedy output; leave --temperature 0")
     results = check_sampling(spec, prompts, config, draws, alpha, progress=progress)
     # several tests: Bonferroni, so that a correct engine passes with probability >= 1 - alpha overall
     return {"mode": "sampling", "passed": all(r["passed"] for r in results), "contexts": results}
@@ -201,5 +236,9 @@ def format_report(report: dict, tokenizer) -> str:
                     f"TV distance {t['tv_distance']:.3f}"
                 )
             lines.append(f"      drafted {r['drafted']} tokens, accepted {r['accepted']}")
+    for row in report.get("peer", []):
+        lines.append("peer       " + f"{row['prompt']!r}: " + "; ".join(
+            f"{key.replace('_vs_', ' vs ')}: " + ("identical" if at is None else f"differs from token {at}")
+            for key, at in row.items() if key != "prompt"))
     lines.append("PASSED: output is the target's" if report["passed"] else "FAILED: output differs from the target's")
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from .config import ConfigError, GenerationConfig
 from .costmodel import CostModel
 from .drafters.base import Draft, Drafter
 from .policy import Calibration, make_policy
-from .runners import TreeRunner, make_runner
+from .runners import TreeRunner, make_runner, output_rows
 from .sampling import logits_to_probs
 from .stats import RunStats, StepRecord
 from .text import Detokenizer, StopMatcher, chat_token_ids, eos_token_ids
@@ -79,7 +79,7 @@ class SpeculativeDecoder:
         self.model = model
         self.tokenizer = tokenizer
         self.drafter = drafter
-        self.vocab_size = min(model.get_output_embeddings().weight.shape[0], max(len(tokenizer), 1))
+        self.vocab_size = min(output_rows(model), max(len(tokenizer), 1))
         self.target = make_runner(model, vocab_size=self.vocab_size, fast=fast)
         drafter.attach(self.target)
         self.eos_ids = eos_token_ids(model, tokenizer)

@@ -69,11 +69,21 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_model(spec: str | None, *, param: str = "target", dtype: str = "auto", device: str = "auto") -> LoadedModel:
+def load_model(spec: str | None, *, param: str = "target", dtype: str = "auto", device: str = "auto",
+               backend: str = "torch", threads: int | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer from a hub id, a local directory or a GGUF file.
 
-    ``param`` names the option the spec came from, so that errors say which one is wrong.
+    ``backend="torch"`` loads a Hugging Face module (a GGUF file dequantised once and cached);
+    ``"llamacpp"`` runs a GGUF file in its own quantization through llama.cpp, on ``threads``
+    threads (default: the machine's cores). ``param`` names the option the spec came from, so that
+    errors say which one is wrong.
     """
+    if backend == "llamacpp":
+        return _load_llamacpp(spec, param, dtype, device, threads)
+    if backend != "torch":
+        raise ConfigError("backend", f"must be torch or llamacpp here (got {backend!r})")
+    if threads is not None:
+        raise ConfigError("threads", "sets llama.cpp's threads; the torch backend takes torch's (OMP_NUM_THREADS)")
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     spec = spec or DEFAULT_TARGET
@@ -89,6 +99,61 @@ def load_model(spec: str | None, *, param: str = "target", dtype: str = "auto", 
             raise ConfigError(param, f"not a model directory or .gguf file: {spec}")
     model, tokenizer = _from_pretrained(path, param, torch_dtype)
     return LoadedModel(model.to(device).eval(), tokenizer, spec)
+
+
+def gguf_file(spec: str | None, param: str) -> Path | None:
+    """The GGUF file ``spec`` names (None: the default target's), or None when it names no GGUF file."""
+    spec = spec or DEFAULT_TARGET
+    if spec == DEFAULT_TARGET:
+        return default_gguf_path()
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise ConfigError(param, f"GGUF file not found: {spec}")
+        return Path(spec)
+    return None
+
+
+def _load_llamacpp(spec, param: str, dtype: str, device: str, threads: int | None) -> LoadedModel:
+    from .runners.llamacpp import LlamaCppModel
+
+    path = gguf_file(spec, param)
+    if path is None:
+        raise ConfigError(param, f"the llamacpp backend runs GGUF files; {spec!r} is not one (use --backend torch)")
+    if dtype != "auto":
+        raise ConfigError("dtype", "a GGUF file runs in its own quantization on the llamacpp backend; "
+                                   "leave --dtype auto")
+    if device not in ("auto", "cpu"):
+        raise ConfigError("device", "the llamacpp backend runs on the CPU here; leave --device auto or cpu")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ConfigError("threads", f"must be an integer >= 1 (got {threads!r})")
+    return LoadedModel(LlamaCppModel(path, threads), gguf_tokenizer(path, param), spec or DEFAULT_TARGET)
+
+
+def gguf_tokenizer(gguf: Path, param: str):
+    """The Hugging Face tokenizer of a GGUF file (its vocabulary and chat template), converted once
+    and cached; the weights are not read."""
+    from transformers import AutoTokenizer
+
+    full = _gguf_cache_path(gguf, "gguf")
+    out = full if (full / "tokenizer_config.json").is_file() else _gguf_cache_path(gguf, "gguf-tokenizer")
+    try:
+        with _quiet():
+            if (out / "tokenizer_config.json").is_file():
+                return AutoTokenizer.from_pretrained(out)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, out) if not out.exists() else None
+            return tokenizer
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(param, f"could not read the tokenizer of {gguf}: {exc}") from exc
+
+
+def _gguf_cache_path(gguf: Path, kind: str) -> Path:
+    """Where what is derived from ``gguf`` is cached: by its path, size and modification time."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / kind / f"{gguf.stem}-{key}"
 
 
 def _looks_local(spec: str) -> bool:
@@ -127,9 +192,7 @@ def _from_pretrained(path, param: str, torch_dtype, **kwargs):
 
 def _cached_gguf(gguf: Path, param: str) -> Path:
     """Dequantise a GGUF file once into a safetensors directory and return that directory."""
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    out = _gguf_cache_path(gguf, "gguf")
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     logging.getLogger(__name__).info("converting %s once into %s", gguf, out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..peers import COMPARE
 from .options import add_model_args, add_sampling_args, config_from_args
 
 
@@ -12,7 +13,9 @@ def register(sub) -> None:
     p.add_argument("--dataset", required=True, help="Spec-Bench-format question.jsonl")
     p.add_argument("--categories", default=None, help="comma-separated categories (default: all)")
     p.add_argument("--limit", type=int, default=None, help="at most N questions per category")
-    p.add_argument("--compare", default=None, help="'hf': also run Hugging Face assisted generation")
+    p.add_argument("--compare", default=None, choices=COMPARE,
+                   help="also run the engines people use on the same prompts: hf (Hugging Face generate with its "
+                        "nearest assisted generation) or llamacpp (llama.cpp plain decoding and its prompt lookup)")
     p.add_argument("--out", default=None, help="directory for results.json and plots")
     p.add_argument("--trace", default=None, help="write the speculative runs' steps to this file")
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
@@ -30,6 +33,7 @@ def run(args) -> int:
         dataset=args.dataset, target=args.target, draft=args.draft, dtype=args.dtype, device=args.device,
         categories=tuple(c for c in (args.categories or "").split(",") if c) or None, limit=args.limit,
         compare=args.compare, trace=args.trace, chat=not args.no_chat, progress=not args.quiet,
+        backend=args.backend, threads=args.threads,
     )
     summary = run_bench(settings, config)
     print(format_table(summary))

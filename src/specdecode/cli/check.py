@@ -19,6 +19,9 @@ def register(sub) -> None:
     p.add_argument("--draws", type=int, default=DEFAULT_DRAWS, help="seeded generations per context (sampling)")
     p.add_argument("--contexts", type=int, default=DEFAULT_CONTEXTS, help="contexts for the sampling check")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="overall significance level (Bonferroni-split)")
+    p.add_argument("--compare", default=None, choices=["llamacpp"],
+                   help="also report whether llama.cpp's prompt lookup leaves its own plain decoding, and how both "
+                        "compare with ours (greedy)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run, max_new_tokens=CHECK_MAX_NEW_TOKENS)
 
@@ -29,9 +32,18 @@ def run(args) -> int:
 
     config = config_from_args(args)
     validate_check(args.draws, args.alpha)
-    spec = load(args.target, args.draft, dtype=args.dtype, device=args.device)
+    spec = load(args.target, args.draft, dtype=args.dtype, device=args.device, backend=args.backend,
+                threads=args.threads)
     prompts = check_prompts(config, args.contexts)
-    report = run_check(spec, config, prompts, args.draws, args.alpha / max(1, 2 * len(prompts)), progress=not args.json)
+    peer = None
+    if args.compare:
+        from ..models import LoadedModel
+        from ..peers import make_peers
+
+        target = LoadedModel(spec.model, spec.tokenizer, args.target)
+        peer = make_peers(args.compare, target, spec.drafter, args.threads)
+    report = run_check(spec, config, prompts, args.draws, args.alpha / max(1, 2 * len(prompts)), progress=not args.json,
+                       peer=peer)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

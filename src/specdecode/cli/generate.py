@@ -30,7 +30,8 @@ def run(args) -> int:
     if not prompt.strip():
         raise SpecDecodeError("prompt", "must be a non-empty string (as an argument, or on standard input with '-')")
     config = config_from_args(args)  # validate before the slow model load
-    decoder = load(args.target, args.draft, dtype=args.dtype, device=args.device)
+    decoder = load(args.target, args.draft, dtype=args.dtype, device=args.device, backend=args.backend,
+                   threads=args.threads)
     meta = {"target": args.target or "default", "draft": args.draft}
     trace = TraceWriter(args.trace, meta=meta) if args.trace else None
     try:

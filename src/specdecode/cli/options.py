@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import DEFAULT_DRAFT, DEFAULTS, DTYPE_NAMES, POLICIES, TREE_CHOICES, GenerationConfig
+from ..config import (
+    BACKENDS,
+    DEFAULT_BACKEND,
+    DEFAULT_DRAFT,
+    DEFAULTS,
+    DTYPE_NAMES,
+    POLICIES,
+    TREE_CHOICES,
+    GenerationConfig,
+)
 
 TREE_NAMES = {value: name for name, value in TREE_CHOICES.items()}  # GenerationConfig.tree -> --tree
 
@@ -17,6 +26,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "target), head+ngram (the head, or a long n-gram match when the context has one), auto "
                         "(head+ngram on the default target, ngram on others), or a draft model / trained head path, "
                         "PATH+ngram to prefer n-gram matches with it (default: %(default)s)")
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=BACKENDS,
+                   help="torch, llamacpp (a GGUF file in its own quantization) or auto (default: llamacpp for a GGUF "
+                        "target, torch otherwise)")
+    p.add_argument("--threads", type=int, default=None, help="llama.cpp's threads (default: the machine's cores)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
 

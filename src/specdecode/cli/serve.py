@@ -33,8 +33,11 @@ def run(args) -> int:
         raise SpecDecodeError("max_queue", f"must be in [1, {MAX_QUEUE_LIMIT}] (got {args.max_queue})")
     defaults = DEFAULTS.with_(draft_len=args.draft_len, policy=args.policy)
     name = args.model_name or (args.target or "SmolLM2-135M-Instruct")
-    server = Server(lambda: load(args.target, args.draft, dtype=args.dtype, device=args.device), name,
-                    args.max_queue, defaults)
+    def loader():
+        return load(args.target, args.draft, dtype=args.dtype, device=args.device, backend=args.backend,
+                    threads=args.threads)
+
+    server = Server(loader, name, args.max_queue, defaults)
     print(f"specdecode: serving {name} (draft: {args.draft}) on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -1,0 +1,226 @@
+"""The llama.cpp backend: a GGUF file run in its own quantization by llama.cpp (through
+llama-cpp-python's low-level API), behind the ``Runner`` protocol.
+
+One context, one sequence: ``forward`` appends a batch of tokens at the next positions and asks for
+logits at the last ``num_logits`` of them; ``truncate`` removes positions from the KV cache.
+
+Kernels. llama.cpp computes a 1-token pass with other kernels than a pass over several tokens, and
+for some quantization types (Q4_1 among them, on AVX2) the two differ in the last bits of the
+logits, enough to flip a near-tie argmax. Verification scores blocks of several tokens, so for
+greedy output to be identical to plain decoding through this backend, plain decoding must use the
+batched kernels too: a 1-token pass is run as a pass over ``MIN_BATCH`` tokens, the real one first
+and copies of it after, at the next positions, whose logits are not asked for and whose cache
+entries are removed at once (no real token attends to them). This costs a 2-token pass for every
+plain step. ``pad_single=False`` turns it off: the output of plain decoding is then llama.cpp's
+own, and speculation's greedy output may differ from it at near-ties. The padding tokens ask for
+logits too, so that every pass computes its output rows with the batched kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import ConfigError
+from .base import Runner
+
+MIN_BATCH = 2  # a pass over fewer tokens runs padded to this, so that every pass uses the batched kernels
+FALLBACK_CONTEXT = 4096  # KV cache cells per context for a file that does not say its trained context
+MAX_BLOCK = 512  # tokens per llama_decode call; longer inputs (prefills) are split
+
+
+def default_threads() -> int:
+    """The machine's cores (llama.cpp is compute-bound on a small CPU)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise ConfigError("backend", "the llamacpp backend needs llama-cpp-python: pip install llama-cpp-python "
+                                     f"({exc})") from None
+    return llama_cpp
+
+
+_BACKEND_READY = threading.Lock()
+_backend_started = False
+
+
+def _start_backend(lib) -> None:
+    global _backend_started
+    with _BACKEND_READY:
+        if not _backend_started:
+            lib.llama_log_set(_QUIET_LOG, ctypes.c_void_p(0))  # llama.cpp logs every load to stderr otherwise
+            lib.llama_backend_init()
+            _backend_started = True
+
+
+def _quiet_log(level, text, user_data):  # errors still reach the caller as return codes
+    pass
+
+
+_QUIET_LOG = None  # the ctypes callback, kept alive for as long as llama.cpp may call it
+
+
+@dataclass(frozen=True)
+class LlamaCppConfig:
+    """What the engine and the drafters read of a model's configuration (as of a Hugging Face
+    config): the same attribute names, so the code that reads them needs no second path."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    max_position_embeddings: int
+    eos_token_id: int | None
+
+
+class LlamaCppModel:
+    """A GGUF file loaded by llama.cpp (weights memory-mapped, in their own quantization)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, context: int | None = None):
+        lib = _llama_cpp()
+        global _QUIET_LOG
+        if _QUIET_LOG is None:
+            _QUIET_LOG = lib.llama_log_callback(_quiet_log)
+        _start_backend(lib)
+        self.lib, self.path = lib, Path(path)
+        self.threads = threads or default_threads()
+        if not isinstance(self.threads, int) or self.threads < 1:
+            raise ConfigError("threads", f"must be an integer >= 1 (got {threads!r})")
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = 0
+        self.model = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.model:
+            raise ConfigError("target", f"llama.cpp could not load {self.path}")
+        self.vocab = lib.llama_model_get_vocab(self.model)
+        n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+        trained = lib.llama_model_n_ctx_train(self.model)
+        eos = lib.llama_vocab_eos(self.vocab)
+        self.config = LlamaCppConfig(
+            model_type=self._meta("general.architecture") or "llama", vocab_size=n_vocab,
+            hidden_size=lib.llama_model_n_embd(self.model), num_hidden_layers=lib.llama_model_n_layer(self.model),
+            max_position_embeddings=context or (trained if trained > 0 else FALLBACK_CONTEXT),
+            eos_token_id=eos if eos >= 0 else None,
+        )
+
+    def _meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(256)
+        n = self.lib.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode(errors="replace") if n >= 0 else None
+
+    def is_eog(self, token: int) -> bool:
+        """Whether llama.cpp treats ``token`` as an end of generation."""
+        return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
+
+    def new_context(self, capacity: int | None = None, threads: int | None = None):
+        """A llama.cpp context (its own KV cache) over these weights."""
+        lib = self.lib
+        params = lib.llama_context_default_params()
+        params.n_ctx = capacity or self.config.max_position_embeddings
+        params.n_batch = params.n_ubatch = MAX_BLOCK
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = threads or self.threads
+        # llama-cpp-python's Llama runs without flash attention; so do we, so that a pass computes
+        # exactly what the same pass does there (the default, "auto", takes it on a CPU and
+        # changes the logits in the last bits)
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        ctx = lib.llama_init_from_model(self.model, params)
+        if not ctx:
+            raise ConfigError("target", f"llama.cpp could not create a context of {params.n_ctx} tokens")
+        return ctx
+
+    def __del__(self):
+        model = getattr(self, "model", None)
+        if model:
+            self.lib.llama_model_free(model)
+            self.model = None
+
+
+class LlamaCppRunner(Runner):
+    """One llama.cpp context and the token ids its KV cache holds."""
+
+    def __init__(self, model: LlamaCppModel, vocab_size: int | None = None, pad_single: bool = True):
+        self.model = model
+        self.lib = model.lib
+        self.vocab_size = vocab_size
+        self.pad_single = pad_single
+        self.n_vocab = model.config.vocab_size
+        self.capacity = model.config.max_position_embeddings
+        self.ctx = model.new_context(self.capacity)
+        self.memory = self.lib.llama_get_memory(self.ctx)
+        self.batch = self.lib.llama_batch_init(MAX_BLOCK, 0, 1)
+        self.cached: list[int] = []
+
+    def reset(self) -> None:
+        self.lib.llama_memory_clear(self.memory, True)
+        self.cached = []
+
+    def truncate(self, length: int) -> None:
+        if length < len(self.cached):
+            self.lib.llama_memory_seq_rm(self.memory, 0, length, -1)
+            del self.cached[length:]
+
+    def _decode(self, token_ids: list[int], start: int, logits_from: int) -> None:
+        """One llama_decode call: ``token_ids`` at positions ``start...``, logits for indices
+        ``logits_from`` and after."""
+        b = self.batch
+        for i, tok in enumerate(token_ids):
+            b.token[i] = tok
+            b.pos[i] = start + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = i >= logits_from
+        b.n_tokens = len(token_ids)
+        code = self.lib.llama_decode(self.ctx, b)
+        if code != 0:
+            raise RuntimeError(f"llama_decode failed with code {code} at position {start} ({len(token_ids)} tokens)")
+
+    def _logits(self, index: int) -> torch.Tensor:
+        ptr = self.lib.llama_get_logits_ith(self.ctx, index)
+        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())  # [vocab]
+
+    def forward(self, token_ids: list[int], num_logits: int = 1) -> torch.Tensor:
+        start, k = len(self.cached), len(token_ids)
+        if start + k > self.capacity:
+            raise ValueError(f"context of {start + k} tokens exceeds this context's {self.capacity}")
+        rows: list[torch.Tensor] = []
+        for at in range(0, k, MAX_BLOCK):  # long prefills in several calls; logits only from the last ones
+            block = token_ids[at:at + MAX_BLOCK]
+            first_wanted = max(0, (k - num_logits) - at) if num_logits else len(block)
+            pad = MIN_BATCH - len(block) if self.pad_single and len(block) < MIN_BATCH else 0
+            pad = min(pad, self.capacity - (start + at + len(block)))
+            self._decode(block + block[-1:] * pad, start + at, first_wanted)
+            if pad:  # the copies' cache entries go at once: nothing real attends to them
+                self.lib.llama_memory_seq_rm(self.memory, 0, start + at + len(block), -1)
+            rows += [self._logits(i) for i in range(first_wanted, len(block))]
+        self.cached.extend(token_ids)
+        logits = torch.stack(rows) if rows else torch.zeros(0, self.n_vocab)  # [num_logits, vocab]
+        if self.vocab_size is not None:
+            logits = logits[:, : self.vocab_size]
+        return logits
+
+    def cache_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """llama.cpp does not expose its KV cache; tests compare logits after a rollback instead."""
+        return []
+
+    def __del__(self):
+        lib = getattr(self, "lib", None)
+        if lib is None:
+            return
+        if getattr(self, "batch", None) is not None:
+            lib.llama_batch_free(self.batch)
+            self.batch = None
+        if getattr(self, "ctx", None):
+            lib.llama_free(self.ctx)
+            self.ctx = None

@@ -1,0 +1,153 @@
+"""The llama.cpp backend: the default target's GGUF file in its own quantization, greedy output
+identical to plain decoding through the same kernels, rollback equal to a fresh prefill."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdecode import GenerationConfig
+from specdecode.config import ConfigError
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+from specdecode.api import load, make_drafter  # noqa: E402
+from specdecode.check import run_check  # noqa: E402
+from specdecode.drafters.base import NoDrafter  # noqa: E402
+from specdecode.drafters.ngram import NgramDrafter  # noqa: E402
+from specdecode.engine import SpeculativeDecoder  # noqa: E402
+from specdecode.models import load_model  # noqa: E402
+from specdecode.runners import LlamaCppRunner, make_runner  # noqa: E402
+
+PROMPTS = [
+    "Summarize in one sentence: The museum reopened after two years of work, with a new wing for modern art.",
+    "Repeat the following list exactly: red, green, blue, red, green, blue, yellow.",
+    "Write a short story about a lighthouse keeper.",
+]
+
+
+@pytest.fixture(scope="module")
+def gguf_target():
+    return load_model(None, backend="llamacpp")
+
+
+def _greedy_run(runner: LlamaCppRunner, prompt: list[int], n: int) -> list[int]:
+    runner.reset()
+    runner.forward(prompt[:-1], 0)
+    seq = [prompt[-1]]
+    for _ in range(n):
+        seq.append(int(runner.forward(seq[-1:], 1)[0].argmax()))
+    return seq
+
+
+def test_a_padded_one_token_pass_uses_the_kernels_of_a_block(gguf_target):
+    """Plain decoding's 1-token passes give, at every position, the logits the same token gets
+    inside a verification block of any size: both run llama.cpp's batched kernels."""
+    runner = make_runner(gguf_target.model, vocab_size=len(gguf_target.tokenizer))
+    assert isinstance(runner, LlamaCppRunner) and runner.pad_single
+    prompt = gguf_target.tokenizer(PROMPTS[2]).input_ids
+    seq = _greedy_run(runner, prompt, 40)
+    runner.reset()
+    runner.forward(prompt[:-1], 0)
+    single = torch.cat([runner.forward([t], 1) for t in seq[:-1]])  # [40, vocab]
+    for block in (2, 3, 5, 8):
+        runner.reset()
+        runner.forward(prompt[:-1], 0)
+        blocks = torch.cat([runner.forward(seq[i:min(i + block, 40)], len(seq[i:min(i + block, 40)]))
+                            for i in range(0, 40, block)])
+        assert torch.equal(blocks, single), block
+
+
+def test_rollback_leaves_what_a_fresh_prefill_gives(gguf_target):
+    runner = make_runner(gguf_target.model)
+    ids = gguf_target.tokenizer(PROMPTS[0]).input_ids
+    runner.forward(ids, 0)
+    runner.forward([100, 200, 300, 400], 4)  # a rejected block
+    runner.truncate(len(ids))
+    after = runner.forward([500, 600], 2)
+    fresh = make_runner(gguf_target.model)
+    fresh.forward(ids, 0)
+    assert torch.equal(after, fresh.forward([500, 600], 2))
+    assert runner.cached == fresh.cached == ids + [500, 600]
+
+
+@pytest.mark.parametrize("draft_len", [1, 3, 8])
+def test_greedy_ngram_identical_to_plain_decoding(gguf_target, draft_len):
+    model, tok = gguf_target.model, gguf_target.tokenizer
+    cfg = GenerationConfig(max_new_tokens=48, draft_len=draft_len, policy="fixed", ignore_eos=True)
+    plain = SpeculativeDecoder(model, tok, NoDrafter())
+    spec = SpeculativeDecoder(model, tok, NgramDrafter())
+    drafted = 0
+    for prompt in PROMPTS:
+        want = plain.generate(prompt, cfg)
+        got = spec.generate(prompt, cfg)
+        assert got.token_ids == want.token_ids, prompt
+        drafted += got.stats.drafted
+    assert drafted > 0
+
+
+def test_a_gguf_draft_model_runs_on_llamacpp_and_agrees_with_itself(gguf_target):
+    """The target's own file as the draft: every drafted token is accepted, output unchanged."""
+    drafter = make_drafter(str(gguf_target.model.path), gguf_target)
+    dec = SpeculativeDecoder(gguf_target.model, gguf_target.tokenizer, drafter)
+    cfg = GenerationConfig(max_new_tokens=24, draft_len=4, policy="fixed", ignore_eos=True)
+    got = dec.generate(PROMPTS[1], cfg)
+    want = SpeculativeDecoder(gguf_target.model, gguf_target.tokenizer, NoDrafter()).generate(PROMPTS[1], cfg)
+    assert got.token_ids == want.token_ids
+    assert got.stats.drafted > 0 and got.stats.accepted == got.stats.drafted
+
+
+def test_check_passes_on_llamacpp():
+    spec = load(None, "ngram", backend="llamacpp")
+    assert run_check(spec, GenerationConfig(max_new_tokens=32), progress=False)["passed"]
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    ({"target": "HuggingFaceTB/SmolLM2-135M-Instruct"}, "target"),  # not a GGUF file
+    ({"dtype": "bfloat16"}, "dtype"),
+    ({"device": "cuda"}, "device"),
+    ({"threads": 0}, "threads"),
+    ({"draft": "head"}, "draft"),  # the head reads torch features
+])
+def test_what_llamacpp_cannot_do_is_refused_naming_the_option(kwargs, param):
+    kwargs = {"target": None, "draft": "ngram", **kwargs}
+    with pytest.raises(ConfigError) as err:
+        load(kwargs.pop("target"), kwargs.pop("draft"), backend="llamacpp", **kwargs)
+    assert err.value.param == param
+
+
+def test_unpadded_plain_decoding_is_llama_cpps_own(gguf_target):
+    """Without the padding, plain decoding through this backend is llama.cpp's own greedy decoding
+    of the file (llama-cpp-python's Llama.generate), token for token: the peer bench compares with
+    runs the same numerics."""
+    from specdecode.peers import LlamaCppPeer
+
+    peer = LlamaCppPeer(gguf_target.model.path, gguf_target.model.threads, 1024)
+    dec = SpeculativeDecoder(gguf_target.model, gguf_target.tokenizer, NoDrafter())
+    dec.target.pad_single = False
+    cfg = GenerationConfig(max_new_tokens=40)
+    ids = dec.encode(PROMPTS[2])
+    theirs = peer.run(ids, cfg)
+    assert dec.generate(ids, cfg).token_ids == theirs["llamacpp"][0]
+    assert set(theirs) == {"llamacpp", "llamacpp_lookup"}
+
+
+def test_generate_and_bench_on_llamacpp_from_the_command_line(capsys, tmp_path):
+    import json
+
+    from specdecode.cli import main
+
+    assert main(["generate", "Name three colours.", "--backend", "llamacpp", "--json", "--max-new-tokens", "8"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["stats"]["new_tokens"] == len(result["token_ids"]) > 0
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"question_id": 1, "category": "x", "turns": ["Repeat: one two three one two three"]}))
+    out = tmp_path / "bench"
+    argv = ["bench", "--dataset", str(data), "--backend", "llamacpp", "--draft", "ngram", "--compare", "llamacpp",
+            "--max-new-tokens", "16", "--quiet", "--out", str(out)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "vs llamacpp" in table and "vs llamacpp_lookup" in table
+    overall = json.loads((out / "results.json").read_text())["overall"]
+    assert overall["greedy_match"] is True and overall["ratio_vs_llamacpp"] > 0
+    assert overall["llamacpp_identical_to_plain"] in (0, 1)
