@@ -326,6 +326,7 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+PEER_COLOURS = ("tab:orange", "tab:purple", "tab:blue")  # none is the bars' green or red
 MIN_REACHED = 20  # fewer tests of a position than this are left out of the acceptance plot
 
 
@@ -355,9 +356,9 @@ def write_plots(summary: dict, out: Path) -> list[Path]:
     ax.bar_label(bars, fmt="%.2fx", fontsize=8)
     for k, name in enumerate(peer_names(summary["overall"])):  # our tokens/s over each peer engine's
         ax.scatter(cats, [summary["categories"][c][f"ratio_vs_{name}"] for c in cats], marker="o", s=25,
-                   color=plt.get_cmap("tab10").colors[(k + 1) % 10], label=f"ours / {name}", zorder=4)
+                   color=PEER_COLOURS[k % len(PEER_COLOURS)], label=f"ours / {name}", zorder=4)
         ax.legend(fontsize=8)
-    ax.set_ylabel("speedup over plain decoding")
+    ax.set_ylabel("tokens/s over plain decoding's\n(dots: over each peer's)")
     ax.set_title(f"speedup per category ({summary['config']['draft']}, overall {summary['overall']['speedup']:.2f}x)")
     plt.setp(ax.get_xticklabels(), rotation=35, ha="right")
     fig.tight_layout()
