@@ -151,3 +151,14 @@ def test_generate_and_bench_on_llamacpp_from_the_command_line(capsys, tmp_path):
     overall = json.loads((out / "results.json").read_text())["overall"]
     assert overall["greedy_match"] is True and overall["ratio_vs_llamacpp"] > 0
     assert overall["llamacpp_identical_to_plain"] in (0, 1)
+
+
+def test_sampling_on_llamacpp_keeps_the_targets_distribution():
+    """Seeded sampling with n-gram drafts: the first two tokens' distribution is the target's own
+    (chi-square at a Bonferroni-split 1e-3; the wrong rules that fail it are in test_check)."""
+    spec = load(None, "ngram", backend="llamacpp")
+    config = GenerationConfig(temperature=0.8, top_p=0.95)
+    prompt = ["Repeat the following list exactly: red, green, blue, red, green, blue, red, green,"]
+    report = run_check(spec, config, prompt, draws=300, alpha=1e-3, progress=False)
+    assert report["passed"], report
+    assert report["contexts"][0]["accepted"] > 0  # drafts were accepted, so the rule was exercised
