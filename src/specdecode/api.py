@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import BACKENDS, DEFAULT_BACKEND, DEFAULT_DRAFT, ConfigError
+from .config import DEFAULT_BACKEND, DEFAULT_DRAFT, ConfigError
 from .drafters.base import Drafter, NoDrafter
 from .drafters.head_file import SHIPPED_HEAD
 from .drafters.model import ModelDrafter, check_same_vocabulary
@@ -21,22 +21,6 @@ from .models import gguf_file, load_model
 from .runners import is_torch, output_rows, runs_lean
 
 BUILTIN_DRAFTERS = ("none", "ngram", "head", "head+ngram")
-
-
-def resolve_backend(backend: str, target: str | None) -> str:
-    """What ``--backend auto`` means: llama.cpp for a GGUF target (run in its own quantization,
-    measured faster end to end than the dequantised torch model; docs/results.md), torch otherwise."""
-    if backend not in BACKENDS:
-        raise ConfigError("backend", f"must be one of {', '.join(BACKENDS)} (got {backend!r})")
-    if backend != "auto":
-        return backend
-    return "llamacpp" if gguf_file(target, "target") is not None and llamacpp_available() else "torch"
-
-
-def llamacpp_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def auto_drafter(target, fast: bool = True) -> str:
@@ -56,9 +40,8 @@ def load(target: str | None = None, draft: str = DEFAULT_DRAFT, *, dtype: str = 
     ``"auto"`` (head+ngram on the default target, n-gram on others) or a draft
     model's id/path (a trained head's directory too), either followed by ``+ngram`` to prefer a long
     n-gram match when there is one. ``backend``: ``"torch"``, ``"llamacpp"`` (a GGUF file in its own
-    quantization, on ``threads`` threads) or ``"auto"`` (``resolve_backend``).
+    quantization, on ``threads`` threads) or ``"auto"`` (``models.resolve_backend``).
     ``fast=False`` runs the Hugging Face modules instead of the lean Llama forward."""
-    backend = resolve_backend(backend, target)
     loaded = load_model(target, param="target", dtype=dtype, device=device, backend=backend, threads=threads)
     drafter = make_drafter(draft, loaded, dtype=dtype, device=device, fast=fast)
     return SpeculativeDecoder(loaded.model, loaded.tokenizer, drafter, fast=fast)

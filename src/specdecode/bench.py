@@ -165,7 +165,7 @@ class BenchSettings:
     categories: tuple[str, ...] | None = None  # None: all
     limit: int | None = None  # at most this many questions per category
     compare: str | None = None  # also run the engines people use: "hf" or "llamacpp" (``peers``)
-    backend: str = DEFAULT_BACKEND  # see api.resolve_backend
+    backend: str = DEFAULT_BACKEND  # see models.resolve_backend
     threads: int | None = None  # llama.cpp's threads (default: the machine's cores)
     trace: str | None = None  # write the speculative runs' steps to this file
     chat: bool = True  # apply the chat template
@@ -177,7 +177,7 @@ def run_bench(settings: BenchSettings, config: GenerationConfig) -> dict:
     engines), back to back in an order that alternates; the summary ``format_table`` prints."""
     from tqdm import tqdm
 
-    from .api import make_drafter, resolve_backend
+    from .api import make_drafter
     from .costmodel import CostModel, measure_target_curve
     from .drafters.base import NoDrafter
     from .engine import SpeculativeDecoder
@@ -192,9 +192,8 @@ def run_bench(settings: BenchSettings, config: GenerationConfig) -> dict:
     questions = load_questions(settings.dataset, categories, settings.limit)
     if not questions:
         raise ConfigError("dataset", "no questions left after --categories/--limit")
-    backend = resolve_backend(settings.backend, settings.target)
     target = load_model(settings.target, param="target", dtype=settings.dtype, device=settings.device,
-                        backend=backend, threads=settings.threads)
+                        backend=settings.backend, threads=settings.threads)
     drafter = make_drafter(settings.draft, target, dtype=settings.dtype, device=settings.device)
     base = SpeculativeDecoder(target.model, target.tokenizer, NoDrafter())
     peers = make_peers(settings.compare, target, drafter, settings.threads)

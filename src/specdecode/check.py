@@ -88,15 +88,17 @@ def chi_square_test(counts: torch.Tensor, probs: torch.Tensor, alpha: float) -> 
 
 
 def check_greedy(spec: SpeculativeDecoder, plain: SpeculativeDecoder, prompts: list[str], config: GenerationConfig,
-                 tie_gap: float = 1e-3) -> list[GreedyCase]:
+                 tie_gap: float = 1e-3, plain_outputs: dict[str, list[int]] | None = None) -> list[GreedyCase]:
+    """Each prompt's speculative output against ``plain_outputs[prompt]`` (plain decoding's tokens;
+    generated here when not given)."""
     cases = []
     for prompt in prompts:
-        want = plain.generate(prompt, config).token_ids
+        want = plain_outputs[prompt] if plain_outputs is not None else plain.generate(prompt, config).token_ids
         got = spec.generate(prompt, config).token_ids
-        if got == want:
+        i = _first_difference(got, want)
+        if i is None:
             cases.append(GreedyCase(prompt, True))
             continue
-        i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
         prefix = plain.encode(prompt) + want[:i]
         plain.target.reset()
         logits = plain.target.forward(prefix, num_logits=1)[0]
@@ -109,16 +111,16 @@ def check_greedy(spec: SpeculativeDecoder, plain: SpeculativeDecoder, prompts: l
     return cases
 
 
-def check_peer(peer, spec: SpeculativeDecoder, plain: SpeculativeDecoder, prompts: list[str],
-               config: GenerationConfig) -> list[dict]:
+def check_peer(peer, plain: SpeculativeDecoder, prompts: list[str], config: GenerationConfig,
+               plain_outputs: dict[str, list[int]]) -> list[dict]:
     """The same question of another engine (``peers``): is its speculative decoding's greedy output
-    its own plain decoding's, and how does its plain decoding compare with ours? Per prompt, the
-    first position where each of its runs leaves our plain decoding's tokens (None: identical)."""
+    its own plain decoding's, and how does its plain decoding compare with ours (``plain_outputs``,
+    by prompt)? Per prompt, the first position where each of its runs leaves the other (None:
+    identical)."""
     out = []
     for prompt in prompts:
-        ids = plain.encode(prompt)
-        ours = plain.generate(ids, config).token_ids
-        runs = {name: tokens for name, (tokens, _) in peer.run(ids, config).items()}
+        ours = plain_outputs[prompt]
+        runs = {name: tokens for name, (tokens, _) in peer.run(plain.encode(prompt), config).items()}
         names = list(runs)
         row = {"prompt": prompt[:60]}
         for name, tokens in runs.items():
@@ -186,11 +188,12 @@ def run_check(spec: SpeculativeDecoder, config: GenerationConfig, prompts: list[
     prompts = prompts or CHECK_PROMPTS
     if config.greedy:
         plain = SpeculativeDecoder(spec.model, spec.tokenizer, NoDrafter())
-        cases = check_greedy(spec, plain, prompts, config)
+        plain_outputs = {prompt: plain.generate(prompt, config).token_ids for prompt in prompts}
+        cases = check_greedy(spec, plain, prompts, config, plain_outputs=plain_outputs)
         real = [c for c in cases if not c.match and c.verdict != "numerical tie"]
         report = {"mode": "greedy", "passed": not real, "cases": [c.__dict__ for c in cases]}
         if peer is not None:
-            report["peer"] = check_peer(peer, spec, plain, prompts, config)
+            report["peer"] = check_peer(peer, plain, prompts, config, plain_outputs)
         return report
     if peer is not None:
         raise ConfigError("compare", "the peer comparison is of greedy output; leave --temperature 0")

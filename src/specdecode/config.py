@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 POLICIES = ("cost", "fixed", "heuristic", "confidence")
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # "auto": bfloat16 on a GPU, float32 on a CPU
 BACKENDS = ("auto", "torch", "llamacpp")
-DEFAULT_BACKEND = "auto"  # llama.cpp for a GGUF target where llama-cpp-python is installed, else torch
+DEFAULT_BACKEND = "auto"  # models.resolve_backend: llama.cpp for a GGUF target where installed, else torch
 DEFAULT_DRAFT = "auto"  # head+ngram where the shipped head fits the target (``api.auto_drafter``), else ngram
 TREE_CHOICES = {"auto": "auto", "on": True, "off": False}  # the CLI's --tree -> GenerationConfig.tree
 

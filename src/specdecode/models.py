@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DTYPE_NAMES, ConfigError
+from .config import BACKENDS, DTYPE_NAMES, ConfigError
 
 DEFAULT_TARGET = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -75,13 +75,12 @@ def load_model(spec: str | None, *, param: str = "target", dtype: str = "auto", 
 
     ``backend="torch"`` loads a Hugging Face module (a GGUF file dequantised once and cached);
     ``"llamacpp"`` runs a GGUF file in its own quantization through llama.cpp, on ``threads``
-    threads (default: the machine's cores). ``param`` names the option the spec came from, so that
-    errors say which one is wrong.
+    threads (default: the machine's cores); ``"auto"``: see ``resolve_backend``. ``param`` names
+    the option the spec came from, so that errors say which one is wrong.
     """
+    backend = resolve_backend(backend, spec)
     if backend == "llamacpp":
         return _load_llamacpp(spec, param, dtype, device, threads)
-    if backend != "torch":
-        raise ConfigError("backend", f"must be torch or llamacpp here (got {backend!r})")
     if threads is not None:
         raise ConfigError("threads", "sets llama.cpp's threads; the torch backend takes torch's (OMP_NUM_THREADS)")
     device = resolve_device(device)
@@ -99,6 +98,18 @@ def load_model(spec: str | None, *, param: str = "target", dtype: str = "auto", 
             raise ConfigError(param, f"not a model directory or .gguf file: {spec}")
     model, tokenizer = _from_pretrained(path, param, torch_dtype)
     return LoadedModel(model.to(device).eval(), tokenizer, spec)
+
+
+def resolve_backend(backend: str, spec: str | None) -> str:
+    """What ``--backend auto`` means: llama.cpp for a GGUF target (run in its own quantization,
+    measured faster end to end than the dequantised torch model; docs/backends.md) where
+    llama-cpp-python is installed, torch otherwise."""
+    if backend not in BACKENDS:
+        raise ConfigError("backend", f"must be one of {', '.join(BACKENDS)} (got {backend!r})")
+    if backend != "auto":
+        return backend
+    llamacpp = importlib.util.find_spec("llama_cpp") is not None
+    return "llamacpp" if llamacpp and gguf_file(spec, "target") is not None else "torch"
 
 
 def gguf_file(spec: str | None, param: str) -> Path | None:
@@ -124,8 +135,6 @@ def _load_llamacpp(spec, param: str, dtype: str, device: str, threads: int | Non
                                    "leave --dtype auto")
     if device not in ("auto", "cpu"):
         raise ConfigError("device", "the llamacpp backend runs on the CPU here; leave --device auto or cpu")
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise ConfigError("threads", f"must be an integer >= 1 (got {threads!r})")
     return LoadedModel(LlamaCppModel(path, threads), gguf_tokenizer(path, param), spec or DEFAULT_TARGET)
 
 

@@ -42,7 +42,6 @@ class HFPeer:
             raise ConfigError("compare", "hf runs the torch model; use --backend torch with --compare hf")
         self.model, self.tokenizer = model, tokenizer
         self.kind, self.assistant = hf_counterpart(drafter)
-        self.names = ["hf"]
 
     def run(self, prompt_ids: list[int], config: GenerationConfig) -> dict[str, tuple[list[int], float]]:
         import torch
@@ -89,7 +88,6 @@ class LlamaCppPeer:
             "llamacpp_lookup": Llama(**common, logits_all=True, draft_model=LlamaPromptLookupDecoding(
                 num_pred_tokens=PROMPT_LOOKUP_TOKENS)),
         }
-        self.names = list(self.engines)
 
     def run(self, prompt_ids: list[int], config: GenerationConfig) -> dict[str, tuple[list[int], float]]:
         if not config.greedy or config.stop:

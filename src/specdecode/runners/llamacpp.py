@@ -5,15 +5,15 @@ One context, one sequence: ``forward`` appends a batch of tokens at the next pos
 logits at the last ``num_logits`` of them; ``truncate`` removes positions from the KV cache.
 
 Kernels. llama.cpp computes a 1-token pass with other kernels than a pass over several tokens, and
-for some quantization types (Q4_1 among them, on AVX2) the two differ in the last bits of the
-logits, enough to flip a near-tie argmax. Verification scores blocks of several tokens, so for
-greedy output to be identical to plain decoding through this backend, plain decoding must use the
-batched kernels too: a 1-token pass is run as a pass over ``MIN_BATCH`` tokens, the real one first
-and copies of it after, at the next positions, whose logits are not asked for and whose cache
-entries are removed at once (no real token attends to them). This costs a 2-token pass for every
-plain step. ``pad_single=False`` turns it off: the output of plain decoding is then llama.cpp's
-own, and speculation's greedy output may differ from it at near-ties. The padding tokens ask for
-logits too, so that every pass computes its output rows with the batched kernels.
+for some quantization types (the default target's Q4_1 among them) the two differ in the logits
+enough to flip a near-tie argmax (docs/backends.md). Verification scores blocks of several tokens,
+so for greedy output to be identical to plain decoding through this backend, plain decoding must
+use the batched kernels too: a 1-token pass is run as a pass over ``MIN_BATCH`` tokens, the real
+one first and copies of it after, at the next positions, whose cache entries are removed at once
+(no real token attends to them). The copies ask for logits too, so that the last layer and the
+output product also run on several rows, as in verification. This costs a 2-token pass for every
+plain step. ``pad_single=False`` turns it off: plain decoding is then llama.cpp's own, and
+speculation's greedy output may differ from it at near-ties.
 """
 
 from __future__ import annotations
@@ -57,9 +57,10 @@ _backend_started = False
 
 
 def _start_backend(lib) -> None:
-    global _backend_started
+    global _backend_started, _QUIET_LOG
     with _BACKEND_READY:
         if not _backend_started:
+            _QUIET_LOG = lib.llama_log_callback(_quiet_log)
             lib.llama_log_set(_QUIET_LOG, ctypes.c_void_p(0))  # llama.cpp logs every load to stderr otherwise
             lib.llama_backend_init()
             _backend_started = True
@@ -89,15 +90,12 @@ class LlamaCppModel:
     """A GGUF file loaded by llama.cpp (weights memory-mapped, in their own quantization)."""
 
     def __init__(self, path: str | Path, threads: int | None = None, context: int | None = None):
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise ConfigError("threads", f"must be an integer >= 1 (got {threads!r})")
         lib = _llama_cpp()
-        global _QUIET_LOG
-        if _QUIET_LOG is None:
-            _QUIET_LOG = lib.llama_log_callback(_quiet_log)
         _start_backend(lib)
         self.lib, self.path = lib, Path(path)
         self.threads = threads or default_threads()
-        if not isinstance(self.threads, int) or self.threads < 1:
-            raise ConfigError("threads", f"must be an integer >= 1 (got {threads!r})")
         params = lib.llama_model_default_params()
         params.n_gpu_layers = 0
         self.model = lib.llama_model_load_from_file(str(self.path).encode(), params)
@@ -119,18 +117,14 @@ class LlamaCppModel:
         n = self.lib.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
         return buf.value.decode(errors="replace") if n >= 0 else None
 
-    def is_eog(self, token: int) -> bool:
-        """Whether llama.cpp treats ``token`` as an end of generation."""
-        return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
-
-    def new_context(self, capacity: int | None = None, threads: int | None = None):
+    def new_context(self, capacity: int | None = None):
         """A llama.cpp context (its own KV cache) over these weights."""
         lib = self.lib
         params = lib.llama_context_default_params()
         params.n_ctx = capacity or self.config.max_position_embeddings
         params.n_batch = params.n_ubatch = MAX_BLOCK
         params.n_seq_max = 1
-        params.n_threads = params.n_threads_batch = threads or self.threads
+        params.n_threads = params.n_threads_batch = self.threads
         # llama-cpp-python's Llama runs without flash attention; so do we, so that a pass computes
         # exactly what the same pass does there (the default, "auto", takes it on a CPU and
         # changes the logits in the last bits)
