@@ -36,16 +36,14 @@ def main() -> None:
     args = p.parse_args()
     before = rss_mb()
     gguf = load_model(None, backend="llamacpp")
-    padded = make_runner(gguf.model)
-    single = make_runner(gguf.model)
-    single.pad_single = False
+    llamacpp = make_runner(gguf.model)
     after_gguf = rss_mb()
     torch_target = load_model(None)
     lean = make_runner(torch_target.model)
     after_torch = rss_mb()
-    print(f"resident memory: llamacpp +{after_gguf - before:.0f} MB (two contexts), "
+    print(f"resident memory: llamacpp +{after_gguf - before:.0f} MB (one context), "
           f"torch +{after_torch - after_gguf:.0f} MB")
-    runners = {"torch lean fp32": lean, "llamacpp Q4_1 (padded)": padded, "llamacpp Q4_1 (1-token kernels)": single}
+    runners = {"torch lean fp32": lean, "llamacpp Q4_1 (flash attention)": llamacpp}
     prefix = list(range(1000, 1000 + args.context))
     for r in runners.values():
         r.forward(prefix, 0)
@@ -53,8 +51,6 @@ def main() -> None:
     for _ in range(args.rounds):
         for n in SIZES:
             for name, r in runners.items():
-                if name.endswith("kernels)") and n > 1:
-                    continue
                 t = time.perf_counter()
                 r.forward(list(range(2000, 2000 + n)), n)
                 times[name][n].append(time.perf_counter() - t)

@@ -13,7 +13,8 @@ from collections import Counter
 import pytest
 import torch
 
-from specdecode.verify import acceptance_probs, residual_distribution, verify
+from specdecode.sampling import gumbel_argmax, position_noise
+from specdecode.verify import acceptance_probs, residual_distribution, verify, verify_coupled
 
 V = 3  # vocabulary of the exact check
 
@@ -142,3 +143,50 @@ def test_greedy_accepts_exactly_the_argmax_prefix():
     assert verify([1, 2, 0], None, target, None).tokens == [1, 2, 3]  # third rejected, recovered = argmax
     assert verify([1, 2, 3], None, target, None).tokens == [1, 2, 3, 4]  # all accepted + bonus
     assert verify([], None, target[:1], None).tokens == [1]  # plain decoding
+
+
+# ---- the coupled rule: Gumbel-max noise keyed by seed and position ------------------------------
+def _coupled_first_tokens(rule) -> torch.Tensor:
+    """First emitted token over MC_DRAWS seeds, for a fixed one-hot draft of three tokens."""
+    target, _ = _mc_setup()
+    drafted = [int(target[0].argmin()), 2, 4]  # drafts that do not look at the noise
+    counts = torch.zeros(MC_VOCAB)
+    for seed in range(MC_DRAWS):
+        noise = torch.stack([position_noise(seed, i, MC_VOCAB) for i in range(4)])
+        counts[rule(drafted, target, noise)[0]] += 1
+    return counts
+
+
+def test_coupled_rule_first_token_follows_target():
+    target, _ = _mc_setup()
+    counts = _coupled_first_tokens(lambda t, p, n: verify_coupled(t, p, n).tokens)
+    assert 0.5 * float((counts / MC_DRAWS - target[0]).abs().sum()) < MC_TV_TOLERANCE
+
+
+def test_coupled_rule_monte_carlo_catches_a_rule_favouring_the_draft():
+    def top_two(drafted, target_probs, noise):  # accepts a draft that is merely among the best two
+        scores = target_probs.log() + noise
+        if drafted[0] in scores[0].topk(2).indices.tolist():
+            return drafted[:1]
+        return [int(scores[0].argmax())]
+
+    target, _ = _mc_setup()
+    counts = _coupled_first_tokens(top_two)
+    assert 0.5 * float((counts / MC_DRAWS - target[0]).abs().sum()) > MC_TV_TOLERANCE
+
+
+def test_coupled_rule_emits_what_plain_seeded_decoding_emits_whatever_was_drafted():
+    target, _ = _mc_setup()
+    for seed in range(200):
+        noise = torch.stack([position_noise(seed, i, MC_VOCAB) for i in range(4)])
+        plain = [int(gumbel_argmax(target[i], noise[i])) for i in range(4)]
+        for drafted in ([], [plain[0]], plain[:2] + [5], plain[:3], [(plain[0] + 1) % MC_VOCAB, 1, 1]):
+            verdict = verify_coupled(drafted, target[: len(drafted) + 1], noise[: len(drafted) + 1])
+            assert verdict.tokens == plain[: len(verdict.tokens)]
+            assert verdict.num_accepted == len(verdict.tokens) - 1
+
+
+def test_position_noise_depends_on_seed_and_position_only():
+    assert torch.equal(position_noise(5, 3, 100), position_noise(5, 3, 100))
+    assert not torch.equal(position_noise(5, 3, 100), position_noise(5, 4, 100))
+    assert not torch.equal(position_noise(5, 3, 100), position_noise(6, 3, 100))

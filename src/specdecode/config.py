@@ -15,6 +15,7 @@ DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # "auto": bfloat16 on 
 BACKENDS = ("auto", "torch", "llamacpp")
 DEFAULT_BACKEND = "auto"  # models.resolve_backend: llama.cpp for a GGUF target where installed, else torch
 DEFAULT_DRAFT = "auto"  # head+ngram where the shipped head fits the target (``api.auto_drafter``), else ngram
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs allows
 TREE_CHOICES = {"auto": "auto", "on": True, "off": False}  # the CLI's --tree -> GenerationConfig.tree
 
 
@@ -48,6 +49,10 @@ class GenerationConfig:
     # decoding, chains under sampling (where a chain carries the head's own distribution, accepted
     # with min(1, target/draft), which a tree of one-hot candidates cannot)
     tree: bool | str = "auto"
+    # the log-probability of each emitted token and of the ``logprobs`` likeliest tokens at its
+    # position, from the target's logits before temperature and filtering (as vLLM's default);
+    # None: not computed
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -79,6 +84,8 @@ class GenerationConfig:
             raise ConfigError("policy", f"must be one of {', '.join(POLICIES)} (got {self.policy!r})")
         if not (isinstance(self.tree, bool) or self.tree == "auto"):
             raise ConfigError("tree", f"must be true, false or \"auto\" (got {self.tree!r})")
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         if not _is_number(self.confidence) or not 0 <= self.confidence < 1:
             raise ConfigError("confidence", f"must be in [0, 1) (got {self.confidence!r})")
         return self

@@ -31,9 +31,9 @@ from .costmodel import CostModel
 from .drafters.base import Draft, Drafter
 from .policy import Calibration, make_policy
 from .runners import TreeRunner, make_runner, output_rows
-from .sampling import logits_to_probs
+from .sampling import TokenLogprob, logits_to_probs, token_logprobs
 from .stats import RunStats, StepRecord
-from .text import Detokenizer, StopMatcher, chat_token_ids, eos_token_ids
+from .text import Output, chat_token_ids, eos_token_ids
 from .verify import verify, verify_tree
 
 
@@ -45,6 +45,7 @@ class StreamEvent:
     finish_reason: str | None = None  # "stop" or "length" on the last event
     stats: RunStats | None = None  # on the last event
     seed: int | None = None  # the seed the generation ran with (drawn when none was given), for reproducing it
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, when asked for
 
 
 @dataclass
@@ -146,8 +147,7 @@ class SpeculativeDecoder:
             config.policy, config.draft_len, cost, dynamic=self.drafter.dynamic, calibration=calibration
         )
         stats = RunStats(drafter=self.drafter.name, policy=policy.name, prompt_tokens=len(prompt_ids))
-        stop = StopMatcher(config.stop)
-        decode = Detokenizer(self.tokenizer)
+        output = Output(self.tokenizer, self.eos_ids, config.stop, config.max_new_tokens, config.ignore_eos)
         if trace is not None:
             trace.header(
                 config=config, drafter=self.drafter.name, policy=policy.name, prompt_tokens=len(prompt_ids), seed=seed
@@ -159,12 +159,11 @@ class SpeculativeDecoder:
         if cached < len(context) - 1:
             self.target.forward(context[cached:-1], num_logits=0)  # prefill, pending token held back
         stats.prefill_s = time.perf_counter() - t_start
-        generated: list[int] = []
         step = 0
         while True:
             t0 = time.perf_counter()
             room = self.max_context - len(context) if self.max_context else None  # tree tokens that fit
-            plan = policy.plan(config.max_new_tokens - len(generated), room)
+            plan = policy.plan(output.left, room)
             draft = self.drafter.propose(context, plan, config, generator) if plan.max_tokens else Draft([])
             t1 = time.perf_counter()
             if draft.parents is None:
@@ -172,6 +171,7 @@ class SpeculativeDecoder:
                 target_probs = logits_to_probs(logits, config.temperature, config.top_k, config.top_p)
                 verdict = verify(draft.tokens, draft.probs, target_probs, generator)
                 accepted = list(range(verdict.num_accepted))
+                rows = list(range(verdict.num_accepted + 1))  # the logits row each emitted token came from
                 # cache holds context + all drafted tokens; keep context + accepted ones
                 self.target.truncate(len(context) + verdict.num_accepted)
             else:  # a tree of one-hot candidates: the pending token is its root
@@ -183,28 +183,16 @@ class SpeculativeDecoder:
                 target_probs = logits_to_probs(logits, config.temperature, config.top_k, config.top_p)
                 accepted, verdict = verify_tree(draft.tokens, draft.parents, target_probs, generator)
                 self.target.keep_branch(start, [0] + [i + 1 for i in accepted])
+                rows = [0] + [i + 1 for i in accepted]
             t2 = time.perf_counter()
             self.drafter.observe(draft, verdict.num_accepted)
             hit = set(accepted)
             policy.observe_confidence(draft.path_scores(), [i in hit for i in range(len(draft))])
 
-            new = verdict.tokens
-            finish = None
-            if not config.ignore_eos:
-                for i, tok in enumerate(new):
-                    if tok in self.eos_ids:
-                        new, finish = new[: i + 1], "stop"
-                        break
-            before = len(generated)
-            generated.extend(new)
-            text_delta, stopped_at = decode.advance(generated, stop)
-            if stopped_at is not None:  # a stop string completed: drop tokens after the one that completed it
-                del generated[stopped_at:]
-                new = generated[before:]
-                finish = "stop"
+            new, text_delta = output.add(verdict.tokens)
+            finish = output.finish
+            logprobs = [] if config.logprobs is None else token_logprobs(logits[rows[: len(new)]], new, config.logprobs)
             context.extend(new)
-            if finish is None and len(generated) >= config.max_new_tokens:
-                finish = "length"
             t3 = time.perf_counter()
             rec = StepRecord(
                 step,
@@ -227,6 +215,6 @@ class SpeculativeDecoder:
                 stats.total_s = time.perf_counter() - t_start
                 if trace is not None:
                     trace.summary(stats, finish)
-                yield StreamEvent(text_delta + decode.flush(), new, rec, finish, stats, seed)
+                yield StreamEvent(text_delta, new, rec, finish, stats, seed, logprobs)
                 return
-            yield StreamEvent(text_delta, new, rec, seed=seed)
+            yield StreamEvent(text_delta, new, rec, seed=seed, logprobs=logprobs)

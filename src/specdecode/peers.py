@@ -80,7 +80,8 @@ class LlamaCppPeer:
         except ImportError:
             raise ConfigError("compare", "llamacpp needs llama-cpp-python: pip install llama-cpp-python") from None
         common = {"model_path": str(gguf_path), "n_ctx": context, "n_threads": threads,
-                  "n_threads_batch": threads, "n_gpu_layers": 0, "verbose": False}
+                  "n_threads_batch": threads, "n_gpu_layers": 0, "verbose": False,
+                  "flash_attn": True}  # its faster path here, and the attention our backend runs
         self.engines = {
             "llamacpp": Llama(**common),
             # logits_all=True as the draft model implies it anyway: given only the draft model,

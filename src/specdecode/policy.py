@@ -68,6 +68,44 @@ class Calibration:
         return 1.0 + 1e-9
 
 
+class PositionAcceptance:
+    """How often a drafted token at each position is accepted given the ones before it were:
+    decayed counts with a Beta-like prior, so a few steps move it but one lucky block does not.
+    Position 1 shrinks toward ``prior``; each later position toward the estimate before it, so
+    positions rarely reached (because position 1 keeps failing) do not keep an optimistic prior."""
+
+    def __init__(self, positions: int, prior: float = 0.5, prior_weight: float = 2.0, decay: float = 0.95):
+        self.prior, self.prior_weight, self.decay = prior, prior_weight, decay
+        self.tried = [0.0] * positions
+        self.passed = [0.0] * positions
+
+    def rates(self) -> list[float]:
+        out, anchor = [], self.prior
+        for s, t in zip(self.passed, self.tried):
+            anchor = (s + self.prior_weight * anchor) / (t + self.prior_weight)
+            out.append(anchor)
+        return out
+
+    def survival(self, n: int) -> list[float]:
+        """The chance that the first 1, 2, ..., n drafted tokens are all accepted."""
+        out, run = [], 1.0
+        rates = self.rates()
+        for i in range(n):
+            run *= rates[min(i, len(rates) - 1)] if rates else self.prior
+            out.append(run)
+        return out
+
+    def observe(self, positions: int, accepted: int) -> None:
+        """A step that drafted ``positions`` tokens (a tree: that deep) and had ``accepted`` accepted."""
+        depth = min(positions, len(self.tried))
+        for i in range(depth):
+            self.tried[i] *= self.decay
+            self.passed[i] *= self.decay
+        for i in range(min(accepted + 1, depth)):  # positions that were actually tested
+            self.tried[i] += 1
+            self.passed[i] += 1 if i < accepted else 0
+
+
 class Policy:
     name = "fixed"
 
@@ -121,11 +159,9 @@ class HeuristicPolicy(Policy):
 
 
 class CostPolicy(Policy):
-    """Expected-throughput maximiser with an online acceptance estimate.
-
-    Acceptance per position is a decayed count with a Beta-like prior, so a few steps move it but
-    one lucky block does not. When no tau pays, speculation is off; every ``probe_every`` plain
-    steps it drafts one short block to notice if the text became predictable again.
+    """Expected-throughput maximiser with an online acceptance estimate (``PositionAcceptance``).
+    When no tau pays, speculation is off; every ``probe_every`` plain steps it drafts one short
+    block to notice if the text became predictable again.
     """
 
     name = "cost"
@@ -137,22 +173,13 @@ class CostPolicy(Policy):
         self.dynamic = dynamic
         self.calibration = calibration or Calibration()
         self.cost = cost or CostModel()
-        self.prior, self.prior_weight, self.decay = prior, prior_weight, decay
-        self.tried = [0.0] * max_tau
-        self.passed = [0.0] * max_tau
+        self.estimate = PositionAcceptance(max_tau, prior, prior_weight, decay)
         self.probe_every = probe_every
         self.plain_steps = 0
         self.last_prediction = 1.0
 
     def acceptance(self) -> list[float]:
-        """Per-position estimates. Position 1 shrinks toward the prior; each later position
-        shrinks toward the estimate before it, so positions rarely reached (because position 1
-        keeps failing) do not keep an optimistic prior."""
-        out, anchor = [], self.prior
-        for s, t in zip(self.passed, self.tried):
-            anchor = (s + self.prior_weight * anchor) / (t + self.prior_weight)
-            out.append(anchor)
-        return out
+        return self.estimate.rates()
 
     def choose(self) -> int:
         tau, self.last_prediction = best_draft_len(self.acceptance(), self.cost, self.max_tau)
@@ -196,15 +223,8 @@ class CostPolicy(Policy):
     def observe(self, rec: StepRecord) -> None:
         self.cost.observe_target(rec.target_tokens, rec.verify_s)
         self.cost.observe_draft(rec.drafted, rec.draft_s)
-        if rec.drafted == 0:
-            return
-        depth = rec.positions
-        for i in range(depth):
-            self.tried[i] *= self.decay
-            self.passed[i] *= self.decay
-        for i in range(min(rec.accepted + 1, depth)):  # positions that were actually tested
-            self.tried[i] += 1
-            self.passed[i] += 1 if i < rec.accepted else 0
+        if rec.drafted:
+            self.estimate.observe(rec.positions, rec.accepted)
 
 
 def make_policy(name: str, max_tau: int, cost: CostModel | None = None, dynamic: bool = False,

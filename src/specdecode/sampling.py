@@ -8,6 +8,8 @@ from the target's (a known failure mode of assisted generation implementations).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -43,3 +45,46 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, to
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """Draw one token id from a distribution ``[vocab]``. One-hot distributions need no randomness."""
     return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def _mix(seed: int, position: int) -> int:
+    """A 63-bit seed for one output position, from the request's seed (splitmix64's finaliser)."""
+    z = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (z ^ (z >> 31)) >> 1
+
+
+def position_noise(seed: int, position: int, vocab: int) -> torch.Tensor:
+    """``[vocab]`` Gumbel noise for output position ``position`` of a request seeded with ``seed``:
+    the same noise whatever was drafted, however long the blocks and whatever else shared the pass,
+    so that a seeded request's tokens depend on its seed alone (``verify.verify_coupled``)."""
+    generator = torch.Generator().manual_seed(_mix(seed, position))
+    uniform = torch.rand(vocab, generator=generator).clamp_(min=torch.finfo(torch.float32).tiny)
+    return -torch.log(-torch.log(uniform))
+
+
+def gumbel_argmax(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The Gumbel-max trick: ``argmax(log probs + noise)`` over the last axis is an exact sample of
+    ``probs`` when ``noise`` is standard Gumbel (and the argmax itself when ``probs`` is one-hot)."""
+    return (probs.log() + noise).argmax(dim=-1)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float  # natural log of the target's probability of ``token``
+    top: list[tuple[int, float]]  # the likeliest tokens at its position and theirs, best first
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Each emitted token's log-probability under the target's raw distribution (before temperature
+    and filtering) and the ``top`` likeliest alternatives. logits: ``[len(tokens), vocab]``, row i
+    the target's logits where token i was chosen."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [n, vocab]
+    best = torch.topk(logp, top, dim=-1) if top else None
+    out = []
+    for i, tok in enumerate(tokens):
+        alternatives = list(zip(best.indices[i].tolist(), best.values[i].tolist())) if best is not None else []
+        out.append(TokenLogprob(tok, float(logp[i, tok]), alternatives))
+    return out

@@ -82,3 +82,42 @@ class Detokenizer:
         out = self.text[self.sent :]
         self.sent = len(self.text)
         return out
+
+
+class Output:
+    """What one generation has emitted so far: token ids, the text streamed from them, and why it
+    finished. End-of-sequence ids, stop strings and the token limit are applied here, for every
+    engine alike."""
+
+    def __init__(self, tokenizer, eos_ids: set[int], stops: tuple[str, ...], max_new_tokens: int,
+                 ignore_eos: bool = False):
+        self.tokens: list[int] = []
+        self.eos_ids = set() if ignore_eos else set(eos_ids)
+        self.stop = StopMatcher(stops)
+        self.text = Detokenizer(tokenizer)
+        self.max_new_tokens = max_new_tokens
+        self.finish: str | None = None  # "stop" or "length" once finished
+
+    @property
+    def left(self) -> int:
+        return self.max_new_tokens - len(self.tokens)
+
+    def add(self, new: list[int]) -> tuple[list[int], str]:
+        """Append a step's tokens; return those kept (cut after an end-of-sequence id or the token
+        that completed a stop string) and the text safe to stream now (all of it once finished)."""
+        for i, tok in enumerate(new):
+            if tok in self.eos_ids:
+                new, self.finish = new[: i + 1], "stop"
+                break
+        before = len(self.tokens)
+        self.tokens.extend(new)
+        delta, stopped_at = self.text.advance(self.tokens, self.stop)
+        if stopped_at is not None:  # drop tokens after the one that completed the stop string
+            del self.tokens[stopped_at:]
+            new = self.tokens[before:]
+            self.finish = "stop"
+        if self.finish is None and len(self.tokens) >= self.max_new_tokens:
+            self.finish = "length"
+        if self.finish is not None:
+            delta += self.text.flush()
+        return new, delta

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling import sample
+from .sampling import gumbel_argmax, sample
 
 
 @dataclass(frozen=True)
@@ -126,3 +126,31 @@ def verify_tree(draft_tokens: list[int], draft_parents: list[int], target_probs:
             return branch, Verdict(len(branch), [draft_tokens[i] for i in branch] + [sample(row, generator)])
         node = child
         branch.append(node)
+
+
+def verify_coupled(draft_tokens: list[int], target_probs: torch.Tensor, noise: torch.Tensor | None) -> Verdict:
+    """The coupled acceptance rule for one-hot drafts (drafts chosen without looking at ``noise``,
+    as n-gram lookup's are): the target's token at each position is its Gumbel-max sample under
+    that position's own noise, ``argmax(log target_probs[i] + noise[i])``; a drafted token is
+    accepted exactly when it is that token, and the first that is not is replaced by it.
+
+    Every emitted token is then the token plain decoding with the same noise would have emitted, so
+    a seeded request's output does not depend on the drafter, the draft lengths or the batch it ran
+    in; and it is an exact sample of the target (the Gumbel-max trick). For one-hot drafts a token
+    x is accepted with chance ``target_probs[i, x]``, as under ``verify``: the coupling costs no
+    acceptance.
+
+    target_probs: ``[tau + 1, vocab]``; noise: ``[tau + 1, vocab]`` (``sampling.position_noise`` of
+    each output position), or None under greedy decoding, where ``target_probs`` is one-hot.
+    """
+    tau = len(draft_tokens)
+    assert target_probs.shape[0] == tau + 1, "target must score tau + 1 positions"
+    if noise is None:
+        chosen = target_probs.argmax(dim=-1).tolist()  # [tau + 1]
+    else:
+        assert noise.shape == target_probs.shape, "one row of noise per scored position"
+        chosen = gumbel_argmax(target_probs, noise).tolist()  # [tau + 1]
+    n = 0
+    while n < tau and draft_tokens[n] == chosen[n]:
+        n += 1
+    return Verdict(n, list(draft_tokens[:n]) + [chosen[n]])

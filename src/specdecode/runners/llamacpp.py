@@ -4,16 +4,17 @@ llama-cpp-python's low-level API), behind the ``Runner`` protocol.
 One context, one sequence: ``forward`` appends a batch of tokens at the next positions and asks for
 logits at the last ``num_logits`` of them; ``truncate`` removes positions from the KV cache.
 
-Kernels. llama.cpp computes a 1-token pass with other kernels than a pass over several tokens, and
-for some quantization types (the default target's Q4_1 among them) the two differ in the logits
-enough to flip a near-tie argmax (docs/backends.md). Verification scores blocks of several tokens,
-so for greedy output to be identical to plain decoding through this backend, plain decoding must
-use the batched kernels too: a 1-token pass is run as a pass over ``MIN_BATCH`` tokens, the real
-one first and copies of it after, at the next positions, whose cache entries are removed at once
-(no real token attends to them). The copies ask for logits too, so that the last layer and the
-output product also run on several rows, as in verification. This costs a 2-token pass for every
-plain step. ``pad_single=False`` turns it off: plain decoding is then llama.cpp's own, and
-speculation's greedy output may differ from it at near-ties.
+Kernels. A position's logits must not depend on how its pass was cut, or speculation (which
+scores blocks) would leave plain decoding (1-token passes) at near-ties; on the default target's
+Q4_1 file the paths differ by up to about 1 in the logits (docs/backends.md). With flash attention
+every query row walks its sequence's cells on its own ("one chunk"), and then a row's result is
+the same in a pass of any length, except on llama.cpp's two other attention paths, which this
+backend keeps every pass off: micro-batches are at most ``UBATCH`` tokens (64 or more query rows
+of one sequence take a tiled path), and a micro-batch of a single token whose cache view holds
+``SPLIT_KV_CELLS`` cells or more (the view rounds the used cells up to 256) splits the cache
+between threads; such a pass gets a copy of its token after it, removed at once. (llama-cpp-python's
+``Llama`` runs without flash attention by default; ``peers`` turns it on, so that its numerics are
+ours.)
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import torch
 from ..config import ConfigError
 from .base import Runner
 
-MIN_BATCH = 2  # a pass over fewer tokens runs padded to this, so that every pass uses the batched kernels
 FALLBACK_CONTEXT = 4096  # KV cache cells per context for a file that does not say its trained context
 MAX_BLOCK = 512  # tokens per llama_decode call; longer inputs (prefills) are split
+UBATCH = 32  # tokens per micro-batch: fewer than the 64 query rows of one sequence that take the tiled path
+SPLIT_KV_CELLS = 256  # past this many used cells the cache view reaches 512, where 1-token attention splits
 
 
 def default_threads() -> int:
@@ -117,21 +119,24 @@ class LlamaCppModel:
         n = self.lib.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
         return buf.value.decode(errors="replace") if n >= 0 else None
 
-    def new_context(self, capacity: int | None = None):
-        """A llama.cpp context (its own KV cache) over these weights."""
+    def new_context(self, capacity: int | None = None, streams: int = 1):
+        """A llama.cpp context over these weights: ``capacity`` KV cells for each of ``streams``
+        sequences (``LlamaCppBatchRunner``)."""
         lib = self.lib
         params = lib.llama_context_default_params()
-        params.n_ctx = capacity or self.config.max_position_embeddings
-        params.n_batch = params.n_ubatch = MAX_BLOCK
-        params.n_seq_max = 1
+        params.n_ctx = (capacity or self.config.max_position_embeddings) * streams
+        params.n_batch, params.n_ubatch = MAX_BLOCK, UBATCH
+        params.n_seq_max = streams
+        # a KV stream per sequence: its cells stay in the order of its positions (a shared pool
+        # reuses freed cells anywhere, and attention sums in cell order)
+        params.kv_unified = streams == 1
         params.n_threads = params.n_threads_batch = self.threads
-        # llama-cpp-python's Llama runs without flash attention; so do we, so that a pass computes
-        # exactly what the same pass does there (the default, "auto", takes it on a CPU and
-        # changes the logits in the last bits)
-        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        # every query row on its own: identical logits for any pass shape (module docstring)
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
         ctx = lib.llama_init_from_model(self.model, params)
         if not ctx:
-            raise ConfigError("target", f"llama.cpp could not create a context of {params.n_ctx} tokens")
+            raise ConfigError("target", f"llama.cpp could not create a context of {params.n_ctx} tokens "
+                                        f"in {streams} streams")
         return ctx
 
     def __del__(self):
@@ -144,14 +149,13 @@ class LlamaCppModel:
 class LlamaCppRunner(Runner):
     """One llama.cpp context and the token ids its KV cache holds."""
 
-    def __init__(self, model: LlamaCppModel, vocab_size: int | None = None, pad_single: bool = True):
+    def __init__(self, model: LlamaCppModel, vocab_size: int | None = None):
         self.model = model
         self.lib = model.lib
         self.vocab_size = vocab_size
-        self.pad_single = pad_single
         self.n_vocab = model.config.vocab_size
         self.capacity = model.config.max_position_embeddings
-        self.ctx = model.new_context(self.capacity)
+        self.ctx = model.new_context(self.capacity + 1)  # + room for a padding copy
         self.memory = self.lib.llama_get_memory(self.ctx)
         self.batch = self.lib.llama_batch_init(MAX_BLOCK, 0, 1)
         self.cached: list[int] = []
@@ -192,10 +196,9 @@ class LlamaCppRunner(Runner):
         for at in range(0, k, MAX_BLOCK):  # long prefills in several calls; logits only from the last ones
             block = token_ids[at:at + MAX_BLOCK]
             first_wanted = max(0, (k - num_logits) - at) if num_logits else len(block)
-            pad = MIN_BATCH - len(block) if self.pad_single and len(block) < MIN_BATCH else 0
-            pad = min(pad, self.capacity - (start + at + len(block)))
-            self._decode(block + block[-1:] * pad, start + at, first_wanted)
-            if pad:  # the copies' cache entries go at once: nothing real attends to them
+            pad = int(len(block) % UBATCH == 1 and start + at + len(block) > SPLIT_KV_CELLS)
+            self._decode(block + block[-1:] * pad, start + at, first_wanted)  # pad: module docstring
+            if pad:  # the copy's cache entry goes at once: nothing real attends to it
                 self.lib.llama_memory_seq_rm(self.memory, 0, start + at + len(block), -1)
             rows += [self._logits(i) for i in range(first_wanted, len(block))]
         self.cached.extend(token_ids)

@@ -1,0 +1,88 @@
+"""The verification budget: how many drafted tokens each request in a batch sends to the target's
+pass.
+
+Every running request puts its pending token into the pass (it advances by at least one token
+every step: no request starves). Each drafted token it adds is worth its chance of being accepted
+together with the drafted tokens before it (``policy.PositionAcceptance.survival``) and costs its
+share of a longer pass (``PassCost``). The drafted tokens of all requests are ranked by that chance
+and the pass takes the prefix of the ranking with the most expected emitted tokens per second of
+pass. On a CPU a pass costs about a fixed part plus a part per token: with one request the fixed
+part dominates and drafting pays down to modest chances; with many, one more drafted token costs
+about what another request's plain token costs, and speculation shrinks to the tokens that are
+nearly sure, then to none; it comes back as the batch empties.
+
+Chosen: throughput over the batch (expected tokens per second), with every request advancing each
+step, rather than per-request latency targets or priorities: an OpenAI request carries neither,
+and with no request starved each one's latency falls as the batch's throughput rises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+MAX_RANKED = 128  # drafted tokens considered per step (at most 7 for each of up to 16-32 requests)
+
+
+@dataclass
+class PassCost:
+    """Seconds of a target pass over n tokens: ``fixed_s + per_token_s * n``, fitted to the passes
+    the engine times (exponentially weighted least squares, so the fit follows the machine)."""
+
+    fixed_s: float
+    per_token_s: float
+    decay: float = 0.98
+    _sums: list[float] = field(default_factory=lambda: [0.0] * 5, repr=False)  # w, wn, wnn, wt, wnt
+
+    def seconds(self, tokens: int) -> float:
+        return self.fixed_s + self.per_token_s * tokens
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        s = self._sums
+        for i, v in enumerate((1.0, tokens, tokens * tokens, seconds, tokens * seconds)):
+            s[i] = s[i] * self.decay + v
+        det = s[0] * s[2] - s[1] * s[1]
+        if det > 1e-6 * s[0] * s[2]:  # pass sizes varied enough to tell the two parts apart
+            per = (s[0] * s[4] - s[1] * s[3]) / det
+            fixed = (s[3] - per * s[1]) / s[0]
+            if fixed >= 0 and per > 0:
+                self.fixed_s, self.per_token_s = fixed, per
+
+    @classmethod
+    def measure(cls, time_pass: Callable[[int], float], sizes=(1, 4, 16, 64), reps: int = 3) -> "PassCost":
+        """Fitted to ``time_pass(n)``, the seconds of a pass over n tokens, at a few sizes."""
+        cost = cls(0.0, 0.0)
+        for _ in range(reps):
+            for n in sizes:
+                cost.observe(n, time_pass(n))
+        return cost
+
+
+@dataclass(frozen=True)
+class Request:
+    """One running request as the budget sees it."""
+
+    slot: int
+    survival: list[float]  # chance that its drafted tokens 1..k are all accepted (non-increasing)
+
+
+def allocate(requests: list[Request], other_tokens: int, cost: PassCost, max_tokens: int) -> dict[int, int]:
+    """Block length (1 + drafted tokens sent) per request's slot.
+
+    other_tokens: tokens already in the pass (prompt chunks).
+    max_tokens: the most tokens the pass may hold, those included.
+    """
+    lengths = {r.slot: 1 for r in requests}
+    value, tokens = float(len(requests)), other_tokens + len(requests)
+    ranked = sorted(((chance, r.slot) for r in requests for chance in r.survival), key=lambda x: -x[0])
+    best, best_rate = dict(lengths), value / cost.seconds(tokens)
+    for chance, slot in ranked[:MAX_RANKED]:  # within a request the chances fall, so its tokens come in order
+        if tokens + 1 > max_tokens:
+            break
+        lengths[slot] += 1
+        value += chance
+        tokens += 1
+        rate = value / cost.seconds(tokens)
+        if rate > best_rate * 1.0001:
+            best, best_rate = dict(lengths), rate
+    return best

@@ -1,0 +1,259 @@
+"""Continuous batching with speculation: many requests, one target pass per step.
+
+One step:
+  1. every running request drafts after its context (its own drafter and state);
+  2. requests still reading their prompt get a chunk of it, from what the step's token budget
+     leaves (``max_step_tokens``), so a long prompt never stalls the others and can be cancelled
+     between chunks; the chunk that finishes a prompt carries the pending token, and so the
+     request's first token comes from the same pass;
+  3. the verification budget (``budget.allocate``) decides how many drafted tokens each request
+     sends; the target scores every request's ``[pending] + drafted`` block in one pass (ragged
+     lengths and ragged cache lengths: each request in its own slot);
+  4. each request is verified on its own rows (ragged acceptance), its slot cut back to its own
+     accepted context, stop conditions applied; finished requests leave and their slots take new
+     requests at the next step.
+
+Determinism: greedy output is the target's argmax through the same kernels whatever the batch
+(``runners.llamacpp_batch``), so identical to the request run alone. Sampled requests use the
+coupled rule (``verify.verify_coupled``) with noise keyed by their seed and output position, so a
+seeded request gives the same tokens alone or in any batch, with any draft lengths. Drafts are
+one-hot (n-gram lookup, or none), for which that rule is exact and costs no acceptance.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from itertools import count
+
+import torch
+
+from ..config import ConfigError, GenerationConfig
+from ..drafters.base import Draft, Drafter, DraftPlan
+from ..policy import PositionAcceptance
+from ..runners.llamacpp import MAX_BLOCK
+from ..runners.llamacpp_batch import Block, LlamaCppBatchRunner
+from ..sampling import TokenLogprob, logits_to_probs, position_noise, token_logprobs
+from ..stats import RunStats, StepRecord
+from ..text import Output
+from ..verify import verify_coupled
+from .budget import PassCost, Request, allocate
+
+MAX_DRAFT = 7  # drafted tokens per request and step: a block of 8, where this CPU's passes stop paying
+DEFAULT_MAX_STEP_TOKENS = 128  # tokens per pass, prompt chunks included: about 1 s of pass here at most
+BATCH_POLICIES = ("cost", "fixed")  # cost: the verification budget; fixed: every request drafts draft_len
+
+
+@dataclass(frozen=True)
+class BatchEvent:
+    """New output of one request after a step (as ``engine.StreamEvent``)."""
+
+    text: str
+    token_ids: list[int]
+    step: StepRecord | None = None
+    finish_reason: str | None = None
+    stats: RunStats | None = None
+    seed: int | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(eq=False)  # compared and hashed by identity
+class Sequence:
+    """One request in the batch: its slot, context and drafter, and what it has emitted."""
+
+    id: int
+    slot: int
+    config: GenerationConfig
+    context: list[int]  # prompt + emitted tokens; the last one pending (not yet in the slot's cache)
+    drafter: Drafter
+    output: Output
+    seed: int
+    stats: RunStats
+    acceptance: PositionAcceptance
+    prompt_tokens: int
+    started: float
+    read: int = 0  # prompt tokens in the slot's cache so far
+
+    @property
+    def reading_prompt(self) -> bool:
+        return self.read < self.prompt_tokens - 1
+
+
+class BatchEngine:
+    """Requests in up to ``runner.slots`` slots of a batch runner; ``step`` advances all of them."""
+
+    def __init__(self, runner: LlamaCppBatchRunner, tokenizer, eos_ids: set[int], new_drafter,
+                 max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS, cost: PassCost | None = None):
+        self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, eos_ids
+        self.new_drafter = new_drafter  # () -> a fresh drafter for one request (one-hot drafts)
+        if not runner.slots < max_step_tokens <= MAX_BLOCK:  # every running request's token, and a prompt's
+            raise ConfigError("max_step_tokens", f"must be in [{runner.slots + 1}, {MAX_BLOCK}] with "
+                                                 f"{runner.slots} slots (got {max_step_tokens})")
+        self.max_step_tokens = max_step_tokens
+        self.vocab_size = runner.vocab_size or runner.n_vocab
+        self.max_context = runner.capacity
+        self.cost = cost or PassCost.measure(self._time_pass)
+        self.running: dict[int, Sequence] = {}  # slot -> sequence
+        self._ids = count()
+
+    @classmethod
+    def for_decoder(cls, decoder, slots: int, slot_context: int | None = None,
+                    max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS) -> "BatchEngine":
+        """A batch engine over a loaded decoder's target, with a fresh copy of its drafter per
+        request. Needs the llama.cpp backend and one-hot drafts (``none`` or ``ngram``)."""
+        from ..drafters.base import NoDrafter
+        from ..drafters.ngram import NgramDrafter
+        from ..runners.llamacpp import LlamaCppModel
+
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+            raise ConfigError("max_batch", f"must be an integer >= 1 (got {slots!r})")
+        if not isinstance(decoder.model, LlamaCppModel):
+            raise ConfigError("max_batch", "batching several requests needs the llamacpp backend (a GGUF target); "
+                                           "use --max-batch 1 on torch")
+        drafter = decoder.drafter
+        if type(drafter) is NgramDrafter:
+            def new_drafter():
+                return NgramDrafter(drafter.max_ngram, drafter.min_ngram)
+        elif type(drafter) is NoDrafter:
+            new_drafter = NoDrafter
+        else:
+            raise ConfigError("max_batch", f"batching several requests drafts with none or ngram (got "
+                                           f"{drafter.name}); use --max-batch 1 for it")
+        context = slot_context or decoder.max_context
+        if not isinstance(context, int) or context < 2:
+            raise ConfigError("slot_context", f"must be an integer >= 2 (got {slot_context!r})")
+        runner = LlamaCppBatchRunner(decoder.model, slots, min(context, decoder.max_context), decoder.vocab_size)
+        return cls(runner, decoder.tokenizer, decoder.eos_ids, new_drafter, max_step_tokens)
+
+    @property
+    def free_slots(self) -> int:
+        return self.runner.slots - len(self.running)
+
+    def _time_pass(self, n: int) -> float:
+        slot = self.runner.slots - 1  # free while the engine starts
+        t = time.perf_counter()
+        self.runner.forward([Block(slot, list(range(300, 300 + n)), n)])
+        seconds = time.perf_counter() - t
+        self.runner.clear(slot)
+        return seconds
+
+    def add(self, prompt_ids: list[int], config: GenerationConfig) -> Sequence:
+        """Start a request in a free slot (ConfigError when it cannot run here)."""
+        config = config.validate()
+        if config.policy not in BATCH_POLICIES:
+            raise ConfigError("policy", f"the batched engine plans with {' or '.join(BATCH_POLICIES)} "
+                                        f"(got {config.policy!r})")
+        if not prompt_ids:
+            raise ConfigError("prompt", "must not be empty")
+        if len(prompt_ids) + config.max_new_tokens > self.max_context:
+            raise ConfigError("max_new_tokens", f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens "
+                                                f"({config.max_new_tokens}) exceeds a slot's {self.max_context} tokens")
+        if not self.free_slots:
+            raise RuntimeError("no free slot")
+        # the lowest free slot: llama.cpp takes a run of consecutive slots into one micro-batch
+        slot = min(s for s in range(self.runner.slots) if s not in self.running)
+        self.runner.clear(slot)
+        drafter = self.new_drafter()
+        seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little")
+        seq = Sequence(next(self._ids), slot, config, list(prompt_ids), drafter,
+                       Output(self.tokenizer, self.eos_ids, config.stop, config.max_new_tokens, config.ignore_eos),
+                       seed, RunStats(drafter=drafter.name, policy=f"batch-{config.policy}",
+                                      prompt_tokens=len(prompt_ids)),
+                       PositionAcceptance(MAX_DRAFT), len(prompt_ids), time.perf_counter())
+        self.running[slot] = seq
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        if self.running.get(seq.slot) is seq:
+            del self.running[seq.slot]
+            self.runner.clear(seq.slot)
+
+    # ---- one step --------------------------------------------------------------------------
+    def step(self) -> list[tuple[Sequence, BatchEvent]]:
+        if not self.running:
+            return []
+        t0 = time.perf_counter()
+        seqs = list(self.running.values())
+        decoding = [s for s in seqs if not s.reading_prompt]
+        drafts = {s.slot: self._draft(s) for s in decoding}
+        t1 = time.perf_counter()
+        chunks = self._prompt_chunks([s for s in seqs if s.reading_prompt], self.max_step_tokens - len(decoding))
+        lengths = self._block_lengths(decoding, drafts, chunks)
+        blocks = [Block(s.slot, [s.context[-1]] + drafts[s.slot].tokens[: lengths[s.slot] - 1], lengths[s.slot])
+                  for s in decoding]
+        for s, (n, finishing) in chunks.items():
+            blocks.append(Block(s.slot, s.context[s.read:s.read + n], 1 if finishing else 0))
+        t_pass = time.perf_counter()
+        logits = self.runner.forward(blocks)
+        pass_s = time.perf_counter() - t_pass
+        self.cost.observe(sum(len(b.tokens) for b in blocks), pass_s)
+        events = []
+        for s, (n, finishing) in chunks.items():
+            s.read += n
+            if finishing:  # the last chunk held the pending token too: its logits give the first token
+                s.stats.prefill_s = time.perf_counter() - s.started
+                events.append(self._advance(s, Draft([]), logits[s.slot], t1 - t0, pass_s, 1))
+        for s in decoding:
+            draft = Draft(drafts[s.slot].tokens[: lengths[s.slot] - 1])
+            events.append(self._advance(s, draft, logits[s.slot], t1 - t0, pass_s, lengths[s.slot]))
+        return events
+
+    def _draft(self, s: Sequence) -> Draft:
+        room = min(s.config.draft_len, MAX_DRAFT, s.output.left - 1, self.max_context - len(s.context))
+        if room <= 0:
+            return Draft([])
+        return s.drafter.propose(s.context, DraftPlan(room), s.config, None)
+
+    def _prompt_chunks(self, reading: list[Sequence], budget: int) -> dict[Sequence, tuple[int, bool]]:
+        """Prompt tokens each reading request feeds this step, first come first served, and whether
+        that finishes its prompt (the chunk then ends with the pending token)."""
+        chunks = {}
+        for s in sorted(reading, key=lambda s: s.id):
+            rest = len(s.context) - s.read  # prompt tokens not yet read, the pending one included
+            n = min(rest, budget)
+            if n < 1:
+                break
+            chunks[s] = (n, n == rest)
+            budget -= n
+        return chunks
+
+    def _block_lengths(self, decoding: list[Sequence], drafts: dict[int, Draft], chunks) -> dict[int, int]:
+        if not decoding:
+            return {}
+        if all(s.config.policy == "fixed" for s in decoding):
+            return {s.slot: 1 + len(drafts[s.slot]) for s in decoding}
+        requests = [Request(s.slot, s.acceptance.survival(len(drafts[s.slot]))) for s in decoding]
+        lengths = allocate(requests, sum(n for n, _ in chunks.values()), self.cost, self.max_step_tokens)
+        for s in decoding:
+            if s.config.policy == "fixed":
+                lengths[s.slot] = 1 + len(drafts[s.slot])
+        return lengths
+
+    def _advance(self, s: Sequence, draft: Draft, logits: torch.Tensor, draft_s: float, pass_s: float,
+                 target_tokens: int) -> tuple[Sequence, BatchEvent]:
+        """Verify one request's rows, cut its slot back, emit its new tokens."""
+        t2 = time.perf_counter()
+        config = s.config
+        target_probs = logits_to_probs(logits, config.temperature, config.top_k, config.top_p)  # [tau+1, V]
+        noise = None
+        if not config.greedy:
+            at = len(s.output.tokens)
+            noise = torch.stack([position_noise(s.seed, at + i, target_probs.shape[-1]) for i in range(len(draft) + 1)])
+        verdict = verify_coupled(draft.tokens, target_probs, noise)
+        # the slot holds context[:-1] + [pending] + drafted; keep context + the accepted ones
+        self.runner.truncate(s.slot, len(s.context) + verdict.num_accepted)
+        s.drafter.observe(draft, verdict.num_accepted)
+        if len(draft):
+            s.acceptance.observe(len(draft), verdict.num_accepted)
+        new, text = s.output.add(verdict.tokens)
+        s.context.extend(new)
+        logprobs = [] if config.logprobs is None else token_logprobs(logits[: len(new)], new, config.logprobs)
+        rec = StepRecord(s.stats.steps, min(config.draft_len, MAX_DRAFT), len(draft), verdict.num_accepted, len(new),
+                         draft_s, pass_s, time.perf_counter() - t2, target_tokens)
+        s.stats.add(rec)
+        finish = s.output.finish
+        if finish is not None:
+            s.stats.total_s = time.perf_counter() - s.started
+            self.cancel(s)
+        return s, BatchEvent(text, new, rec, finish, s.stats if finish else None, s.seed, logprobs)

@@ -1,0 +1,157 @@
+"""Continuous batching on the llama.cpp backend: every request in a batch gets exactly the tokens
+it gets alone, caches stay equal to a fresh prefill after ragged rollback, the verification
+budget behaves as designed, and seeded sampling does not depend on the batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdecode import GenerationConfig
+from specdecode.batching.budget import PassCost, Request, allocate
+from specdecode.config import ConfigError
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+from specdecode.api import load  # noqa: E402
+from specdecode.batching import BatchEngine  # noqa: E402
+from specdecode.runners.llamacpp_batch import Block, LlamaCppBatchRunner, micro_batches, padded_lengths  # noqa: E402
+
+QUESTIONS = [
+    "Write a haiku about rain.",
+    "Repeat exactly: red, green, blue, red, green, blue, yellow, red, green, blue.",
+    "What is 17 times 23? Show the steps.",
+    "Explain the difference between TCP and UDP in two sentences.",
+    "Name three rivers in Europe.",
+]
+# past 256 cached tokens llama.cpp's 1-token attention would take a path of its own
+LONG = "Summarize this text. " + " ".join(f"Sentence {i} says the value of item {i} is {i * 7}." for i in range(24))
+
+
+@pytest.fixture(scope="module")
+def decoders():
+    return load(None, "none", backend="llamacpp"), load(None, "ngram", backend="llamacpp")
+
+
+def _run(engine: BatchEngine, prompts, configs, cancel_after: dict | None = None) -> dict[int, list[int]]:
+    seqs = {engine.add(p, c).id: i for i, (p, c) in enumerate(zip(prompts, configs))}
+    out = {i: [] for i in range(len(prompts))}
+    steps = 0
+    while engine.running:
+        for seq, event in engine.step():
+            out[seqs[seq.id]] += event.token_ids
+        steps += 1
+        for seq in list(engine.running.values()):
+            if cancel_after and cancel_after.get(seqs[seq.id]) == steps:
+                engine.cancel(seq)
+    return out
+
+
+@pytest.mark.parametrize("drafter", [0, 1], ids=["plain", "ngram"])
+def test_every_request_in_a_batch_gets_the_tokens_it_gets_alone(decoders, drafter):
+    alone = decoders[drafter]
+    prompts = [alone.encode(q) for q in QUESTIONS + [LONG]]
+    # ragged lengths: one request finishes after 5 tokens while the others go on
+    configs = [GenerationConfig(max_new_tokens=5 if i == 1 else 40, ignore_eos=True) for i in range(len(prompts))]
+    want = [alone.generate(p, c).token_ids for p, c in zip(prompts, configs)]
+    engine = BatchEngine.for_decoder(alone, 8, 1024, max_step_tokens=48)  # the long prompt takes several chunks
+    got = _run(engine, prompts, configs)
+    assert [got[i] for i in range(len(prompts))] == want
+    assert not engine.running
+
+
+def test_a_cancelled_request_leaves_the_others_unchanged(decoders):
+    alone = decoders[1]
+    prompts = [alone.encode(q) for q in QUESTIONS[:3]]
+    configs = [GenerationConfig(max_new_tokens=24, ignore_eos=True)] * 3
+    want = [alone.generate(p, c).token_ids for p, c in zip(prompts, configs)]
+    engine = BatchEngine.for_decoder(alone, 4, 512)
+    got = _run(engine, prompts, configs, cancel_after={0: 3})
+    assert got[1] == want[1] and got[2] == want[2]
+    assert got[0] == want[0][: len(got[0])] and len(got[0]) < 24
+    assert not engine.running and engine.free_slots == 4
+
+
+def test_seeded_sampling_gives_the_same_tokens_alone_and_batched_with_any_drafter(decoders):
+    prompts = [decoders[0].encode(q) for q in QUESTIONS]
+    sampled = GenerationConfig(max_new_tokens=32, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
+    alone = _run(BatchEngine.for_decoder(decoders[0], 1, 512), prompts[1:2], [sampled])[0]
+    for decoder in decoders:
+        engine = BatchEngine.for_decoder(decoder, 5, 512)
+        configs = [sampled if i == 1 else GenerationConfig(max_new_tokens=20 + i, temperature=0.7, seed=i)
+                   for i in range(len(prompts))]
+        assert _run(engine, prompts, configs)[1] == alone
+    other_seed = _run(BatchEngine.for_decoder(decoders[0], 1, 512), prompts[1:2], [sampled.with_(seed=99)])[0]
+    assert other_seed != alone  # the seed matters: the test could fail
+
+
+def test_a_slot_cut_back_scores_as_a_fresh_prefill(decoders):
+    dec = decoders[0]
+    ids = dec.encode(LONG)
+    runner = LlamaCppBatchRunner(dec.model, 3, 1024, dec.vocab_size)
+    runner.forward([Block(0, ids[:40], 0), Block(2, ids, 0)])
+    runner.forward([Block(0, [7, 8, 9], 3), Block(2, [100, 200, 300, 400], 4)])  # rejected blocks
+    runner.truncate(2, len(ids))
+    runner.truncate(0, 40)
+    after = runner.forward([Block(0, [500], 1), Block(2, [500, 600], 2)])
+    alone = LlamaCppBatchRunner(dec.model, 1, 1024, dec.vocab_size)
+    want = alone.forward([Block(0, ids + [500, 600], 2)])[0]
+    assert torch.equal(after[2], want)
+    assert runner.cached[2] == ids + [500, 600] and runner.cached[0] == ids[:40] + [500]
+
+
+def test_no_micro_batch_is_a_single_token_of_a_single_slot():
+    for lengths in ({0: 1}, {0: 1, 1: 2}, {0: 3, 2: 1}, {0: 1, 1: 1, 2: 5}, {3: 33}, {0: 2, 1: 1, 2: 1}):
+        padded = padded_lengths(lengths)
+        assert all(padded[s] - lengths[s] in (0, 1) for s in lengths)
+        for mb in micro_batches(padded):
+            assert sum(mb.values()) >= 2 and sum(mb.values()) <= 32
+    assert padded_lengths({0: 1, 1: 1, 2: 1}) == {0: 1, 1: 1, 2: 1}  # several slots' tokens: no copy
+    assert micro_batches({0: 2, 1: 5, 3: 1}) == [{0: 2, 1: 2}, {1: 3}, {3: 1}]
+
+
+# ---- the verification budget on constructed cases -------------------------------------------------
+COST = PassCost(fixed_s=0.010, per_token_s=0.007)  # about this CPU's curve
+
+
+def test_one_request_drafts_while_its_tokens_are_likely():
+    lengths = allocate([Request(0, [0.9, 0.8, 0.7, 0.3, 0.1])], 0, COST, 128)
+    # a token pays while its chance exceeds (tokens per second so far) x 7 ms
+    assert lengths == {0: 4}
+
+
+def test_speculation_shrinks_to_nothing_as_the_batch_grows():
+    drafts = [0.6, 0.4, 0.2]
+    taken = [sum(allocate([Request(s, drafts) for s in range(n)], 0, COST, 512).values()) - n for n in (1, 4, 16, 32)]
+    assert taken[0] > 0 and taken[-1] == 0
+    assert taken == sorted(taken, reverse=True)
+
+
+def test_nearly_sure_tokens_are_taken_even_in_a_large_batch():
+    requests = [Request(s, [0.3]) for s in range(15)] + [Request(15, [0.99, 0.99, 0.98])]
+    lengths = allocate(requests, 0, COST, 512)
+    assert lengths[15] == 4 and all(lengths[s] == 1 for s in range(15))
+
+
+def test_the_pass_never_exceeds_its_token_budget():
+    lengths = allocate([Request(s, [1.0] * 7) for s in range(4)], 20, COST, 30)
+    assert sum(lengths.values()) + 20 <= 30
+
+
+def test_pass_cost_fit_recovers_a_straight_line():
+    cost = PassCost.measure(lambda n: 0.004 + 0.006 * n)
+    assert cost.fixed_s == pytest.approx(0.004) and cost.per_token_s == pytest.approx(0.006)
+
+
+def test_batching_refuses_what_it_cannot_do():
+    dec = load(None, "ngram", backend="llamacpp")
+    with pytest.raises(ConfigError) as err:
+        BatchEngine.for_decoder(dec, 0)
+    assert err.value.param == "max_batch"
+    engine = BatchEngine.for_decoder(dec, 2, 256)
+    with pytest.raises(ConfigError) as err:
+        engine.add(dec.encode("hi"), GenerationConfig(max_new_tokens=300))
+    assert err.value.param == "max_new_tokens"
+    with pytest.raises(ConfigError) as err:
+        engine.add(dec.encode("hi"), GenerationConfig(policy="heuristic"))
+    assert err.value.param == "policy"
