@@ -23,10 +23,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(max_queue: int):
+def _start(max_queue: int, max_batch: int | None = None, *extra: str):
     port = _free_port()
     cmd = [sys.executable, "-m", "specdecode", "serve", "--port", str(port), "--model-name", MODEL,
-           "--max-queue", str(max_queue), "--draft", "ngram"]
+           "--max-queue", str(max_queue), "--draft", "ngram", *extra]
+    if max_batch is not None:
+        cmd += ["--max-batch", str(max_batch)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -112,7 +114,8 @@ def test_metrics_move_by_exactly_the_requests_tokens(server, client):
     pos0 = _metric(base, "vllm:spec_decode_num_accepted_tokens_per_pos_total", '{position="0"}')
     article = "Alice met Bob in Paris. Alice gave Bob a red book. Bob gave Alice a blue pen. "
     r = client.completions.create(
-        model=MODEL, prompt="Repeat exactly: " + article * 3 + "\nRepeat: ", max_tokens=40, temperature=0
+        model=MODEL, prompt="Repeat exactly: " + article * 3 + "\nRepeat: ", max_tokens=40, temperature=0,
+        extra_body={"speculative": {"policy": "fixed", "draft_len": 4}},  # drafts whatever the budget says
     )
     spec = r.model_extra["speculative_decoding"]
     assert spec["drafted_tokens"] > 0 and spec["accepted_tokens"] > 0
@@ -194,7 +197,7 @@ def test_disconnect_mid_stream_frees_the_worker(server):
 
 
 def test_burst_past_queue_bound_gets_429_quickly():
-    proc, base, _ = _start(max_queue=2)
+    proc, base, _ = _start(max_queue=2, max_batch=1)
     try:
         body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 64, "temperature": 0}
 
@@ -212,3 +215,201 @@ def test_burst_past_queue_bound_gets_429_quickly():
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# ---- many users at once ---------------------------------------------------------------------------
+def test_sixteen_concurrent_streams_each_match_their_answer_alone(server, client):
+    questions = [f"Name a fruit that starts with the letter {chr(65 + i)}." for i in range(16)]
+    alone = [client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}], max_tokens=24,
+                                            temperature=0).choices[0].message.content for q in questions]
+
+    def stream(q):
+        chunks = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}],
+                                                max_tokens=24, temperature=0, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        assert list(pool.map(stream, questions)) == alone
+
+
+def test_requests_run_together_and_the_gauge_shows_the_batch(server):
+    base = server[0]
+    body = {"model": MODEL, "prompt": "Count slowly:", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(httpx.post, base + "/v1/completions", json=body, timeout=120) for _ in range(4)]
+        seen = 0.0
+        while not all(f.done() for f in futures):
+            seen = max(seen, _metric(base, "vllm:num_requests_running"))
+            time.sleep(0.05)
+        assert all(f.result().status_code == 200 for f in futures)
+    assert seen >= 3  # in one batch, not one after another
+    assert _metric(base, "vllm:num_requests_running") == 0
+
+
+def test_a_non_streaming_client_that_times_out_frees_its_slot_at_once(server):
+    base = server[0]
+    impatient = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=1.0)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.completions.create(model=MODEL, prompt="Count from one to one thousand:", max_tokens=500,
+                                     temperature=0, extra_body={"ignore_eos": True})
+    before = _metric(base, "vllm:generation_tokens_total")
+    time.sleep(1.0)
+    assert _metric(base, "vllm:num_requests_running") == 0
+    assert _metric(base, "vllm:generation_tokens_total") - before < 40  # a step or two after the hang-up at most
+
+
+def test_logprobs_are_plain_decodings(server, client):
+    from specdecode import GenerationConfig
+    from specdecode.api import load
+
+    msg = "Name three colours."
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": msg}], max_tokens=12,
+                                       temperature=0, logprobs=True, top_logprobs=3)
+    got = r.choices[0].logprobs.content
+    plain = load(None, "none", backend="llamacpp")
+    want = plain.generate(msg, GenerationConfig(max_new_tokens=12, logprobs=3))
+    events = list(plain.stream(msg, GenerationConfig(max_new_tokens=12, logprobs=3)))
+    lps = [lp for e in events for lp in e.logprobs]
+    assert len(got) == len(want.token_ids) == len(lps)
+    for entry, lp in zip(got, lps):
+        assert entry.logprob == pytest.approx(lp.logprob, abs=1e-6)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx([v for _, v in lp.top], abs=1e-6)
+        assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-6
+    done = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0, logprobs=2)
+    assert len(done.choices[0].logprobs.token_logprobs) == 4 and len(done.choices[0].logprobs.top_logprobs[0]) == 2
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"logit_bias": {"1": 5}}, "logit_bias"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"frequency_penalty": "high"}, "frequency_penalty"),
+    ({"logprobs": "yes"}, "logprobs"),
+    ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
+    ({"frobnicate": 1}, "frobnicate"),
+    ({"seed": 2**64}, "seed"),
+    ({"stream": "yes"}, "stream"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages"),
+])
+def test_what_the_server_cannot_do_is_refused_naming_the_field(server, extra, param):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **extra}
+    r = httpx.post(server[0] + "/v1/chat/completions", content=json.dumps(body).encode(),
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("path, extra, param", [
+    ("/v1/completions", {"echo": True}, "echo"),
+    ("/v1/completions", {"suffix": "end"}, "suffix"),
+    ("/v1/completions", {"best_of": 2}, "best_of"),
+    ("/v1/completions", {"logprobs": 6}, "logprobs"),
+])
+def test_completion_features_not_offered_are_refused(server, path, extra, param):
+    r = httpx.post(server[0] + path, json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, **extra}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model": "smollm2", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}",  # an integer of 5,000 digits
+    b"[" * 100000 + b"]" * 100000,  # nested 100,000 deep
+    b'{"prompt": "\xff\xfe"}',  # not UTF-8
+])
+def test_malformed_bodies_get_a_json_400_and_keep_the_connection(server, raw):
+    with httpx.Client(base_url=server[0], timeout=30) as http:
+        r = http.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["message"]
+        assert http.get("/health").status_code == 200  # same client, the connection kept
+
+
+def test_a_huge_body_is_refused_without_stalling_the_server(server):
+    base = server[0]
+    big = json.dumps({"model": MODEL, "prompt": "word " * 1_000_000, "max_tokens": 1}).encode()  # 5 MB
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        posted = pool.submit(httpx.post, base + "/v1/completions", content=big,
+                             headers={"content-type": "application/json"}, timeout=60)
+        t = time.perf_counter()
+        assert httpx.get(base + "/health", timeout=10).status_code == 200
+        assert time.perf_counter() - t < 1.0
+        assert posted.result().status_code == 413
+
+
+def test_what_openai_and_vllm_accept_is_accepted(server):
+    cases = [
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi"}]}]},
+        {"messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None},
+                      {"role": "user", "content": "Again"}]},
+        {"messages": [{"role": "user", "content": "Hi"}], "stream": None, "logit_bias": None, "tools": None,
+         "presence_penalty": 0, "response_format": {"type": "text"}, "user": "u1", "seed": -5},
+    ]
+    for extra in cases:
+        r = httpx.post(server[0] + "/v1/chat/completions", json={"model": MODEL, "max_tokens": 2, **extra}, timeout=60)
+        assert r.status_code == 200, (extra, r.text)
+
+
+def test_max_tokens_applies_when_max_completion_tokens_is_null(server):
+    r = httpx.post(server[0] + "/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 5,
+        "max_completion_tokens": None, "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+
+
+def test_queue_places_are_freed_by_clients_who_leave_and_429_says_when_to_retry():
+    proc, base, _ = _start(1, 1, "--queue-timeout", "3")
+    try:
+        long = {"model": MODEL, "prompt": "Count to a thousand:", "max_tokens": 600, "temperature": 0,
+                "ignore_eos": True, "speculative": {"draft_len": 0}}  # about 10 s: longer than the 3 s wait limit
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            running = pool.submit(httpx.post, base + "/v1/completions", json=long, timeout=120)
+            time.sleep(1.0)
+            with pytest.raises(httpx.TimeoutException):  # queued behind it, then gives up
+                httpx.post(base + "/v1/completions", json={**long, "max_tokens": 2}, timeout=1.0)
+            time.sleep(0.3)
+            assert _metric(base, "vllm:num_requests_waiting") == 0
+            full = pool.submit(httpx.post, base + "/v1/completions", json={**long, "max_tokens": 2}, timeout=30)
+            time.sleep(0.5)
+            r = httpx.post(base + "/v1/completions", json={**long, "max_tokens": 2}, timeout=30)
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1  # the one place is taken
+            queued_too_long = full.result()
+            assert queued_too_long.status_code == 429 and "retry-after" in queued_too_long.headers  # waited 3 s
+            running.result()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_shutdown_ends_within_its_grace_period():
+    proc, base, _ = _start(8, None, "--shutdown-grace", "2")
+    body = {"model": MODEL, "prompt": "Count to ten thousand:", "max_tokens": 1200, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as r:
+        next(r.iter_lines())
+        t = time.perf_counter()
+        proc.terminate()
+        proc.wait(20)
+    assert time.perf_counter() - t < 2 + 4
+
+
+def test_loadtest_reports_every_load_and_writes_its_plot(server, tmp_path):
+    from specdecode.loadtest import LoadSettings, run_loadtest, write_results
+
+    data = tmp_path / "q.jsonl"
+    data.write_text("\n".join(json.dumps({"question_id": i, "category": "c", "turns": [f"Say the word {w}."]})
+                              for i, w in enumerate(["cat", "dog", "sun"])))
+    result = run_loadtest(LoadSettings({"ours": server[0]}, str(data), (1, 3), requests=3, max_tokens=6),
+                          progress=False)
+    assert [(r["concurrency"], r["requests"], r["failed"]) for r in result["rows"]] == [(1, 3, 0), (3, 3, 0)]
+    for row in result["rows"]:
+        assert row["output_tokens"] == 18 and row["throughput_tok_s"] > 0
+        assert 0 < row["ttft_p50_s"] <= row["ttft_p95_s"] <= row["e2e_p95_s"] and row["tpot_p50_s"] > 0
+    assert all(p.stat().st_size > 0 for p in write_results(result, str(tmp_path / "out")))
+
+
+def test_loadtest_sends_to_loopback_only(tmp_path):
+    from specdecode.cli import main
+
+    code = main(["loadtest", "--dataset", str(tmp_path / "q.jsonl"), "--url", "x=http://10.0.0.1:8000"])
+    assert code == 2

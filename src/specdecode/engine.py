@@ -96,8 +96,10 @@ class SpeculativeDecoder:
             return list(prompt)
         if isinstance(prompt, list):
             messages = prompt
-            if not messages or not all(isinstance(m, dict) and m.get("content") for m in messages):
-                raise ConfigError("messages", "must be a non-empty list of {role, content} with non-empty content")
+            if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages) \
+                    or not any(m["content"].strip() for m in messages):
+                raise ConfigError("messages", "must be a non-empty list of {role, content} with string content, "
+                                              "not all of it empty")
             chat = True
         else:
             if not isinstance(prompt, str) or not prompt.strip():

@@ -40,7 +40,10 @@ from ..text import Output
 from ..verify import verify_coupled
 from .budget import PassCost, Request, allocate
 
+PROBE_EVERY = 16  # a request the budget keeps from drafting still sends one drafted token this often
 MAX_DRAFT = 7  # drafted tokens per request and step: a block of 8, where this CPU's passes stop paying
+DEFAULT_MAX_BATCH = 16  # requests in one pass, as llama-server --parallel 16
+DEFAULT_SLOT_CONTEXT = 4096  # tokens per request's KV stream (about 94 MB of f16 cache each on the default target)
 DEFAULT_MAX_STEP_TOKENS = 128  # tokens per pass, prompt chunks included: about 1 s of pass here at most
 BATCH_POLICIES = ("cost", "fixed")  # cost: the verification budget; fixed: every request drafts draft_len
 
@@ -74,6 +77,7 @@ class Sequence:
     prompt_tokens: int
     started: float
     read: int = 0  # prompt tokens in the slot's cache so far
+    undrafted: int = 0  # steps in a row it had a draft the budget did not send
 
     @property
     def reading_prompt(self) -> bool:
@@ -120,7 +124,7 @@ class BatchEngine:
         else:
             raise ConfigError("max_batch", f"batching several requests drafts with none or ngram (got "
                                            f"{drafter.name}); use --max-batch 1 for it")
-        context = slot_context or decoder.max_context
+        context = slot_context or DEFAULT_SLOT_CONTEXT
         if not isinstance(context, int) or context < 2:
             raise ConfigError("slot_context", f"must be an integer >= 2 (got {slot_context!r})")
         runner = LlamaCppBatchRunner(decoder.model, slots, min(context, decoder.max_context), decoder.vocab_size)
@@ -228,6 +232,14 @@ class BatchEngine:
         for s in decoding:
             if s.config.policy == "fixed":
                 lengths[s.slot] = 1 + len(drafts[s.slot])
+            elif len(drafts[s.slot]) and lengths[s.slot] == 1:
+                # its acceptance estimate only moves when it drafts: probe now and then, so that a
+                # request whose text became predictable is noticed
+                s.undrafted += 1
+                if s.undrafted % PROBE_EVERY == 0:
+                    lengths[s.slot] = 2
+            elif len(drafts[s.slot]):
+                s.undrafted = 0
         return lengths
 
     def _advance(self, s: Sequence, draft: Draft, logits: torch.Tensor, draft_s: float, pass_s: float,

@@ -7,9 +7,9 @@ import argparse
 import sys
 
 from ..config import SpecDecodeError
-from . import bench, check, explain, generate, serve, train
+from . import bench, check, explain, generate, loadtest, serve, train
 
-COMMANDS = (generate, serve, bench, explain, check, train)
+COMMANDS = (generate, serve, bench, explain, check, train, loadtest)
 POSITIONAL = {"prompt", "trace"}  # parameters given as positional arguments, named as they are
 
 

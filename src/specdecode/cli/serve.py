@@ -6,10 +6,13 @@ from ..config import DEFAULTS, SpecDecodeError
 from .options import add_model_args, add_speculation_args
 
 MAX_QUEUE_LIMIT = 10000
+MAX_BATCH_LIMIT = 64  # slots per pass; every running request puts a token into each pass
 
 
 def register(sub) -> None:
+    from ..batching.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_STEP_TOKENS, DEFAULT_SLOT_CONTEXT
     from ..server import DEFAULT_MAX_QUEUE
+    from ..server.worker import DEFAULT_QUEUE_TIMEOUT_S, DEFAULT_SHUTDOWN_GRACE_S
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_model_args(p)
@@ -18,6 +21,17 @@ def register(sub) -> None:
     p.add_argument("--model-name", default=None, help="the id clients pass as 'model' (default: the target)")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help="requests that may wait; past it: 429 (default: %(default)s)")
+    p.add_argument("--queue-timeout", type=float, default=DEFAULT_QUEUE_TIMEOUT_S,
+                   help="seconds a request may wait for a slot; then 429 with Retry-After (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help=f"requests generated together, one pass per step (default: {DEFAULT_MAX_BATCH} on the "
+                        "llamacpp backend with draft none or ngram, else 1: one at a time)")
+    p.add_argument("--slot-context", type=int, default=DEFAULT_SLOT_CONTEXT,
+                   help="tokens (prompt + output) one batched request may hold (default: %(default)s)")
+    p.add_argument("--max-step-tokens", type=int, default=DEFAULT_MAX_STEP_TOKENS,
+                   help="tokens per batched pass, prompt chunks included (default: %(default)s)")
+    p.add_argument("--shutdown-grace", type=float, default=DEFAULT_SHUTDOWN_GRACE_S,
+                   help="seconds running requests may take to finish on shutdown (default: %(default)s)")
     add_speculation_args(p)
     p.add_argument("--log-level", default="warning")
     p.set_defaults(run=run)
@@ -31,13 +45,23 @@ def run(args) -> int:
 
     if not 1 <= args.max_queue <= MAX_QUEUE_LIMIT:
         raise SpecDecodeError("max_queue", f"must be in [1, {MAX_QUEUE_LIMIT}] (got {args.max_queue})")
+    if args.max_batch is not None and not 1 <= args.max_batch <= MAX_BATCH_LIMIT:
+        raise SpecDecodeError("max_batch", f"must be in [1, {MAX_BATCH_LIMIT}] (got {args.max_batch})")
+    if args.slot_context < 16:
+        raise SpecDecodeError("slot_context", f"must be >= 16 (got {args.slot_context})")
+    for name in ("queue_timeout", "shutdown_grace"):
+        if not getattr(args, name) > 0:
+            raise SpecDecodeError(name, f"must be a number of seconds > 0 (got {getattr(args, name)})")
     defaults = DEFAULTS.with_(draft_len=args.draft_len, policy=args.policy)
     name = args.model_name or (args.target or "SmolLM2-135M-Instruct")
     def loader():
         return load(args.target, args.draft, dtype=args.dtype, device=args.device, backend=args.backend,
                     threads=args.threads)
 
-    server = Server(loader, name, args.max_queue, defaults)
+    server = Server(loader, name, args.max_queue, defaults, max_batch=args.max_batch, slot_context=args.slot_context,
+                    max_step_tokens=args.max_step_tokens, queue_timeout=args.queue_timeout,
+                    shutdown_grace=args.shutdown_grace)
     print(f"specdecode: serving {name} (draft: {args.draft}) on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=int(args.shutdown_grace) + 2)
     return 0

@@ -1,26 +1,33 @@
 """The OpenAI-compatible app (FastAPI): routes, responses, server-sent events.
 
-One decoder serves one generation at a time (its KV caches are shared state), on a worker thread
-off the event loop. Requests wait in a bounded queue; when it is full the server answers 429 at
-once rather than letting clients hang. A client that disconnects cancels its generation at the next
-step. Metrics follow vLLM's names so existing dashboards work.
+The worker thread runs the engine off the event loop: up to ``max_batch`` requests in one pass
+each step (``batching.BatchEngine``), or one at a time (``SerialEngine``) where the target cannot
+batch. Requests wait in a bounded queue; past it, or past the queue's wait limit, the server
+answers 429 with ``Retry-After``. A client that disconnects, queued or running, frees its place at
+once (its generation stops at the next step). Bodies are size-limited and parsed (tokenised) off
+the event loop. Metrics follow vLLM's names so existing dashboards work.
 """
 
 # no "from __future__ import annotations": FastAPI reads the routes' annotations (Request) at run time
 import asyncio
 import json
+import sys
 import threading
 import time
 import uuid
 
-from ..config import DEFAULTS, GenerationConfig
+from ..batching import BatchEngine
+from ..batching.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_STEP_TOKENS
+from ..config import DEFAULTS, ConfigError, GenerationConfig
 from ..engine import SpeculativeDecoder
 from .metrics import Metrics
 from .requests import ParsedRequest, RequestError, parse_request
-from .worker import Job, Worker
+from .worker import DEFAULT_QUEUE_TIMEOUT_S, DEFAULT_SHUTDOWN_GRACE_S, Job, SerialEngine, Worker
 
 SPEC_STATS_KEY = "speculative_decoding"  # extension field on responses
-DEFAULT_MAX_QUEUE = 64  # requests that may wait for the worker; past it: 429
+DEFAULT_MAX_QUEUE = 64  # requests that may wait for a slot; past it: 429
+MAX_BODY_BYTES = 2 * 2**20  # 2 MiB: far more text than any context here holds (413 beyond it)
+DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
 
 
 class Server:
@@ -28,10 +35,15 @@ class Server:
     metrics, and the defaults requests get."""
 
     def __init__(self, loader, model_name: str, max_queue: int = DEFAULT_MAX_QUEUE,
-                 defaults: GenerationConfig = DEFAULTS):
+                 defaults: GenerationConfig = DEFAULTS, max_batch: int | None = None, slot_context: int | None = None,
+                 max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS, queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_S,
+                 shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S):
         self.loader, self.model_name, self.max_queue, self.defaults = loader, model_name, max_queue, defaults
+        self.max_batch, self.slot_context, self.max_step_tokens = max_batch, slot_context, max_step_tokens
+        self.queue_timeout, self.shutdown_grace = queue_timeout, shutdown_grace
         self.decoder: SpeculativeDecoder | None = None
         self.worker: Worker | None = None
+        self.max_context = 0
         self.metrics = Metrics()
         self.load_error: str | None = None
         self.created = int(time.time())
@@ -40,9 +52,12 @@ class Server:
         def load():
             try:
                 self.decoder = self.loader()
-                self.worker = Worker(self.decoder, self.metrics, self.max_queue)
+                engine = make_engine(self.decoder, self.max_batch, self.slot_context, self.max_step_tokens)
+                self.max_context = engine.max_context
+                self.worker = Worker(engine, self.metrics, self.max_queue, self.queue_timeout)
             except Exception as exc:
                 self.load_error = str(exc)
+                print(f"specdecode: could not start: {exc}", file=sys.stderr, flush=True)
 
         threading.Thread(target=load, name="specdecode-loader", daemon=True).start()
 
@@ -51,7 +66,21 @@ class Server:
         return self.worker is not None
 
     def parse(self, body, chat: bool) -> ParsedRequest:
-        return parse_request(body, chat, self.decoder, self.model_name, self.defaults)
+        return parse_request(body, chat, self.decoder, self.model_name, self.defaults, self.max_context)
+
+
+def make_engine(decoder: SpeculativeDecoder, max_batch: int | None, slot_context: int | None,
+                max_step_tokens: int):
+    """The batch engine where the decoder can batch (None: ``DEFAULT_MAX_BATCH`` there), else one
+    request at a time; ``max_batch`` 1 is always one at a time, through the single-request engine."""
+    if max_batch is None:
+        try:
+            return BatchEngine.for_decoder(decoder, DEFAULT_MAX_BATCH, slot_context, max_step_tokens)
+        except ConfigError:
+            return SerialEngine(decoder)
+    if max_batch == 1:
+        return SerialEngine(decoder)
+    return BatchEngine.for_decoder(decoder, max_batch, slot_context, max_step_tokens)
 
 
 def _spec_stats(stats) -> dict:
@@ -70,6 +99,50 @@ def _spec_stats(stats) -> dict:
     }
 
 
+def _token_text(tokenizer, token: int) -> str:
+    return tokenizer.decode([token], skip_special_tokens=False)
+
+
+def _logprobs_json(tokenizer, logprobs, chat: bool, offset: int = 0):
+    """OpenAI's logprobs object: chat's ``{"content": [...]}`` or completions' four lists."""
+    if chat:
+        def entry(token, logprob):
+            text = _token_text(tokenizer, token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                            for lp in logprobs]}
+    tokens, offsets = [], []
+    for lp in logprobs:
+        offsets.append(offset)
+        tokens.append(_token_text(tokenizer, lp.token))
+        offset += len(tokens[-1])
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{_token_text(tokenizer, t): v for t, v in lp.top} for lp in logprobs],
+            "text_offset": offsets}
+
+
+async def _read_body(request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise RequestError(413, f"request body of {declared} bytes exceeds {MAX_BODY_BYTES}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise RequestError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json(raw: bytes):
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, an integer of thousands of digits, deep nesting
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise RequestError(400, f"request body is not valid JSON: {reason}") from None
+
+
 def create_app(server: Server):
     from contextlib import asynccontextmanager
 
@@ -81,13 +154,17 @@ def create_app(server: Server):
         server.start_loading()
         yield
         if server.worker is not None:
-            server.worker.stop()
+            await asyncio.to_thread(server.worker.stop, server.shutdown_grace)
 
     app = FastAPI(title="specdecode", lifespan=lifespan)
 
     def error(exc: RequestError) -> JSONResponse:
         server.metrics.failed.labels(status=str(exc.status)).inc()
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):  # a JSON 500, never a plain-text page
+        return error(RequestError(500, f"internal error: {type(exc).__name__}", kind="server_error"))
 
     @app.get("/health")
     async def health():
@@ -111,56 +188,69 @@ def create_app(server: Server):
             return error(RequestError(503, "model is loading" if not server.load_error else server.load_error,
                                       kind="service_unavailable"))
         try:
-            raw = await request.body()
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise RequestError(400, f"request body is not valid JSON: {exc}") from None
-            parsed = server.parse(body, chat)
-            prompt_ids, stream, include_usage = parsed.prompt_ids, parsed.stream, parsed.include_usage
-            job = Job(prompt_ids, parsed.config, asyncio.get_running_loop())
+            body = _json(await _read_body(request))
+            parsed = await asyncio.to_thread(server.parse, body, chat)  # tokenising is not the event loop's
+            job = Job(parsed.prompt_ids, parsed.config, asyncio.get_running_loop())
             server.worker.submit(job)
         except RequestError as exc:
             return error(exc)
-        server.metrics.prompt_tokens.inc(len(prompt_ids))
+        watch = asyncio.create_task(_watch(request, job))
+        kind, item = await job.events.get()  # "started" once it has a slot, or "error" (429, 400, 503)
+        if kind == "error":
+            watch.cancel()
+            return error(item if isinstance(item, RequestError) else
+                         RequestError(500, f"generation failed: {item}", kind="server_error"))
+        server.metrics.prompt_tokens.inc(len(job.prompt_ids))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         meta = {"id": rid, "created": int(time.time()), "model": server.model_name}
-        started = time.perf_counter()
-        if stream:
-            return StreamingResponse(_sse(job, meta, chat, include_usage, started), media_type="text/event-stream")
-        return await _complete(request, job, meta, chat, started)
+        started = job.enqueued
+        if parsed.stream:
+            watch.cancel()  # the streaming response notices a disconnect itself
+            return StreamingResponse(_sse(job, meta, chat, parsed.include_usage, started),
+                                     media_type="text/event-stream")
+        try:
+            return await _complete(job, meta, chat, started)
+        finally:
+            watch.cancel()
 
-    async def _complete(request, job: Job, meta: dict, chat: bool, started: float):
-        pieces, tokens, last, first = [], 0, None, None
+    async def _watch(request: Request, job: Job):
+        """Until the answer is complete: a client that hangs up frees its queue place or slot now."""
+        while not job.cancel.is_set():
+            if await request.is_disconnected():
+                server.worker.withdraw(job)
+                return
+            await asyncio.sleep(DISCONNECT_POLL_S)
+
+    async def _complete(job: Job, meta: dict, chat: bool, started: float):
+        pieces, tokens, last, first, logprobs = [], 0, None, None, []
         try:
             while True:
-                try:
-                    kind, item = await asyncio.wait_for(job.events.get(), timeout=0.25)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        job.cancel.set()
-                        return Response(status_code=499)
-                    continue
+                kind, item = await job.events.get()
                 if kind == "done":
                     break
                 if kind == "error":
-                    return error(RequestError(500, f"generation failed: {item}", kind="server_error"))
+                    return error(item if isinstance(item, RequestError) else
+                                 RequestError(500, f"generation failed: {item}", kind="server_error"))
                 first = first or time.perf_counter()
                 pieces.append(item.text)
                 tokens += len(item.token_ids)
+                logprobs += item.logprobs
                 last = item
         finally:
             job.cancel.set()
+        if last is None or last.finish_reason is None:  # the client left, or the server is stopping
+            return error(RequestError(503, "generation cancelled", kind="service_unavailable"))
         _observe_finish(last, started, first)
         text = "".join(pieces)
         usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": tokens,
                  "total_tokens": len(job.prompt_ids) + tokens}
+        lp = None if job.config.logprobs is None else _logprobs_json(server.decoder.tokenizer, logprobs, chat)
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                       "finish_reason": last.finish_reason}
             obj = "chat.completion"
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}
+            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": last.finish_reason}
             obj = "text_completion"
         return {**meta, "object": obj, "choices": [choice], "usage": usage, SPEC_STATS_KEY: _spec_stats(last.stats)}
 
@@ -175,17 +265,19 @@ def create_app(server: Server):
     async def _sse(job: Job, meta: dict, chat: bool, include_usage: bool, started: float):
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
+        def chunk(text: str | None, finish: str | None, role: bool = False, logprobs=None) -> str:
+            lp = None if job.config.logprobs is None or logprobs is None else \
+                _logprobs_json(server.decoder.tokenizer, logprobs, chat, sent)
             if chat:
                 delta = (
                     {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
                 )
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "text": text or "", "logprobs": lp, "finish_reason": finish}
             return "data: " + json.dumps({**meta, "object": obj, "choices": [choice]}) + "\n\n"
 
-        tokens, last, first = 0, None, None
+        tokens, last, first, sent, held = 0, None, None, 0, []
         try:
             if chat:
                 yield chunk(None, None, role=True)
@@ -194,14 +286,19 @@ def create_app(server: Server):
                 if kind == "done":
                     break
                 if kind == "error":
-                    body = RequestError(500, f"generation failed: {item}", kind="server_error").body()
+                    body = (item if isinstance(item, RequestError) else
+                            RequestError(500, f"generation failed: {item}", kind="server_error")).body()
                     yield "data: " + json.dumps(body) + "\n\n"
                     break
                 first = first or time.perf_counter()
                 tokens += len(item.token_ids)
                 last = item
+                held += item.logprobs  # sent with the next chunk that carries text
                 if item.text or item.finish_reason:
-                    yield chunk(item.text if item.text else ("" if not chat else None), item.finish_reason)
+                    yield chunk(item.text if item.text else ("" if not chat else None), item.finish_reason,
+                                logprobs=held)
+                    sent += len(item.text)
+                    held = []
             _observe_finish(last, started, first)
             if include_usage and last is not None:
                 usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": tokens,

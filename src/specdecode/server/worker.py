@@ -1,72 +1,189 @@
-"""The worker: one decoder serves one generation at a time (its KV caches are shared state), on a
-thread off the event loop, from a bounded queue."""
+"""The worker: one thread that runs the engine's steps and moves requests from a bounded queue
+into free slots between steps.
+
+Two engines behind one interface (``add``, ``cancel``, ``step``, ``free_slots``):
+``batching.BatchEngine`` (many requests in one pass, llama.cpp backend) and ``SerialEngine`` (one
+request at a time through ``SpeculativeDecoder.stream``: torch targets, draft heads and models).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import queue
+import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
-from ..config import GenerationConfig
+from ..config import ConfigError, GenerationConfig, SpecDecodeError
 from ..engine import SpeculativeDecoder
 from .metrics import Metrics
 from .requests import RequestError
 
+DEFAULT_QUEUE_TIMEOUT_S = 60.0  # a request not started within this gets 429 with Retry-After
+DEFAULT_SHUTDOWN_GRACE_S = 5.0  # running requests may finish within this on shutdown; then they are cut
 
-@dataclass
+
+@dataclass(eq=False)
 class Job:
     prompt_ids: list[int]
     config: GenerationConfig
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("started"|"event"|"error"|"done", item)
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.perf_counter)
+    started: float = 0.0  # when it got a slot
 
     def put(self, item) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
-class Worker:
-    """Runs jobs one after another on a thread; the queue is bounded."""
+class SerialEngine:
+    """One generation at a time (the decoder's caches are shared state), a step per event."""
 
-    def __init__(self, decoder: SpeculativeDecoder, metrics: Metrics, max_queue: int):
-        self.decoder, self.metrics = decoder, metrics
-        self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
+    def __init__(self, decoder: SpeculativeDecoder):
+        self.decoder = decoder
+        self.max_context = decoder.max_context
+        self.running: dict[int, object] = {}  # 0 -> the generation's event iterator
+
+    @property
+    def free_slots(self) -> int:
+        return 0 if self.running else 1
+
+    def add(self, prompt_ids: list[int], config: GenerationConfig):
+        config.validate()
+        if self.max_context and len(prompt_ids) + config.max_new_tokens > self.max_context:
+            raise ConfigError("max_tokens", f"prompt ({len(prompt_ids)} tokens) plus max_tokens "
+                                            f"({config.max_new_tokens}) exceeds the model's {self.max_context}")
+        handle = self.decoder.stream(prompt_ids, config)
+        self.running[0] = handle
+        return handle
+
+    def cancel(self, handle) -> None:
+        if self.running.get(0) is handle:
+            del self.running[0]
+            handle.close()
+
+    def step(self) -> list[tuple[object, object]]:
+        handle = self.running[0]
+        event = next(handle)
+        if event.finish_reason is not None:
+            del self.running[0]
+        return [(handle, event)]
+
+
+class Worker:
+    """Runs the engine on a thread; admits queued jobs into free slots between steps."""
+
+    def __init__(self, engine, metrics: Metrics, max_queue: int, queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_S):
+        self.engine, self.metrics = engine, metrics
+        self.max_queue, self.queue_timeout = max_queue, queue_timeout
+        self.queue: deque[Job] = deque()
+        self.active: dict[object, Job] = {}  # engine handle -> job
+        self.lock = threading.Condition()
+        self.stopping = False
+        self.request_s = 5.0  # moving average of a request's time in a slot, for Retry-After
         self.thread = threading.Thread(target=self._run, name="specdecode-worker", daemon=True)
         self.thread.start()
 
-    def submit(self, job: Job) -> None:
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise RequestError(429, f"server busy: {self.jobs.maxsize} requests already queued; retry later",
-                               code="rate_limit_exceeded", kind="rate_limit_error") from None
-        self.metrics.waiting.set(self.jobs.qsize())
+    def retry_after(self) -> int:
+        """Seconds after which a rejected client may find room: the queue ahead of it, drained at the
+        measured rate."""
+        slots = max(1, len(self.active) + self.engine.free_slots)
+        return max(1, math.ceil(self.request_s * (1 + len(self.queue) / slots)))
 
-    def stop(self) -> None:
-        self.jobs.put(None)
+    def _busy(self, message: str) -> RequestError:
+        return RequestError(429, message, code="rate_limit_exceeded", kind="rate_limit_error",
+                            headers={"Retry-After": str(self.retry_after())})
+
+    def submit(self, job: Job) -> None:
+        with self.lock:
+            if self.stopping:
+                raise RequestError(503, "server is shutting down", kind="service_unavailable")
+            if len(self.queue) >= self.max_queue:
+                raise self._busy(f"server busy: {self.max_queue} requests already queued; retry later")
+            self.queue.append(job)
+            self.metrics.waiting.set(len(self.queue))
+            self.lock.notify()
+
+    def withdraw(self, job: Job) -> None:
+        """A client left: drop its job from the queue at once (a running one stops at the next step)."""
+        job.cancel.set()
+        with self.lock:
+            if job in self.queue:
+                self.queue.remove(job)
+                self.metrics.waiting.set(len(self.queue))
+            self.lock.notify()
+
+    def stop(self, grace: float = DEFAULT_SHUTDOWN_GRACE_S) -> None:
+        """Refuse queued requests (503), let running ones finish within ``grace``, then cut them."""
+        with self.lock:
+            self.stopping = True
+            while self.queue:
+                self.queue.popleft().put(("error", RequestError(503, "server is shutting down",
+                                                                kind="service_unavailable")))
+            self.metrics.waiting.set(0)
+            self.lock.notify()
+        self.thread.join(grace)
+        for job in list(self.active.values()):
+            job.cancel.set()
+        self.thread.join(grace)
+
+    # ---- the thread ------------------------------------------------------------------------
+    def _admit(self) -> None:
+        now = time.perf_counter()
+        for job in [j for j in self.queue if now - j.enqueued > self.queue_timeout]:
+            self.queue.remove(job)
+            job.put(("error", self._busy(f"not started within {self.queue_timeout:g} s; retry later")))
+        while self.queue and self.engine.free_slots:
+            job = self.queue.popleft()
+            if job.cancel.is_set():
+                continue
+            try:
+                handle = self.engine.add(job.prompt_ids, job.config)
+            except SpecDecodeError as exc:
+                job.put(("error", RequestError(400, exc.message, exc.param)))
+                continue
+            self.metrics.queue_time.observe(time.perf_counter() - job.enqueued)
+            job.started = time.perf_counter()
+            self.active[handle] = job
+            job.put(("started", None))
+        self.metrics.waiting.set(len(self.queue))
+        self.metrics.running.set(len(self.active))
+
+    def _finish(self, handle, job: Job, item=None) -> None:
+        del self.active[handle]
+        if item is not None:
+            job.put(item)
+        job.put(("done", None))
+        self.request_s += 0.2 * ((time.perf_counter() - job.started) - self.request_s)
 
     def _run(self) -> None:
         while True:
-            job = self.jobs.get()
-            self.metrics.waiting.set(self.jobs.qsize())
-            if job is None:
-                return
-            if job.cancel.is_set():
-                job.put(("done", None))
+            with self.lock:
+                self._admit()
+                if not self.active:
+                    if self.stopping:
+                        return
+                    self.lock.wait(0.25)
+                    continue
+            for handle, job in list(self.active.items()):
+                if job.cancel.is_set():  # client went away: its slot is free for the next step
+                    self.engine.cancel(handle)
+                    self._finish(handle, job)
+            if not self.active:
                 continue
-            self.metrics.queue_time.observe(time.perf_counter() - job.enqueued)
-            self.metrics.running.set(1)
             try:
-                for event in self.decoder.stream(job.prompt_ids, job.config):
-                    self.metrics.observe_step(event.step)
-                    job.put(("event", event))
-                    if job.cancel.is_set():  # client went away: stop at this step
-                        break
-            except Exception as exc:  # reported to the client as a 500; the worker keeps serving
-                job.put(("error", exc))
-            finally:
-                self.metrics.running.set(0)
-                job.put(("done", None))
+                events = self.engine.step()
+            except Exception as exc:  # reported to the clients as a 500; the worker keeps serving
+                for handle, job in list(self.active.items()):
+                    self.engine.cancel(handle)
+                    self._finish(handle, job, ("error", exc))
+                continue
+            for handle, event in events:
+                job = self.active[handle]
+                self.metrics.observe_step(event.step)
+                job.put(("event", event))
+                if event.finish_reason is not None:
+                    self._finish(handle, job)
+            self.metrics.running.set(len(self.active))
