@@ -155,3 +155,26 @@ def test_batching_refuses_what_it_cannot_do():
     with pytest.raises(ConfigError) as err:
         engine.add(dec.encode("hi"), GenerationConfig(policy="heuristic"))
     assert err.value.param == "policy"
+
+
+def test_a_short_prompt_is_read_before_a_long_one_that_still_moves(decoders):
+    dec = decoders[0]
+    engine = BatchEngine.for_decoder(dec, 3, 1024, max_step_tokens=32)
+    long = engine.add(dec.encode(LONG), GenerationConfig(max_new_tokens=4))
+    short = engine.add(dec.encode(QUESTIONS[0]), GenerationConfig(max_new_tokens=4))
+    chunks = engine._prompt_chunks([long, short], 32)
+    assert chunks[long][0] == 32 // 4 and not chunks[long][1]  # the oldest's share
+    assert chunks[short][0] == 24 and not chunks[short][1]
+    first_token_steps = {}
+    steps = 0
+    while engine.running:
+        steps += 1
+        for seq, event in engine.step():
+            first_token_steps.setdefault(seq.id, steps)
+    assert first_token_steps[short.id] < first_token_steps[long.id]
+
+
+def test_a_prompt_read_in_the_pass_leaves_no_room_for_guesses():
+    alone = allocate([Request(0, [0.6, 0.5])], 0, COST, 128)
+    reading = allocate([Request(0, [0.6, 0.5])], 60, COST, 128)
+    assert alone[0] > 1 and reading[0] == 1

@@ -413,3 +413,10 @@ def test_loadtest_sends_to_loopback_only(tmp_path):
 
     code = main(["loadtest", "--dataset", str(tmp_path / "q.jsonl"), "--url", "x=http://10.0.0.1:8000"])
     assert code == 2
+
+
+def test_serve_refuses_batching_it_cannot_do_naming_the_option():
+    cmd = [sys.executable, "-m", "specdecode", "serve", "--port", str(_free_port()), "--backend", "torch",
+           "--draft", "ngram", "--max-batch", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--max-batch" in proc.stderr

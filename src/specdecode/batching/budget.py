@@ -6,10 +6,11 @@ every step: no request starves). Each drafted token it adds is worth its chance 
 together with the drafted tokens before it (``policy.PositionAcceptance.survival``) and costs its
 share of a longer pass (``PassCost``). The drafted tokens of all requests are ranked by that chance
 and the pass takes the prefix of the ranking with the most expected emitted tokens per second of
-pass. On a CPU a pass costs about a fixed part plus a part per token: with one request the fixed
-part dominates and drafting pays down to modest chances; with many, one more drafted token costs
-about what another request's plain token costs, and speculation shrinks to the tokens that are
-nearly sure, then to none; it comes back as the batch empties.
+pass (prompt tokens read in the pass count as work done, like emitted tokens). On a CPU a pass
+costs about a fixed part plus a part per token: with one request the fixed part dominates and
+drafting pays down to modest chances; with many requests, or a prompt being read, one more drafted
+token costs about what a needed token costs, and speculation shrinks to the tokens that are nearly
+sure, then to none; it comes back as the batch empties.
 
 Chosen: throughput over the batch (expected tokens per second), with every request advancing each
 step, rather than per-request latency targets or priorities: an OpenAI request carries neither,
@@ -69,11 +70,13 @@ class Request:
 def allocate(requests: list[Request], other_tokens: int, cost: PassCost, max_tokens: int) -> dict[int, int]:
     """Block length (1 + drafted tokens sent) per request's slot.
 
-    other_tokens: tokens already in the pass (prompt chunks).
+    other_tokens: tokens already in the pass (prompt chunks). They count as work done, one unit
+    each like an emitted token: a prompt has to be read, and a pass that reads one is not cheap to
+    fill with guesses.
     max_tokens: the most tokens the pass may hold, those included.
     """
     lengths = {r.slot: 1 for r in requests}
-    value, tokens = float(len(requests)), other_tokens + len(requests)
+    value, tokens = float(len(requests) + other_tokens), other_tokens + len(requests)
     ranked = sorted(((chance, r.slot) for r in requests for chance in r.survival), key=lambda x: -x[0])
     best, best_rate = dict(lengths), value / cost.seconds(tokens)
     for chance, slot in ranked[:MAX_RANKED]:  # within a request the chances fall, so its tokens come in order

@@ -3,9 +3,9 @@
 One step:
   1. every running request drafts after its context (its own drafter and state);
   2. requests still reading their prompt get a chunk of it, from what the step's token budget
-     leaves (``max_step_tokens``), so a long prompt never stalls the others and can be cancelled
-     between chunks; the chunk that finishes a prompt carries the pending token, and so the
-     request's first token comes from the same pass;
+     leaves (``max_step_tokens``; ``_prompt_chunks``), so a long prompt never stalls the others and
+     can be cancelled between chunks; the chunk that finishes a prompt carries the pending token,
+     and so the request's first token comes from the same pass;
   3. the verification budget (``budget.allocate``) decides how many drafted tokens each request
      sends; the target scores every request's ``[pending] + drafted`` block in one pass (ragged
      lengths and ragged cache lengths: each request in its own slot);
@@ -44,7 +44,8 @@ PROBE_EVERY = 16  # a request the budget keeps from drafting still sends one dra
 MAX_DRAFT = 7  # drafted tokens per request and step: a block of 8, where this CPU's passes stop paying
 DEFAULT_MAX_BATCH = 16  # requests in one pass, as llama-server --parallel 16
 DEFAULT_SLOT_CONTEXT = 4096  # tokens per request's KV stream (about 94 MB of f16 cache each on the default target)
-DEFAULT_MAX_STEP_TOKENS = 128  # tokens per pass, prompt chunks included: about 1 s of pass here at most
+DEFAULT_MAX_STEP_TOKENS = 64  # tokens per pass, prompt chunks included: about 0.5 s of pass here at most
+OLDEST_SHARE = 4  # the oldest prompt being read gets at least a quarter of a step's prompt tokens
 BATCH_POLICIES = ("cost", "fixed")  # cost: the verification budget; fixed: every request drafts draft_len
 
 
@@ -210,17 +211,23 @@ class BatchEngine:
         return s.drafter.propose(s.context, DraftPlan(room), s.config, None)
 
     def _prompt_chunks(self, reading: list[Sequence], budget: int) -> dict[Sequence, tuple[int, bool]]:
-        """Prompt tokens each reading request feeds this step, first come first served, and whether
-        that finishes its prompt (the chunk then ends with the pending token)."""
-        chunks = {}
-        for s in sorted(reading, key=lambda s: s.id):
-            rest = len(s.context) - s.read  # prompt tokens not yet read, the pending one included
-            n = min(rest, budget)
-            if n < 1:
+        """Prompt tokens each reading request feeds this step, and whether that finishes its prompt
+        (the chunk then ends with the pending token). The oldest reading request gets at least
+        ``1 / OLDEST_SHARE`` of the budget, so a long prompt always moves; the rest goes to the
+        prompts nearest their end first, so a short prompt does not wait behind a long one."""
+        if not reading or budget < 1:
+            return {}
+        oldest = min(reading, key=lambda s: s.id)
+        rest = {s: len(s.context) - s.read for s in reading}  # prompt tokens not yet read, pending included
+        taken = {oldest: min(rest[oldest], max(1, budget // OLDEST_SHARE))}
+        budget -= taken[oldest]
+        for s in sorted(reading, key=lambda s: rest[s]):
+            if budget < 1:
                 break
-            chunks[s] = (n, n == rest)
+            n = min(rest[s] - taken.get(s, 0), budget)
+            taken[s] = taken.get(s, 0) + n
             budget -= n
-        return chunks
+        return {s: (n, n == rest[s]) for s, n in taken.items() if n > 0}
 
     def _block_lengths(self, decoding: list[Sequence], drafts: dict[int, Draft], chunks) -> dict[int, int]:
         if not decoding:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 from ..config import DEFAULTS, SpecDecodeError
 from .options import add_model_args, add_speculation_args
 
@@ -37,6 +40,13 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
+def _exit_on_config_error(exc: Exception) -> None:
+    """A loading error that is the user's to fix ends the server with the option named, as the CLI does."""
+    if isinstance(exc, SpecDecodeError):
+        print(f"specdecode: error: --{exc.param.replace('_', '-')}: {exc.message}", file=sys.stderr, flush=True)
+        os._exit(2)
+
+
 def run(args) -> int:
     import uvicorn
 
@@ -60,7 +70,7 @@ def run(args) -> int:
 
     server = Server(loader, name, args.max_queue, defaults, max_batch=args.max_batch, slot_context=args.slot_context,
                     max_step_tokens=args.max_step_tokens, queue_timeout=args.queue_timeout,
-                    shutdown_grace=args.shutdown_grace)
+                    shutdown_grace=args.shutdown_grace, on_load_error=_exit_on_config_error)
     print(f"specdecode: serving {name} (draft: {args.draft}) on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=int(args.shutdown_grace) + 2)

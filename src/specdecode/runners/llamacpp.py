@@ -146,18 +146,40 @@ class LlamaCppModel:
             self.model = None
 
 
-class LlamaCppRunner(Runner):
+class LlamaCppContext:
+    """A llama.cpp context of ``cells`` KV cells per sequence for up to ``streams`` sequences, its
+    reusable batch, and the logits it leaves; freed with the object."""
+
+    def __init__(self, model: LlamaCppModel, cells: int, streams: int = 1, vocab_size: int | None = None):
+        self.model, self.lib = model, model.lib
+        self.vocab_size = vocab_size
+        self.n_vocab = model.config.vocab_size
+        self.ctx = model.new_context(cells, streams=streams)
+        self.memory = self.lib.llama_get_memory(self.ctx)
+        self.batch = self.lib.llama_batch_init(MAX_BLOCK, 0, 1)
+
+    def _logits(self, index: int) -> torch.Tensor:
+        ptr = self.lib.llama_get_logits_ith(self.ctx, index)
+        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())  # [vocab]
+
+    def __del__(self):
+        lib = getattr(self, "lib", None)
+        if lib is None:
+            return
+        if getattr(self, "batch", None) is not None:
+            lib.llama_batch_free(self.batch)
+            self.batch = None
+        if getattr(self, "ctx", None):
+            lib.llama_free(self.ctx)
+            self.ctx = None
+
+
+class LlamaCppRunner(LlamaCppContext, Runner):
     """One llama.cpp context and the token ids its KV cache holds."""
 
     def __init__(self, model: LlamaCppModel, vocab_size: int | None = None):
-        self.model = model
-        self.lib = model.lib
-        self.vocab_size = vocab_size
-        self.n_vocab = model.config.vocab_size
         self.capacity = model.config.max_position_embeddings
-        self.ctx = model.new_context(self.capacity + 1)  # + room for a padding copy
-        self.memory = self.lib.llama_get_memory(self.ctx)
-        self.batch = self.lib.llama_batch_init(MAX_BLOCK, 0, 1)
+        super().__init__(model, self.capacity + 1, vocab_size=vocab_size)  # + room for a padding copy
         self.cached: list[int] = []
 
     def reset(self) -> None:
@@ -184,10 +206,6 @@ class LlamaCppRunner(Runner):
         if code != 0:
             raise RuntimeError(f"llama_decode failed with code {code} at position {start} ({len(token_ids)} tokens)")
 
-    def _logits(self, index: int) -> torch.Tensor:
-        ptr = self.lib.llama_get_logits_ith(self.ctx, index)
-        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())  # [vocab]
-
     def forward(self, token_ids: list[int], num_logits: int = 1) -> torch.Tensor:
         start, k = len(self.cached), len(token_ids)
         if start + k > self.capacity:
@@ -210,14 +228,3 @@ class LlamaCppRunner(Runner):
     def cache_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """llama.cpp does not expose its KV cache; tests compare logits after a rollback instead."""
         return []
-
-    def __del__(self):
-        lib = getattr(self, "lib", None)
-        if lib is None:
-            return
-        if getattr(self, "batch", None) is not None:
-            lib.llama_batch_free(self.batch)
-            self.batch = None
-        if getattr(self, "ctx", None):
-            lib.llama_free(self.ctx)
-            self.ctx = None

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from .llamacpp import MAX_BLOCK, UBATCH, LlamaCppModel
+from .llamacpp import MAX_BLOCK, UBATCH, LlamaCppContext, LlamaCppModel
 
 
 @dataclass(frozen=True)
@@ -60,19 +59,15 @@ def padded_lengths(lengths: dict[int, int]) -> dict[int, int]:
         lengths[lone[0]] += 1
 
 
-class LlamaCppBatchRunner:
+class LlamaCppBatchRunner(LlamaCppContext):
     """``slots`` sequences of up to ``slot_context`` tokens each, and the token ids each holds."""
 
     def __init__(self, model: LlamaCppModel, slots: int, slot_context: int, vocab_size: int | None = None):
         if slots < 1:
             raise ValueError("slots must be >= 1")
-        self.model, self.lib = model, model.lib
-        self.slots, self.vocab_size = slots, vocab_size
-        self.n_vocab = model.config.vocab_size
+        super().__init__(model, slot_context + 1, slots, vocab_size)  # + room for a padding copy
+        self.slots = slots
         self.capacity = slot_context  # tokens a slot may hold
-        self.ctx = model.new_context(slot_context + 1, streams=slots)  # + room for a padding copy
-        self.memory = self.lib.llama_get_memory(self.ctx)
-        self.batch = self.lib.llama_batch_init(MAX_BLOCK, 0, 1)
         self.cached: list[list[int]] = [[] for _ in range(slots)]
 
     def clear(self, slot: int) -> None:
@@ -120,18 +115,3 @@ class LlamaCppBatchRunner:
             logits = torch.stack(logits) if logits else torch.zeros(0, self.n_vocab)  # [num_logits, vocab]
             out[block.slot] = logits[:, : self.vocab_size] if self.vocab_size is not None else logits
         return out
-
-    def _logits(self, index: int) -> torch.Tensor:
-        ptr = self.lib.llama_get_logits_ith(self.ctx, index)
-        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())  # [vocab]
-
-    def __del__(self):
-        lib = getattr(self, "lib", None)
-        if lib is None:
-            return
-        if getattr(self, "batch", None) is not None:
-            lib.llama_batch_free(self.batch)
-            self.batch = None
-        if getattr(self, "ctx", None):
-            lib.llama_free(self.ctx)
-            self.ctx = None

@@ -37,10 +37,11 @@ class Server:
     def __init__(self, loader, model_name: str, max_queue: int = DEFAULT_MAX_QUEUE,
                  defaults: GenerationConfig = DEFAULTS, max_batch: int | None = None, slot_context: int | None = None,
                  max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS, queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_S,
-                 shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S):
+                 shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S, on_load_error=None):
         self.loader, self.model_name, self.max_queue, self.defaults = loader, model_name, max_queue, defaults
         self.max_batch, self.slot_context, self.max_step_tokens = max_batch, slot_context, max_step_tokens
         self.queue_timeout, self.shutdown_grace = queue_timeout, shutdown_grace
+        self.on_load_error = on_load_error  # called with the exception (the CLI exits with its message)
         self.decoder: SpeculativeDecoder | None = None
         self.worker: Worker | None = None
         self.max_context = 0
@@ -58,6 +59,8 @@ class Server:
             except Exception as exc:
                 self.load_error = str(exc)
                 print(f"specdecode: could not start: {exc}", file=sys.stderr, flush=True)
+                if self.on_load_error is not None:
+                    self.on_load_error(exc)
 
         threading.Thread(target=load, name="specdecode-loader", daemon=True).start()
 
