@@ -68,6 +68,14 @@ class GenerationResult:
         }
 
 
+def check_room(prompt_tokens: int, config: GenerationConfig, limit: int, holder: str) -> None:
+    """ConfigError naming max_new_tokens where the prompt and all the output do not fit in the
+    ``limit`` tokens of ``holder`` (0: no limit)."""
+    if limit and prompt_tokens + config.max_new_tokens > limit:
+        raise ConfigError("max_new_tokens", f"prompt ({prompt_tokens} tokens) plus max_new_tokens "
+                                            f"({config.max_new_tokens}) exceeds {holder} of {limit} tokens")
+
+
 class SpeculativeDecoder:
     """Holds a loaded target and a drafter; generates many times.
 
@@ -131,12 +139,7 @@ class SpeculativeDecoder:
         """Yield text as it is accepted. The last event carries ``finish_reason`` and ``stats``."""
         config = (config or GenerationConfig()).validate()
         prompt_ids = self.encode(prompt, chat)
-        if self.max_context and len(prompt_ids) + config.max_new_tokens > self.max_context:
-            raise ConfigError(
-                "max_new_tokens",
-                f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({config.max_new_tokens}) "
-                f"exceeds the model's context of {self.max_context} tokens",
-            )
+        check_room(len(prompt_ids), config, self.max_context, "the model's context")
         seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little")
         generator = torch.Generator().manual_seed(seed)
         # Seeded sampling must not depend on timing noise or on earlier requests: plan with the

@@ -2,6 +2,6 @@
 budget (``engine``: the step; ``budget``: how many drafted tokens each request sends)."""
 
 from .budget import PassCost, allocate
-from .engine import BatchEngine, BatchEvent, Sequence
+from .engine import BatchEngine, Sequence
 
-__all__ = ["BatchEngine", "BatchEvent", "PassCost", "Sequence", "allocate"]
+__all__ = ["BatchEngine", "PassCost", "Sequence", "allocate"]

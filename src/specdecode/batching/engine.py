@@ -24,17 +24,18 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import count
 
 import torch
 
 from ..config import ConfigError, GenerationConfig
 from ..drafters.base import Draft, Drafter, DraftPlan
+from ..engine import StreamEvent, check_room
 from ..policy import PositionAcceptance
 from ..runners.llamacpp import MAX_BLOCK
 from ..runners.llamacpp_batch import Block, LlamaCppBatchRunner
-from ..sampling import TokenLogprob, logits_to_probs, position_noise, token_logprobs
+from ..sampling import logits_to_probs, position_noise, token_logprobs
 from ..stats import RunStats, StepRecord
 from ..text import Output
 from ..verify import verify_coupled
@@ -47,19 +48,6 @@ DEFAULT_SLOT_CONTEXT = 4096  # tokens per request's KV stream (about 94 MB of f1
 DEFAULT_MAX_STEP_TOKENS = 64  # tokens per pass, prompt chunks included: about 0.5 s of pass here at most
 OLDEST_SHARE = 4  # the oldest prompt being read gets at least a quarter of a step's prompt tokens
 BATCH_POLICIES = ("cost", "fixed")  # cost: the verification budget; fixed: every request drafts draft_len
-
-
-@dataclass(frozen=True)
-class BatchEvent:
-    """New output of one request after a step (as ``engine.StreamEvent``)."""
-
-    text: str
-    token_ids: list[int]
-    step: StepRecord | None = None
-    finish_reason: str | None = None
-    stats: RunStats | None = None
-    seed: int | None = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(eq=False)  # compared and hashed by identity
@@ -96,7 +84,6 @@ class BatchEngine:
             raise ConfigError("max_step_tokens", f"must be in [{runner.slots + 1}, {MAX_BLOCK}] with "
                                                  f"{runner.slots} slots (got {max_step_tokens})")
         self.max_step_tokens = max_step_tokens
-        self.vocab_size = runner.vocab_size or runner.n_vocab
         self.max_context = runner.capacity
         self.cost = cost or PassCost.measure(self._time_pass)
         self.running: dict[int, Sequence] = {}  # slot -> sequence
@@ -151,9 +138,7 @@ class BatchEngine:
                                         f"(got {config.policy!r})")
         if not prompt_ids:
             raise ConfigError("prompt", "must not be empty")
-        if len(prompt_ids) + config.max_new_tokens > self.max_context:
-            raise ConfigError("max_new_tokens", f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens "
-                                                f"({config.max_new_tokens}) exceeds a slot's {self.max_context} tokens")
+        check_room(len(prompt_ids), config, self.max_context, "a slot's context")
         if not self.free_slots:
             raise RuntimeError("no free slot")
         # the lowest free slot: llama.cpp takes a run of consecutive slots into one micro-batch
@@ -175,7 +160,7 @@ class BatchEngine:
             self.runner.clear(seq.slot)
 
     # ---- one step --------------------------------------------------------------------------
-    def step(self) -> list[tuple[Sequence, BatchEvent]]:
+    def step(self) -> list[tuple[Sequence, StreamEvent]]:
         if not self.running:
             return []
         t0 = time.perf_counter()
@@ -230,16 +215,18 @@ class BatchEngine:
         return {s: (n, n == rest[s]) for s, n in taken.items() if n > 0}
 
     def _block_lengths(self, decoding: list[Sequence], drafts: dict[int, Draft], chunks) -> dict[int, int]:
-        if not decoding:
-            return {}
-        if all(s.config.policy == "fixed" for s in decoding):
-            return {s.slot: 1 + len(drafts[s.slot]) for s in decoding}
-        requests = [Request(s.slot, s.acceptance.survival(len(drafts[s.slot]))) for s in decoding]
-        lengths = allocate(requests, sum(n for n, _ in chunks.values()), self.cost, self.max_step_tokens)
-        for s in decoding:
-            if s.config.policy == "fixed":
-                lengths[s.slot] = 1 + len(drafts[s.slot])
-            elif len(drafts[s.slot]) and lengths[s.slot] == 1:
+        """Block length (1 + drafted tokens sent) per decoding request: all its drafted tokens under
+        policy "fixed", the verification budget's choice for the others, their prompt chunks and the
+        fixed blocks already in the pass."""
+        lengths = {s.slot: 1 + len(drafts[s.slot]) for s in decoding if s.config.policy == "fixed"}
+        budgeted = [s for s in decoding if s.slot not in lengths]
+        if not budgeted:
+            return lengths
+        requests = [Request(s.slot, s.acceptance.survival(len(drafts[s.slot]))) for s in budgeted]
+        taken = sum(n for n, _ in chunks.values()) + sum(lengths.values())
+        lengths.update(allocate(requests, taken, self.cost, self.max_step_tokens))
+        for s in budgeted:
+            if len(drafts[s.slot]) and lengths[s.slot] == 1:
                 # its acceptance estimate only moves when it drafts: probe now and then, so that a
                 # request whose text became predictable is noticed
                 s.undrafted += 1
@@ -250,7 +237,7 @@ class BatchEngine:
         return lengths
 
     def _advance(self, s: Sequence, draft: Draft, logits: torch.Tensor, draft_s: float, pass_s: float,
-                 target_tokens: int) -> tuple[Sequence, BatchEvent]:
+                 target_tokens: int) -> tuple[Sequence, StreamEvent]:
         """Verify one request's rows, cut its slot back, emit its new tokens."""
         t2 = time.perf_counter()
         config = s.config
@@ -275,4 +262,4 @@ class BatchEngine:
         if finish is not None:
             s.stats.total_s = time.perf_counter() - s.started
             self.cancel(s)
-        return s, BatchEvent(text, new, rec, finish, s.stats if finish else None, s.seed, logprobs)
+        return s, StreamEvent(text, new, rec, finish, s.stats if finish else None, s.seed, logprobs)

@@ -158,9 +158,13 @@ class LlamaCppContext:
         self.memory = self.lib.llama_get_memory(self.ctx)
         self.batch = self.lib.llama_batch_init(MAX_BLOCK, 0, 1)
 
-    def _logits(self, index: int) -> torch.Tensor:
-        ptr = self.lib.llama_get_logits_ith(self.ctx, index)
-        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())  # [vocab]
+    def _logits(self, indices) -> torch.Tensor:
+        """``[len(indices), vocab]``: the logits the last decode left at these batch indices, cut to
+        ``vocab_size`` columns."""
+        rows = [torch.from_numpy(np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, i),
+                                                       shape=(self.n_vocab,)).copy()) for i in indices]
+        logits = torch.stack(rows) if rows else torch.zeros(0, self.n_vocab)
+        return logits if self.vocab_size is None else logits[:, : self.vocab_size]
 
     def __del__(self):
         lib = getattr(self, "lib", None)
@@ -218,12 +222,9 @@ class LlamaCppRunner(LlamaCppContext, Runner):
             self._decode(block + block[-1:] * pad, start + at, first_wanted)  # pad: module docstring
             if pad:  # the copy's cache entry goes at once: nothing real attends to it
                 self.lib.llama_memory_seq_rm(self.memory, 0, start + at + len(block), -1)
-            rows += [self._logits(i) for i in range(first_wanted, len(block))]
+            rows.append(self._logits(range(first_wanted, len(block))))
         self.cached.extend(token_ids)
-        logits = torch.stack(rows) if rows else torch.zeros(0, self.n_vocab)  # [num_logits, vocab]
-        if self.vocab_size is not None:
-            logits = logits[:, : self.vocab_size]
-        return logits
+        return torch.cat(rows) if rows else self._logits([])  # [num_logits, vocab]
 
     def cache_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """llama.cpp does not expose its KV cache; tests compare logits after a rollback instead."""

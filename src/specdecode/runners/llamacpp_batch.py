@@ -111,7 +111,5 @@ class LlamaCppBatchRunner(LlamaCppContext):
             if padded[block.slot] > len(block.tokens):  # the copy's cache entry goes at once
                 self.lib.llama_memory_seq_rm(self.memory, block.slot, start + len(block.tokens), -1)
             self.cached[block.slot].extend(block.tokens)
-            logits = [self._logits(i) for i in rows]
-            logits = torch.stack(logits) if logits else torch.zeros(0, self.n_vocab)  # [num_logits, vocab]
-            out[block.slot] = logits[:, : self.vocab_size] if self.vocab_size is not None else logits
+            out[block.slot] = self._logits(rows)  # [num_logits, vocab]
         return out

@@ -138,6 +138,12 @@ async def _read_body(request) -> bytes:
     return b"".join(chunks)
 
 
+def _request_error(item) -> RequestError:
+    """What the worker reported as an error: a request error as it is, anything else a 500."""
+    return item if isinstance(item, RequestError) else RequestError(500, f"generation failed: {item}",
+                                                                      kind="server_error")
+
+
 def _json(raw: bytes):
     try:
         return json.loads(raw)
@@ -201,8 +207,7 @@ def create_app(server: Server):
         kind, item = await job.events.get()  # "started" once it has a slot, or "error" (429, 400, 503)
         if kind == "error":
             watch.cancel()
-            return error(item if isinstance(item, RequestError) else
-                         RequestError(500, f"generation failed: {item}", kind="server_error"))
+            return error(_request_error(item))
         server.metrics.prompt_tokens.inc(len(job.prompt_ids))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         meta = {"id": rid, "created": int(time.time()), "model": server.model_name}
@@ -232,8 +237,7 @@ def create_app(server: Server):
                 if kind == "done":
                     break
                 if kind == "error":
-                    return error(item if isinstance(item, RequestError) else
-                                 RequestError(500, f"generation failed: {item}", kind="server_error"))
+                    return error(_request_error(item))
                 first = first or time.perf_counter()
                 pieces.append(item.text)
                 tokens += len(item.token_ids)
@@ -289,8 +293,7 @@ def create_app(server: Server):
                 if kind == "done":
                     break
                 if kind == "error":
-                    body = (item if isinstance(item, RequestError) else
-                            RequestError(500, f"generation failed: {item}", kind="server_error")).body()
+                    body = _request_error(item).body()
                     yield "data: " + json.dumps(body) + "\n\n"
                     break
                 first = first or time.perf_counter()

@@ -15,8 +15,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, GenerationConfig, SpecDecodeError
-from ..engine import SpeculativeDecoder
+from ..config import GenerationConfig, SpecDecodeError
+from ..engine import SpeculativeDecoder, check_room
 from .metrics import Metrics
 from .requests import RequestError
 
@@ -51,10 +51,7 @@ class SerialEngine:
         return 0 if self.running else 1
 
     def add(self, prompt_ids: list[int], config: GenerationConfig):
-        config.validate()
-        if self.max_context and len(prompt_ids) + config.max_new_tokens > self.max_context:
-            raise ConfigError("max_tokens", f"prompt ({len(prompt_ids)} tokens) plus max_tokens "
-                                            f"({config.max_new_tokens}) exceeds the model's {self.max_context}")
+        check_room(len(prompt_ids), config.validate(), self.max_context, "the model's context")
         handle = self.decoder.stream(prompt_ids, config)
         self.running[0] = handle
         return handle
