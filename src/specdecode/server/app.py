@@ -15,29 +15,50 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
 from ..batching import BatchEngine
 from ..batching.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_STEP_TOKENS
-from ..config import DEFAULTS, ConfigError, GenerationConfig
+from ..config import DEFAULT_BACKEND, DEFAULT_DRAFT, DEFAULTS, ConfigError, GenerationConfig
 from ..engine import SpeculativeDecoder
 from .metrics import Metrics
 from .requests import ParsedRequest, RequestError, parse_request
 from .worker import DEFAULT_QUEUE_TIMEOUT_S, DEFAULT_SHUTDOWN_GRACE_S, Job, SerialEngine, Worker
 
 SPEC_STATS_KEY = "speculative_decoding"  # extension field on responses
+REPLICA_HEADER = "x-specdecode-replica"  # which Ray Serve replica answered
 DEFAULT_MAX_QUEUE = 64  # requests that may wait for a slot; past it: 429
 MAX_BODY_BYTES = 2 * 2**20  # 2 MiB: far more text than any context here holds (413 beyond it)
 DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a server loads: ``api.load``'s arguments (picklable, so Ray replicas can load it too)."""
+
+    target: str | None = None
+    draft: str = DEFAULT_DRAFT
+    dtype: str = "auto"
+    device: str = "auto"
+    backend: str = DEFAULT_BACKEND
+    threads: int | None = None
+
+    def load(self) -> SpeculativeDecoder:
+        from ..api import load
+
+        return load(self.target, self.draft, dtype=self.dtype, device=self.device, backend=self.backend,
+                    threads=self.threads)
+
+
 class Server:
     """The loaded decoder (loaded on a thread, so /health answers while it loads), its worker and
-    metrics, and the defaults requests get."""
+    metrics, and the defaults requests get. ``replica`` (under Ray Serve) names this copy in an
+    ``x-specdecode-replica`` response header."""
 
     def __init__(self, loader, model_name: str, max_queue: int = DEFAULT_MAX_QUEUE,
                  defaults: GenerationConfig = DEFAULTS, max_batch: int | None = None, slot_context: int | None = None,
                  max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS, queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_S,
-                 shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S, on_load_error=None):
+                 shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S, on_load_error=None, replica: str | None = None):
         self.loader, self.model_name, self.max_queue, self.defaults = loader, model_name, max_queue, defaults
         self.max_batch, self.slot_context, self.max_step_tokens = max_batch, slot_context, max_step_tokens
         self.queue_timeout, self.shutdown_grace = queue_timeout, shutdown_grace
@@ -48,14 +69,19 @@ class Server:
         self.metrics = Metrics()
         self.load_error: str | None = None
         self.created = int(time.time())
+        self.replica = replica
+
+    def load(self) -> None:
+        """Load the decoder and start the worker (raises what loading raised)."""
+        self.decoder = self.loader()
+        engine = make_engine(self.decoder, self.max_batch, self.slot_context, self.max_step_tokens)
+        self.max_context = engine.max_context
+        self.worker = Worker(engine, self.metrics, self.max_queue, self.queue_timeout)
 
     def start_loading(self) -> None:
         def load():
             try:
-                self.decoder = self.loader()
-                engine = make_engine(self.decoder, self.max_batch, self.slot_context, self.max_step_tokens)
-                self.max_context = engine.max_context
-                self.worker = Worker(engine, self.metrics, self.max_queue, self.queue_timeout)
+                self.load()
             except Exception as exc:
                 self.load_error = str(exc)
                 print(f"specdecode: could not start: {exc}", file=sys.stderr, flush=True)
@@ -152,15 +178,38 @@ def _json(raw: bytes):
         raise RequestError(400, f"request body is not valid JSON: {reason}") from None
 
 
-def create_app(server: Server):
+def _with_header(app, name: str, value: str):
+    """The ASGI app with one header added to every response (streams included)."""
+    header = (name.encode("latin-1"), value.encode("latin-1"))
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+
+        async def send_with_header(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), header]}
+            await send(message)
+
+        await app(scope, receive, send_with_header)
+
+    return wrapped
+
+
+def create_app(server: Server, metrics_text=None):
+    """The FastAPI app serving ``server``. ``metrics_text``: what /metrics answers, computed on a
+    thread (default: this server's own metrics; under Ray Serve, every replica's)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+    metrics_text = metrics_text or server.metrics.render
+
     @asynccontextmanager
     async def lifespan(app):
-        server.start_loading()
+        if not server.ready:
+            server.start_loading()
         yield
         if server.worker is not None:
             await asyncio.to_thread(server.worker.stop, server.shutdown_grace)
@@ -185,7 +234,7 @@ def create_app(server: Server):
 
     @app.get("/metrics")
     async def metrics():
-        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(await asyncio.to_thread(metrics_text), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models():
@@ -323,4 +372,4 @@ def create_app(server: Server):
     async def chat_completions(request: Request):
         return await handle(request, chat=True)
 
-    return app
+    return app if server.replica is None else _with_header(app, REPLICA_HEADER, server.replica)

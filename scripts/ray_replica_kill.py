@@ -1,0 +1,91 @@
+"""The issue-26 failure case: `serve --ray --replicas 2 --threads 1` under a closed-loop load of
+streamed chat requests (Spec-Bench prompts, 128 tokens), one replica killed mid-load. Prints how
+every request ended and when the replacement answered.
+
+Usage: python scripts/ray_replica_kill.py [--concurrency 32] [--requests 64] [--kill-after 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+from specdecode.loadtest import LoadSettings, run_loadtest
+from specdecode.server.ray_serve import DEPLOYMENT, local_only_environment
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--kill-after", type=float, default=30.0)
+    ap.add_argument("--dataset", default="../shared/specbench/question.jsonl")
+    args = ap.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "specdecode", "serve", "--ray", "--replicas", "2", "--threads", "1",
+                             "--port", str(port), "--max-batch", "16", "--queue-timeout", "600"])
+    try:
+        while True:
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        local_only_environment()
+        import ray
+
+        ray.init(address="auto", logging_level="error")
+        result = {}
+        settings = LoadSettings({"ray-2x1": base}, args.dataset, (args.concurrency,), None, args.requests,
+                                128).validate()
+        load = threading.Thread(target=lambda: result.update(run_loadtest(settings, progress=False)))
+        started = time.time()
+        load.start()
+        time.sleep(args.kill_after)
+        victim = httpx.get(base + "/health").headers["x-specdecode-replica"]
+        ray.kill(ray.get_actor(f"SERVE_REPLICA::specdecode#{DEPLOYMENT}#{victim}", namespace="serve"),
+                 no_restart=True)
+        killed = time.time()
+        print(f"killed replica {victim} at {killed - started:.1f} s", flush=True)
+        replaced = None
+        while load.is_alive() or replaced is None:
+            if replaced is None:
+                try:
+                    r = httpx.get(base + "/health", timeout=2)
+                    name = r.headers.get("x-specdecode-replica")
+                    if r.status_code == 200 and name not in (None, victim) and len(_names(base)) == 2:
+                        replaced = time.time() - killed
+                except httpx.HTTPError:
+                    pass
+            load.join(1)
+            if time.time() - killed > 600:
+                break
+        print(f"load ended at {time.time() - started:.1f} s; replacement answering {replaced:.1f} s after the kill")
+        row = result["rows"][0]
+        print(f"{row['requests']} requests, {row['failed']} failed (slowest failure after "
+              f"{row['failed_within_s'] or 0:.1f} s): {row['error_counts']}; {row['throughput_tok_s']:.1f} tok/s")
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    return 0
+
+
+def _names(base: str) -> set[str]:
+    names = set()
+    for _ in range(6):
+        names.add(httpx.get(base + "/health").headers.get("x-specdecode-replica"))
+    return names
+
+
+if __name__ == "__main__":
+    sys.exit(main())

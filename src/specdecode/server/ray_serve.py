@@ -1,0 +1,325 @@
+"""``specdecode serve --ray``: the same OpenAI-compatible app as Ray Serve replicas.
+
+Each replica loads its own decoder, engine and worker (``app.Server``), on ``threads`` llama.cpp
+threads and as many Ray CPUs, so replicas on one machine do not fight over cores. Ray Serve's
+proxy routes each request to the less busy of two replicas (power of two choices) and, between
+``min_replicas`` and ``max_replicas``, adds or removes replicas to keep about ``max_batch``
+requests in flight on each. The router sends a replica no more requests than its batch holds
+(``max_ongoing_requests``); the others wait in the router, in one queue for all replicas (each goes
+to the first replica with a free slot), and past ``max_queue`` of them the router answers 429 with
+Retry-After. Serve cancels the request inside the replica
+when its client disconnects, which frees the slot as direct serving does.
+
+/metrics: every replica pushes its samples each ``METRICS_PUSH_S`` to one named actor
+(``MetricsBoard``); whichever replica answers /metrics returns all of them under vLLM's names,
+each sample labelled with its ``replica``. A replica that stops pushing drops out after
+``METRICS_STALE_S``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, replace
+
+from ..config import SpecDecodeError
+from .app import ModelSpec, Server, create_app
+
+APP_NAME = "specdecode"  # the Serve application
+DEPLOYMENT = "specdecode"  # its one deployment; a replica's actor is SERVE_REPLICA::APP#DEPLOYMENT#<id>
+BOARD_NAMESPACE = "specdecode"
+METRICS_PUSH_S = 1.0  # how often a replica sends its metrics to the board
+METRICS_STALE_S = 5.0  # a replica silent for this long (gone) leaves /metrics
+HEALTH_CHECK_PERIOD_S = 2.0  # Serve asks each replica this often; a dead one is replaced
+HEALTH_CHECK_TIMEOUT_S = 10.0
+RETRY_AFTER_S = 5  # what a client refused by the router is told (Serve's setting is one fixed number)
+LOCAL_IP = "127.0.0.1"  # a local Ray instance listens on and talks to loopback only
+
+
+def local_only_environment() -> None:
+    """Make a local Ray instance stay on loopback; call before ``ray`` is imported. Ray maps a node
+    IP of 127.0.0.1 to the machine's external interface unless multi-machine clusters are off
+    (its switch for macOS and Windows), and reports usage statistics unless told not to."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how many: ``replicas`` fixed, or autoscaling between ``min_replicas`` and
+    ``max_replicas``; ``address`` joins an existing cluster (None: a local Ray instance)."""
+
+    replicas: int | None = None
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    address: str | None = None
+    threads: int | None = None  # per replica; None: ``default_threads``
+
+    def validate(self) -> RayOptions:
+        if self.replicas is not None and (self.min_replicas is not None or self.max_replicas is not None):
+            raise SpecDecodeError("replicas", "give either --replicas or --min-replicas/--max-replicas, not both")
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise SpecDecodeError("min_replicas", "autoscaling needs both --min-replicas and --max-replicas")
+        for name in ("replicas", "max_replicas", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise SpecDecodeError(name, f"must be >= 1 (got {value})")
+        if self.min_replicas is not None:
+            if self.min_replicas < 0:
+                raise SpecDecodeError("min_replicas", f"must be >= 0 (got {self.min_replicas})")
+            if self.min_replicas > self.max_replicas:
+                raise SpecDecodeError("min_replicas", f"must be <= --max-replicas ({self.min_replicas} > "
+                                                      f"{self.max_replicas})")
+        return self
+
+    @property
+    def most_replicas(self) -> int:
+        return self.max_replicas if self.max_replicas is not None else (self.replicas or 1)
+
+    @property
+    def fewest_replicas(self) -> int:
+        return self.min_replicas if self.min_replicas is not None else (self.replicas or 1)
+
+
+def default_threads(options: RayOptions, node_cpus: list[int]) -> int:
+    """Threads per replica: on a local instance this machine's cores shared by the most replicas
+    there may be; on a cluster the smallest node's cores (one replica a node)."""
+    if options.threads is not None:
+        return options.threads
+    if options.address is None:
+        return max(1, min(node_cpus) // options.most_replicas)
+    return max(1, min(node_cpus))
+
+
+def deployment_options(options: RayOptions, threads: int, max_batch: int, max_queue: int, grace: float) -> dict:
+    """Ray Serve's settings for the deployment (``serve.deployment(**...)``)."""
+    scaling = {"num_replicas": options.replicas or 1}
+    if options.max_replicas is not None:
+        scaling = {"autoscaling_config": {
+            "min_replicas": options.min_replicas, "max_replicas": options.max_replicas,
+            "initial_replicas": max(1, options.min_replicas),
+            # a replica is fully used once its batch is full; more in flight on average: add one
+            "target_ongoing_requests": max_batch,
+        }}
+    return {
+        **scaling,
+        "ray_actor_options": {"num_cpus": threads},
+        # a replica takes no more than its batch; the rest wait in the router, which hands each to
+        # the first replica with a free slot, and past max_queue answers 429 with Retry-After
+        "max_ongoing_requests": max_batch,
+        "max_queued_requests": max_queue,
+        "backpressure_config": {"status_code": 429, "retry_after_s": RETRY_AFTER_S},
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+        "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
+        "graceful_shutdown_timeout_s": grace + 2,
+    }
+
+
+# ---- metrics: one endpoint for every replica ------------------------------------------------
+def merge_metrics(by_replica: dict) -> bytes:
+    """Prometheus text of every replica's metric families (``registry.collect()``), each sample
+    labelled with its replica, one family per name."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.metrics_core import Metric
+
+    merged: dict[str, Metric] = {}
+    for replica, families in sorted(by_replica.items()):
+        for family in families:
+            out = merged.get(family.name)
+            if out is None:
+                out = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+            out.samples += [s._replace(labels={**s.labels, "replica": replica}) for s in family.samples]
+
+    class Merged:
+        def collect(self):
+            return list(merged.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Merged())
+    return generate_latest(registry)
+
+
+class MetricsBoard:
+    """A Ray actor holding each replica's latest metric families."""
+
+    def __init__(self):
+        self.latest: dict[str, tuple[float, list]] = {}  # replica -> (when pushed, families)
+
+    def push(self, replica: str, families: list) -> None:
+        self.latest[replica] = (time.monotonic(), families)
+
+    def render(self) -> bytes:
+        now = time.monotonic()
+        self.latest = {r: v for r, v in self.latest.items() if now - v[0] < METRICS_STALE_S}
+        return merge_metrics({r: families for r, (_, families) in self.latest.items()})
+
+
+def _board(app_name: str):
+    import ray
+
+    return ray.remote(MetricsBoard).options(name=f"metrics-{app_name}", namespace=BOARD_NAMESPACE,
+                                            get_if_exists=True, lifetime="detached", num_cpus=0).remote()
+
+
+# ---- the deployment -----------------------------------------------------------------------
+def _serve_grpc_on_loopback() -> None:
+    """On a local-only instance, keep the replica's inter-deployment gRPC server (Ray Serve binds it
+    to every interface, ``[::]:0``, whatever the node IP) on loopback too. Runs in the replica
+    before Serve starts that server; a Ray without the hook is left alone (the tests' listener
+    check would show it)."""
+    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+        return
+    from ray.serve._private import replica
+
+    add = getattr(replica, "add_port_to_grpc_server", None)
+    if add is None or getattr(add, "loopback", False):
+        return
+
+    def on_loopback(server, address: str):
+        return add(server, address.replace("[::]", LOCAL_IP))
+
+    on_loopback.loopback = True
+    replica.add_port_to_grpc_server = on_loopback
+
+
+class Replica:
+    """One Serve replica: a loaded ``Server`` (loaded before the replica counts as started), its
+    app, and the thread that pushes its metrics."""
+
+    def __init__(self, spec: ModelSpec, model_name: str, server_options: dict):
+        from ray import serve
+
+        _serve_grpc_on_loopback()
+        context = serve.get_replica_context()
+        self.name = context.replica_id.unique_id
+        self.server = Server(spec.load, model_name, replica=self.name, **server_options)
+        self.server.load()
+        self.board = _board(context.app_name)
+        threading.Thread(target=self._push_metrics, name="specdecode-metrics", daemon=True).start()
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self.server, metrics_text=self.all_metrics)
+
+    def check_health(self) -> None:
+        """Serve calls this every HEALTH_CHECK_PERIOD_S; raising has the replica replaced."""
+        worker = self.server.worker
+        if worker is None or not worker.thread.is_alive():
+            raise RuntimeError("the engine's worker thread has stopped")
+
+    def _families(self) -> list:
+        return list(self.server.metrics.registry.collect())
+
+    def _push_metrics(self) -> None:
+        while True:
+            self.board.push.remote(self.name, self._families())
+            time.sleep(METRICS_PUSH_S)
+
+    def all_metrics(self) -> bytes:
+        import ray
+
+        self.board.push.remote(self.name, self._families())  # this replica's, as of now
+        return ray.get(self.board.render.remote(), timeout=HEALTH_CHECK_TIMEOUT_S)
+
+
+def application(spec: ModelSpec, model_name: str, server_options: dict, options: RayOptions, threads: int):
+    """The Serve application: ``options``' replicas of ``Replica``, each on ``threads`` threads."""
+    from ray import serve
+
+    from ..batching.engine import DEFAULT_MAX_BATCH
+    from .app import DEFAULT_MAX_QUEUE
+    from .worker import DEFAULT_SHUTDOWN_GRACE_S
+
+    settings = deployment_options(options, threads, server_options.get("max_batch") or DEFAULT_MAX_BATCH,
+                                  server_options.get("max_queue", DEFAULT_MAX_QUEUE),
+                                  server_options.get("shutdown_grace", DEFAULT_SHUTDOWN_GRACE_S))
+    deployment = serve.deployment(name=DEPLOYMENT, **settings)
+    return deployment(serve.ingress()(Replica)).bind(replace(spec, threads=threads), model_name, server_options)
+
+
+def start(spec: ModelSpec, model_name: str, server_options: dict, options: RayOptions, host: str, port: int,
+          app_name: str = APP_NAME) -> int:
+    """Start (or join) Ray, deploy the application behind Serve's proxy on ``host:port`` and wait
+    for every replica to load; returns the threads each replica runs on."""
+    if options.address is None:
+        local_only_environment()
+    else:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        kept = _signal_handlers()
+        if options.address is None:
+            ray.init(_node_ip_address=LOCAL_IP, include_dashboard=False, num_cpus=os.cpu_count(),
+                     logging_level="warning", log_to_driver=False)
+        else:
+            ray.init(address=options.address, logging_level="warning", log_to_driver=False)
+        for sig, handler in kept.items():  # ray.init installs a SIGTERM handler that aborts the process
+            signal.signal(sig, handler)
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if options.address is None and any(n["NodeManagerAddress"] != LOCAL_IP for n in nodes):
+        raise RuntimeError(f"the local Ray instance is not on {LOCAL_IP} (was ray imported before "
+                           "local_only_environment()?)")
+    node_cpus = [int(n["Resources"].get("CPU", 0)) for n in nodes]
+    threads = default_threads(options, node_cpus)
+    if options.address is None and options.fewest_replicas * threads > sum(node_cpus):
+        raise SpecDecodeError("threads", f"{options.fewest_replicas} replica(s) x {threads} thread(s) need "
+                                         f"{options.fewest_replicas * threads} CPUs; Ray has {sum(node_cpus)}")
+    serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+    serve.run(application(spec, model_name, server_options, options, threads), name=app_name, route_prefix="/")
+    return threads
+
+
+def _signal_handlers() -> dict:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)
+            if signal.getsignal(sig) is not None}
+
+
+def stop(options: RayOptions, grace: float, app_name: str = APP_NAME) -> None:
+    """Take the application down within about ``grace`` seconds (replicas let running requests
+    finish meanwhile); a local Ray instance goes too, a cluster keeps running."""
+    import ray
+    from ray import serve
+
+    def down():
+        if options.address is None:
+            serve.shutdown()
+        else:
+            serve.delete(app_name)
+        try:
+            ray.kill(ray.get_actor(f"metrics-{app_name}", namespace=BOARD_NAMESPACE))
+        except ValueError:
+            pass
+
+    thread = threading.Thread(target=down, daemon=True)
+    thread.start()
+    thread.join(grace + HEALTH_CHECK_TIMEOUT_S)
+    if options.address is None:
+        ray.shutdown()
+
+
+def serve_forever(spec: ModelSpec, model_name: str, server_options: dict, options: RayOptions, host: str,
+                  port: int) -> None:
+    """``specdecode serve --ray``: start, then serve until SIGINT or SIGTERM, then stop."""
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    try:
+        try:
+            threads = start(spec, model_name, server_options, options, host, port)
+        except SpecDecodeError:
+            raise
+        except Exception as exc:  # a replica that cannot load: Serve's report ends with the replica's error
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            raise SpecDecodeError("ray", f"the replicas could not start: {lines[-1] if lines else exc}") from None
+        scale = (f"{options.replicas or 1} replica(s)" if options.max_replicas is None
+                 else f"{options.min_replicas}-{options.max_replicas} replicas")
+        print(f"specdecode: serving {model_name} on Ray Serve, {scale} x {threads} thread(s), "
+              f"on http://{host}:{port}", flush=True)
+        done.wait()
+    finally:
+        stop(options, server_options.get("shutdown_grace", 5.0))
