@@ -34,57 +34,59 @@ def main() -> int:
     proc = subprocess.Popen([sys.executable, "-m", "specdecode", "serve", "--ray", "--replicas", "2", "--threads", "1",
                              "--port", str(port), "--max-batch", "16", "--queue-timeout", "600"])
     try:
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        local_only_environment()
-        import ray
+        _measure(args, base)
+    except BaseException:
+        import traceback
 
-        ray.init(address="auto", logging_level="error")
-        result = {}
-        settings = LoadSettings({"ray-2x1": base}, args.dataset, (args.concurrency,), None, args.requests,
-                                128).validate()
-        load = threading.Thread(target=lambda: result.update(run_loadtest(settings, progress=False)))
-        started = time.time()
-        load.start()
-        time.sleep(args.kill_after)
-        victim = httpx.get(base + "/health").headers["x-specdecode-replica"]
-        ray.kill(ray.get_actor(f"SERVE_REPLICA::specdecode#{DEPLOYMENT}#{victim}", namespace="serve"),
-                 no_restart=True)
-        killed = time.time()
-        print(f"killed replica {victim} at {killed - started:.1f} s", flush=True)
-        replaced = None
-        while load.is_alive() or replaced is None:
-            if replaced is None:
-                try:
-                    r = httpx.get(base + "/health", timeout=2)
-                    name = r.headers.get("x-specdecode-replica")
-                    if r.status_code == 200 and name not in (None, victim) and len(_names(base)) == 2:
-                        replaced = time.time() - killed
-                except httpx.HTTPError:
-                    pass
-            load.join(1)
-            if time.time() - killed > 600:
-                break
-        print(f"load ended at {time.time() - started:.1f} s; replacement answering {replaced:.1f} s after the kill")
-        row = result["rows"][0]
-        print(f"{row['requests']} requests, {row['failed']} failed (slowest failure after "
-              f"{row['failed_within_s'] or 0:.1f} s): {row['error_counts']}; {row['throughput_tok_s']:.1f} tok/s")
+        traceback.print_exc()  # now: Ray ends this process once the server and its GCS are gone
+        raise
     finally:
         proc.terminate()
         proc.wait(60)
     return 0
 
 
-def _names(base: str) -> set[str]:
-    names = set()
-    for _ in range(6):
-        names.add(httpx.get(base + "/health").headers.get("x-specdecode-replica"))
-    return names
+def _measure(args, base: str) -> None:
+    while True:
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    local_only_environment()
+    import ray
+
+    ray.init(address="auto", logging_level="error")
+    result = {}
+    settings = LoadSettings({"ray-2x1": base}, args.dataset, (args.concurrency,), None, args.requests,
+                            128).validate()
+    load = threading.Thread(target=lambda: result.update(run_loadtest(settings, progress=False)))
+    started = time.time()
+    load.start()
+    time.sleep(args.kill_after)
+    prefix = f"SERVE_REPLICA::specdecode#{DEPLOYMENT}#"
+    victim = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                    if a["name"].startswith(prefix))[0]
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    killed = time.time()
+    print(f"killed replica {victim} at {killed - started:.1f} s", flush=True)
+    replaced = None
+    while load.is_alive() or replaced is None:
+        names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)}
+        if replaced is None and len(names - {victim}) == 2:  # a new replica's actor exists ...
+            try:  # ... and Serve counts two running
+                if httpx.get(base + "/health", timeout=2).json().get("replicas") == 2:
+                    replaced = time.time() - killed
+            except httpx.HTTPError:
+                pass
+        load.join(1)
+        if time.time() - killed > 600:
+            break
+    print(f"load ended at {time.time() - started:.1f} s; replacement answering {replaced:.1f} s after the kill")
+    row = result["rows"][0]
+    print(f"{row['requests']} requests, {row['failed']} failed (slowest failure after "
+          f"{row['failed_within_s'] or 0:.1f} s): {row['error_counts']}; {row['throughput_tok_s']:.1f} tok/s")
 
 
 if __name__ == "__main__":

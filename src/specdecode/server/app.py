@@ -196,15 +196,12 @@ def _with_header(app, name: str, value: str):
     return wrapped
 
 
-def create_app(server: Server, metrics_text=None):
-    """The FastAPI app serving ``server``. ``metrics_text``: what /metrics answers, computed on a
-    thread (default: this server's own metrics; under Ray Serve, every replica's)."""
+def create_app(server: Server):
+    """The FastAPI app serving ``server``."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response, StreamingResponse
-
-    metrics_text = metrics_text or server.metrics.render
 
     @asynccontextmanager
     async def lifespan(app):
@@ -234,7 +231,7 @@ def create_app(server: Server, metrics_text=None):
 
     @app.get("/metrics")
     async def metrics():
-        return Response(await asyncio.to_thread(metrics_text), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models():

@@ -10,10 +10,11 @@ to the first replica with a free slot), and past ``max_queue`` of them the route
 Retry-After. Serve cancels the request inside the replica
 when its client disconnects, which frees the slot as direct serving does.
 
-/metrics: every replica pushes its samples each ``METRICS_PUSH_S`` to one named actor
-(``MetricsBoard``); whichever replica answers /metrics returns all of them under vLLM's names,
-each sample labelled with its ``replica``. A replica that stops pushing drops out after
-``METRICS_STALE_S``.
+/health and /metrics are answered by small deployments of their own (``Probe``), so that a
+probe never waits behind generations for a slot. Every replica pushes its metric samples each
+``METRICS_PUSH_S`` to one named actor (``MetricsBoard``); /metrics returns all of them under
+vLLM's names, each sample labelled with its ``replica``. A replica that stops pushing drops out
+after ``METRICS_STALE_S``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ METRICS_PUSH_S = 1.0  # how often a replica sends its metrics to the board
 METRICS_STALE_S = 5.0  # a replica silent for this long (gone) leaves /metrics
 HEALTH_CHECK_PERIOD_S = 2.0  # Serve asks each replica this often; a dead one is replaced
 HEALTH_CHECK_TIMEOUT_S = 10.0
+PROBES = ("health", "metrics")  # paths answered beside the replicas, never queued behind generations
 RETRY_AFTER_S = 5  # what a client refused by the router is told (Serve's setting is one fixed number)
 LOCAL_IP = "127.0.0.1"  # a local Ray instance listens on and talks to loopback only
 
@@ -114,6 +116,7 @@ def deployment_options(options: RayOptions, threads: int, max_batch: int, max_qu
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
         "graceful_shutdown_timeout_s": grace + 2,
+        "max_constructor_retry_count": 2,  # a model that failed to load twice will not load (Serve's default: 20)
     }
 
 
@@ -200,7 +203,7 @@ class Replica:
         threading.Thread(target=self._push_metrics, name="specdecode-metrics", daemon=True).start()
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.server, metrics_text=self.all_metrics)
+        return create_app(self.server)
 
     def check_health(self) -> None:
         """Serve calls this every HEALTH_CHECK_PERIOD_S; raising has the replica replaced."""
@@ -216,11 +219,43 @@ class Replica:
             self.board.push.remote(self.name, self._families())
             time.sleep(METRICS_PUSH_S)
 
-    def all_metrics(self) -> bytes:
-        import ray
 
-        self.board.push.remote(self.name, self._families())  # this replica's, as of now
-        return ray.get(self.board.render.remote(), timeout=HEALTH_CHECK_TIMEOUT_S)
+
+class Probe:
+    """/health or /metrics of the whole application, from a small deployment of its own (no CPU)
+    so that probes never wait behind generations for a replica's slot: /health asks Serve's
+    controller how many replicas run, /metrics renders the board."""
+
+    def __init__(self, kind: str, app_name: str):
+        _serve_grpc_on_loopback()
+        self.kind, self.app_name = kind, app_name
+        self.board = _board(app_name)
+
+    async def __call__(self, request):
+        import asyncio
+
+        from starlette.responses import JSONResponse, Response
+
+        if self.kind == "metrics":
+            text = await self.board.render.remote()
+            return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+        from ray import serve
+
+        app = (await asyncio.to_thread(serve.status)).applications.get(self.app_name)
+        deployment = app.deployments.get(DEPLOYMENT) if app is not None else None
+        running = deployment.replica_states.get("RUNNING", 0) if deployment is not None else 0
+        if running:
+            return {"status": "ok", "replicas": running}
+        failed = app is not None and str(app.status).endswith("DEPLOY_FAILED")
+        return JSONResponse({"status": "error" if failed else "loading", "replicas": 0}, status_code=503)
+
+
+def _probe_app(kind: str, app_name: str):
+    from ray import serve
+
+    deployment = serve.deployment(name=f"{kind}-probe", num_replicas=1, max_ongoing_requests=1000,
+                                  ray_actor_options={"num_cpus": 0})
+    return deployment(Probe).bind(kind, app_name)
 
 
 def application(spec: ModelSpec, model_name: str, server_options: dict, options: RayOptions, threads: int):
@@ -269,6 +304,8 @@ def start(spec: ModelSpec, model_name: str, server_options: dict, options: RayOp
                                          f"{options.fewest_replicas * threads} CPUs; Ray has {sum(node_cpus)}")
     serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
     serve.run(application(spec, model_name, server_options, options, threads), name=app_name, route_prefix="/")
+    for kind in PROBES:  # Serve routes by the longest prefix: these paths go to the probes
+        serve.run(_probe_app(kind, app_name), name=f"{app_name}-{kind}", route_prefix=f"/{kind}")
     return threads
 
 
@@ -289,7 +326,8 @@ def stop(options: RayOptions, grace: float, app_name: str = APP_NAME) -> None:
         if options.address is None:
             serve.shutdown()
         else:
-            serve.delete(app_name)
+            for name in (app_name, *(f"{app_name}-{kind}" for kind in PROBES)):
+                serve.delete(name)
         try:
             ray.kill(ray.get_actor(f"metrics-{app_name}", namespace=BOARD_NAMESPACE))
         except ValueError:
