@@ -83,7 +83,8 @@ def _measure(args, base: str) -> None:
         load.join(1)
         if time.time() - killed > 600:
             break
-    print(f"load ended at {time.time() - started:.1f} s; replacement answering {replaced:.1f} s after the kill")
+    seen = "not seen" if replaced is None else f"answering {replaced:.1f} s after the kill"
+    print(f"load ended at {time.time() - started:.1f} s; replacement {seen}")
     row = result["rows"][0]
     print(f"{row['requests']} requests, {row['failed']} failed (slowest failure after "
           f"{row['failed_within_s'] or 0:.1f} s): {row['error_counts']}; {row['throughput_tok_s']:.1f} tok/s")

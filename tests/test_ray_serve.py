@@ -26,20 +26,14 @@ from specdecode.server.ray_serve import (
     merge_metrics,
 )
 
+from conftest import free_port
+
 local_only_environment()  # before Ray is imported anywhere in this process
 ray = pytest.importorskip("ray")
 pytest.importorskip("llama_cpp")
 
 MODEL = "smollm2"
 PROMPT = "The three primary colors are"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _samples(text: str, name: str) -> dict[str, float]:
@@ -151,7 +145,7 @@ def _listeners() -> set[tuple[str, str]]:
 
 def test_serve_with_ray_stays_on_loopback_and_stops_within_its_grace():
     before = _listeners()
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "specdecode", "serve", "--ray", "--replicas", "1",
                              "--threads", "1", "--port", str(port), "--draft", "ngram", "--backend", "llamacpp",
                              "--shutdown-grace", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -196,7 +190,7 @@ def cluster():
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     nodes.add_node(num_cpus=1)
     ray.init(address=nodes.address, logging_level="warning", log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     options = RayOptions(replicas=2, address=nodes.address)
     server_options = dict(max_queue=8, max_batch=2, defaults=DEFAULTS, shutdown_grace=2.0)
     threads = start(ModelSpec(draft="ngram", backend="llamacpp"), MODEL, server_options, options, "127.0.0.1", port)

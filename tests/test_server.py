@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -12,19 +11,15 @@ import time
 import httpx
 import pytest
 
+from conftest import free_port
+
 openai = pytest.importorskip("openai")
 
 MODEL = "smollm2"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(max_queue: int, max_batch: int | None = None, *extra: str):
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "specdecode", "serve", "--port", str(port), "--model-name", MODEL,
            "--max-queue", str(max_queue), "--draft", "ngram", *extra]
     if max_batch is not None:
@@ -416,7 +411,7 @@ def test_loadtest_sends_to_loopback_only(tmp_path):
 
 
 def test_serve_refuses_batching_it_cannot_do_naming_the_option():
-    cmd = [sys.executable, "-m", "specdecode", "serve", "--port", str(_free_port()), "--backend", "torch",
+    cmd = [sys.executable, "-m", "specdecode", "serve", "--port", str(free_port()), "--backend", "torch",
            "--draft", "ngram", "--max-batch", "4"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--max-batch" in proc.stderr

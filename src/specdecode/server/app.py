@@ -21,6 +21,7 @@ from ..batching import BatchEngine
 from ..batching.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_STEP_TOKENS
 from ..config import DEFAULT_BACKEND, DEFAULT_DRAFT, DEFAULTS, ConfigError, GenerationConfig
 from ..engine import SpeculativeDecoder
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .requests import ParsedRequest, RequestError, parse_request
 from .worker import DEFAULT_QUEUE_TIMEOUT_S, DEFAULT_SHUTDOWN_GRACE_S, Job, SerialEngine, Worker
@@ -231,7 +232,7 @@ def create_app(server: Server):
 
     @app.get("/metrics")
     async def metrics():
-        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(server.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text format, what /metrics answers
+
 
 class Metrics:
     def __init__(self):

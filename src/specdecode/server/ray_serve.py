@@ -27,6 +27,8 @@ from dataclasses import dataclass, replace
 
 from ..config import SpecDecodeError
 from .app import ModelSpec, Server, create_app
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .worker import DEFAULT_SHUTDOWN_GRACE_S
 
 APP_NAME = "specdecode"  # the Serve application
 DEPLOYMENT = "specdecode"  # its one deployment; a replica's actor is SERVE_REPLICA::APP#DEPLOYMENT#<id>
@@ -220,7 +222,6 @@ class Replica:
             time.sleep(METRICS_PUSH_S)
 
 
-
 class Probe:
     """/health or /metrics of the whole application, from a small deployment of its own (no CPU)
     so that probes never wait behind generations for a replica's slot: /health asks Serve's
@@ -238,15 +239,16 @@ class Probe:
 
         if self.kind == "metrics":
             text = await self.board.render.remote()
-            return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+            return Response(text, media_type=METRICS_CONTENT_TYPE)
         from ray import serve
+        from ray.serve.schema import ApplicationStatus
 
         app = (await asyncio.to_thread(serve.status)).applications.get(self.app_name)
         deployment = app.deployments.get(DEPLOYMENT) if app is not None else None
         running = deployment.replica_states.get("RUNNING", 0) if deployment is not None else 0
         if running:
             return {"status": "ok", "replicas": running}
-        failed = app is not None and str(app.status).endswith("DEPLOY_FAILED")
+        failed = app is not None and app.status == ApplicationStatus.DEPLOY_FAILED
         return JSONResponse({"status": "error" if failed else "loading", "replicas": 0}, status_code=503)
 
 
@@ -264,7 +266,6 @@ def application(spec: ModelSpec, model_name: str, server_options: dict, options:
 
     from ..batching.engine import DEFAULT_MAX_BATCH
     from .app import DEFAULT_MAX_QUEUE
-    from .worker import DEFAULT_SHUTDOWN_GRACE_S
 
     settings = deployment_options(options, threads, server_options.get("max_batch") or DEFAULT_MAX_BATCH,
                                   server_options.get("max_queue", DEFAULT_MAX_QUEUE),
@@ -360,4 +361,4 @@ def serve_forever(spec: ModelSpec, model_name: str, server_options: dict, option
               f"on http://{host}:{port}", flush=True)
         done.wait()
     finally:
-        stop(options, server_options.get("shutdown_grace", 5.0))
+        stop(options, server_options.get("shutdown_grace", DEFAULT_SHUTDOWN_GRACE_S))
