@@ -15,7 +15,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 from specdecode.api import load  # noqa: E402
 from specdecode.batching import BatchEngine  # noqa: E402
-from specdecode.runners.llamacpp_batch import Block, LlamaCppBatchRunner, micro_batches, padded_lengths  # noqa: E402
+from specdecode.runners.llamacpp_batch import Block, LlamaCppBatchRunner  # noqa: E402
 
 QUESTIONS = [
     "Write a haiku about rain.",
@@ -98,16 +98,6 @@ def test_a_slot_cut_back_scores_as_a_fresh_prefill(decoders):
     want = alone.forward([Block(0, ids + [500, 600], 2)])[0]
     assert torch.equal(after[2], want)
     assert runner.cached[2] == ids + [500, 600] and runner.cached[0] == ids[:40] + [500]
-
-
-def test_no_micro_batch_is_a_single_token_of_a_single_slot():
-    for lengths in ({0: 1}, {0: 1, 1: 2}, {0: 3, 2: 1}, {0: 1, 1: 1, 2: 5}, {3: 33}, {0: 2, 1: 1, 2: 1}):
-        padded = padded_lengths(lengths)
-        assert all(padded[s] - lengths[s] in (0, 1) for s in lengths)
-        for mb in micro_batches(padded):
-            assert sum(mb.values()) >= 2 and sum(mb.values()) <= 32
-    assert padded_lengths({0: 1, 1: 1, 2: 1}) == {0: 1, 1: 1, 2: 1}  # several slots' tokens: no copy
-    assert micro_batches({0: 2, 1: 5, 3: 1}) == [{0: 2, 1: 2}, {1: 3}, {3: 1}]
 
 
 # ---- the verification budget on constructed cases -------------------------------------------------

@@ -40,24 +40,46 @@ def _greedy_run(runner: LlamaCppRunner, prompt: list[int], n: int) -> list[int]:
     return seq
 
 
-def test_a_one_token_pass_gives_the_logits_of_a_block_at_every_position(gguf_target):
-    """Plain decoding's 1-token passes give, at every position, the logits the same token gets
-    inside a verification block of any size, also past the context length where llama.cpp's
-    1-token attention would split the cache between threads."""
-    runner = make_runner(gguf_target.model, vocab_size=len(gguf_target.tokenizer))
+def _one_token_and_block_logits(model, tokenizer, blocks=(2, 3, 5, 8, 33, 70)):
+    """Logits of 80 greedy tokens after a 250-token prompt (the cache view passes 512 cells) from
+    1-token passes, and from the same tokens in blocks of each size; the prompt read in one call."""
+    runner = make_runner(model, vocab_size=len(tokenizer))
     assert isinstance(runner, LlamaCppRunner)
-    prompt = (gguf_target.tokenizer(PROMPTS[2]).input_ids * 12)[:250]
-    n = 40
+    prompt = (tokenizer(PROMPTS[2]).input_ids * 40)[:250]
+    n = 80
     seq = _greedy_run(runner, prompt, n)
     runner.reset()
     runner.forward(prompt[:-1], 0)
     single = torch.cat([runner.forward([t], 1) for t in seq[:-1]])  # [n, vocab]
-    for block in (2, 3, 5, 8, 33):
+    out = {}
+    for block in blocks:
         runner.reset()
         runner.forward(prompt[:-1], 0)
-        blocks = torch.cat([runner.forward(seq[i:min(i + block, n)], len(seq[i:min(i + block, n)]))
-                            for i in range(0, n, block)])
-        assert torch.equal(blocks, single), block
+        out[block] = torch.cat([runner.forward(seq[i:min(i + block, n)], len(seq[i:min(i + block, n)]))
+                                for i in range(0, n, block)])
+    return single, out
+
+
+def test_a_one_token_pass_gives_the_logits_of_a_block_at_every_position(gguf_target):
+    """Plain decoding's 1-token passes give, at every position, the logits the same token gets
+    inside a verification block of any size (70: llama.cpp's tiled attention for f16 keys), also
+    past the context length where its 1-token attention splits f16 keys between threads."""
+    single, blocks = _one_token_and_block_logits(gguf_target.model, gguf_target.tokenizer)
+    for block, logits in blocks.items():
+        assert torch.equal(logits, single), block
+
+
+def test_with_f16_keys_a_one_token_pass_leaves_the_blocks_path(gguf_target):
+    """Control for the test above: with llama.cpp's default f16 keys the same comparison fails,
+    which is why keys are cached as Q8_0 (runners.llamacpp)."""
+    model = gguf_target.model
+    model.key_type = "GGML_TYPE_F16"
+    try:
+        single, blocks = _one_token_and_block_logits(model, gguf_target.tokenizer, blocks=(2, 70))
+    finally:
+        model.key_type = "GGML_TYPE_Q8_0"
+    assert not torch.equal(blocks[2], single)  # the split 1-token path
+    assert not torch.equal(blocks[70], blocks[2])  # the tiled path
 
 
 def test_rollback_leaves_what_a_fresh_prefill_gives(gguf_target):

@@ -6,15 +6,15 @@ logits at the last ``num_logits`` of them; ``truncate`` removes positions from t
 
 Kernels. A position's logits must not depend on how its pass was cut, or speculation (which
 scores blocks) would leave plain decoding (1-token passes) at near-ties; on the default target's
-Q4_1 file the paths differ by up to about 1 in the logits (docs/backends.md). With flash attention
-every query row walks its sequence's cells on its own ("one chunk"), and then a row's result is
-the same in a pass of any length, except on llama.cpp's two other attention paths, which this
-backend keeps every pass off: micro-batches are at most ``UBATCH`` tokens (64 or more query rows
-of one sequence take a tiled path), and a micro-batch of a single token whose cache view holds
-``SPLIT_KV_CELLS`` cells or more (the view rounds the used cells up to 256) splits the cache
-between threads; such a pass gets a copy of its token after it, removed at once. (llama-cpp-python's
-``Llama`` runs without flash attention by default; ``peers`` turns it on, so that its numerics are
-ours.)
+Q4_1 file the paths differ by up to about 1 in the logits (docs/backends.md). The matrix products
+give every row the same result in a pass of any length; attention does with flash attention, where
+each query row walks its sequence's cells on its own ("one chunk"), except on llama.cpp's two other
+attention paths, which both need f16 or f32 keys: a tiled path for 64 or more query rows of one
+sequence, and a path that splits the cache between threads for a lone token once the cache view
+reaches 512 cells. Keys are therefore cached as Q8_0 (``KEY_TYPE``; values stay f16), which keeps
+every pass of every shape on the one-chunk path: no pass needs padding and prompts are read in
+micro-batches of any size. (llama-cpp-python's ``Llama``, as its users run it, caches f16 keys
+and values without flash attention; ``peers`` turns flash attention on, its faster path here.)
 """
 
 from __future__ import annotations
@@ -32,9 +32,8 @@ from ..config import ConfigError
 from .base import Runner
 
 FALLBACK_CONTEXT = 4096  # KV cache cells per context for a file that does not say its trained context
-MAX_BLOCK = 512  # tokens per llama_decode call; longer inputs (prefills) are split
-UBATCH = 32  # tokens per micro-batch: fewer than the 64 query rows of one sequence that take the tiled path
-SPLIT_KV_CELLS = 256  # past this many used cells the cache view reaches 512, where 1-token attention splits
+MAX_BLOCK = 512  # tokens per llama_decode call (and per micro-batch); longer inputs (prefills) are split
+KEY_TYPE = "GGML_TYPE_Q8_0"  # the cached keys' type: one attention path for every pass (module docstring)
 
 
 def default_threads() -> int:
@@ -98,6 +97,7 @@ class LlamaCppModel:
         _start_backend(lib)
         self.lib, self.path = lib, Path(path)
         self.threads = threads or default_threads()
+        self.key_type = KEY_TYPE  # of the contexts created from now on
         params = lib.llama_model_default_params()
         params.n_gpu_layers = 0
         self.model = lib.llama_model_load_from_file(str(self.path).encode(), params)
@@ -125,7 +125,8 @@ class LlamaCppModel:
         lib = self.lib
         params = lib.llama_context_default_params()
         params.n_ctx = (capacity or self.config.max_position_embeddings) * streams
-        params.n_batch, params.n_ubatch = MAX_BLOCK, UBATCH
+        params.n_batch = params.n_ubatch = MAX_BLOCK
+        params.type_k = getattr(lib, self.key_type)
         params.n_seq_max = streams
         # a KV stream per sequence: its cells stay in the order of its positions (a shared pool
         # reuses freed cells anywhere, and attention sums in cell order)
@@ -183,7 +184,7 @@ class LlamaCppRunner(LlamaCppContext, Runner):
 
     def __init__(self, model: LlamaCppModel, vocab_size: int | None = None):
         self.capacity = model.config.max_position_embeddings
-        super().__init__(model, self.capacity + 1, vocab_size=vocab_size)  # + room for a padding copy
+        super().__init__(model, self.capacity, vocab_size=vocab_size)
         self.cached: list[int] = []
 
     def reset(self) -> None:
@@ -218,10 +219,7 @@ class LlamaCppRunner(LlamaCppContext, Runner):
         for at in range(0, k, MAX_BLOCK):  # long prefills in several calls; logits only from the last ones
             block = token_ids[at:at + MAX_BLOCK]
             first_wanted = max(0, (k - num_logits) - at) if num_logits else len(block)
-            pad = int(len(block) % UBATCH == 1 and start + at + len(block) > SPLIT_KV_CELLS)
-            self._decode(block + block[-1:] * pad, start + at, first_wanted)  # pad: module docstring
-            if pad:  # the copy's cache entry goes at once: nothing real attends to it
-                self.lib.llama_memory_seq_rm(self.memory, 0, start + at + len(block), -1)
+            self._decode(block, start + at, first_wanted)
             rows.append(self._logits(range(first_wanted, len(block))))
         self.cached.extend(token_ids)
         return torch.cat(rows) if rows else self._logits([])  # [num_logits, vocab]
