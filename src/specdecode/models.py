@@ -139,21 +139,23 @@ def _load_llamacpp(spec, param: str, dtype: str, device: str, threads: int | Non
 
 
 def gguf_tokenizer(gguf: Path, param: str):
-    """The Hugging Face tokenizer of a GGUF file (its vocabulary and chat template), converted once
-    and cached; the weights are not read."""
-    from transformers import AutoTokenizer
+    """The tokenizer of a GGUF file (its vocabulary and chat template) as a ``LightTokenizer``,
+    which needs no transformers: converted by transformers once and cached; the weights are not
+    read."""
+    from .tokenizer import LightTokenizer
 
     full = _gguf_cache_path(gguf, "gguf")
     out = full if (full / "tokenizer_config.json").is_file() else _gguf_cache_path(gguf, "gguf-tokenizer")
     try:
-        with _quiet():
-            if (out / "tokenizer_config.json").is_file():
-                return AutoTokenizer.from_pretrained(out)
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if not (out / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            with _quiet():
+                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             tmp = out.with_name(out.name + f".tmp{os.getpid()}")
             tokenizer.save_pretrained(tmp)
             os.replace(tmp, out) if not out.exists() else None
-            return tokenizer
+        return LightTokenizer(out)
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(param, f"could not read the tokenizer of {gguf}: {exc}") from exc
 
