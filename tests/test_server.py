@@ -410,6 +410,15 @@ def test_loadtest_sends_to_loopback_only(tmp_path):
     assert code == 2
 
 
+def test_loadtest_reports_a_server_it_started_that_exits(tmp_path, capsys):
+    from specdecode.cli import main
+
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"question_id": 1, "category": "x", "turns": ["Hi"]}))
+    code = main(["loadtest", "--dataset", str(data), "--serve-args=--no-such-option", "--no-progress"])
+    assert code == 2 and "specdecode serve exited with code 2" in capsys.readouterr().err
+
+
 def test_serve_refuses_batching_it_cannot_do_naming_the_option():
     cmd = [sys.executable, "-m", "specdecode", "serve", "--port", str(free_port()), "--backend", "torch",
            "--draft", "ngram", "--max-batch", "4"]

@@ -165,6 +165,7 @@ class BenchSettings:
     categories: tuple[str, ...] | None = None  # None: all
     limit: int | None = None  # at most this many questions per category
     compare: str | None = None  # also run the engines people use: "hf" or "llamacpp" (``peers``)
+    llama_server: str | None = None  # a llama-server binary, run beside llamacpp (``peers.LlamaServerPeer``)
     backend: str = DEFAULT_BACKEND  # see models.resolve_backend
     threads: int | None = None  # llama.cpp's threads (default: the machine's cores)
     trace: str | None = None  # write the speculative runs' steps to this file
@@ -175,15 +176,11 @@ class BenchSettings:
 def run_bench(settings: BenchSettings, config: GenerationConfig) -> dict:
     """Every question's first turn, by plain decoding and by speculation (and the ``compare`` peer's
     engines), back to back in an order that alternates; the summary ``format_table`` prints."""
-    from tqdm import tqdm
-
     from .api import make_drafter
-    from .costmodel import CostModel, measure_target_curve
     from .drafters.base import NoDrafter
     from .engine import SpeculativeDecoder
     from .models import load_model
     from .peers import make_peers
-    from .trace import TraceWriter
 
     # sampled runs are reproducible by default: a benchmark that cannot be rerun cannot be compared
     if config.seed is None and not config.greedy:
@@ -196,7 +193,20 @@ def run_bench(settings: BenchSettings, config: GenerationConfig) -> dict:
                         backend=settings.backend, threads=settings.threads)
     drafter = make_drafter(settings.draft, target, dtype=settings.dtype, device=settings.device)
     base = SpeculativeDecoder(target.model, target.tokenizer, NoDrafter())
-    peers = make_peers(settings.compare, target, drafter, settings.threads)
+    peers = make_peers(settings.compare, target, drafter, settings.threads, settings.llama_server)
+    try:
+        return _run(settings, config, questions, target, drafter, base, peers)
+    finally:
+        getattr(peers, "close", lambda: None)()  # peers that run servers stop them
+
+
+def _run(settings: BenchSettings, config: GenerationConfig, questions, target, drafter, base, peers) -> dict:
+    from tqdm import tqdm
+
+    from .costmodel import CostModel, measure_target_curve
+    from .engine import SpeculativeDecoder
+    from .trace import TraceWriter
+
 
     # the cost model: measured pass times 1..16 (and the draft's per-token cost, from the run); the
     # cost policy starts from it, then follows live timings
@@ -252,7 +262,7 @@ def run_bench(settings: BenchSettings, config: GenerationConfig) -> dict:
         "draft": settings.draft,
         "dataset": settings.dataset,
         "limit": settings.limit,
-        "categories": categories,
+        "categories": list(settings.categories) if settings.categories else None,
         "max_new_tokens": config.max_new_tokens,
         "temperature": config.temperature,
         "policy": config.policy,

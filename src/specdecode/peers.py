@@ -1,10 +1,12 @@
 """The engines people already use, run by ``specdecode bench --compare`` on the same prompts in the
 same process: Hugging Face ``generate`` with its nearest assisted generation (``hf``), and llama.cpp
 through llama-cpp-python as its users run it (``llamacpp``: plain decoding and its prompt-lookup
-speculation). Each peer turns prompt token ids into (generated token ids, seconds)."""
+speculation), and, given its binary, llama.cpp's own server (``llama_server``: plain decoding and
+its n-gram speculation). Each peer turns prompt token ids into (generated token ids, seconds)."""
 
 from __future__ import annotations
 
+import os
 import time
 
 from .config import ConfigError, GenerationConfig
@@ -107,8 +109,77 @@ class LlamaCppPeer:
         return out
 
 
-def make_peers(compare: str | None, target, drafter, threads: int | None):
-    """The peer ``--compare`` names (None: none)."""
+class LlamaServerPeer:
+    """llama.cpp's server (``llama-server``, C++) on the GGUF file, as its users run it with one
+    slot: plain decoding (``llama_server``) and its n-gram speculation (``llama_server_ngram``,
+    ``--spec-type ngram-simple``), each its own process on 127.0.0.1, started once and asked with
+    the prompt's token ids, prompt caching off; the seconds are the request's, HTTP included."""
+
+    SPEC_TYPES = {"llama_server": "none", "llama_server_ngram": "ngram-simple"}
+
+    def __init__(self, binary: str, gguf_path, threads: int, context: int):
+        from .procs import free_port, start_server
+
+        self.procs, self.bases = [], {}
+        try:
+            for name, spec_type in self.SPEC_TYPES.items():
+                port = free_port()
+                base = f"http://127.0.0.1:{port}"
+                command = [binary, "-m", str(gguf_path), "--host", "127.0.0.1", "--port", str(port), "-np", "1",
+                           "-c", str(context), "-t", str(threads), "-fa", "on", "--spec-type", spec_type]
+                self.procs.append(start_server(command, base, "llama_server", timeout_s=120, quiet=True))
+                self.bases[name] = base
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self, prompt_ids: list[int], config: GenerationConfig) -> dict[str, tuple[list[int], float]]:
+        import httpx
+
+        if not config.greedy or config.stop:
+            raise ConfigError("compare", "llama-server is compared under greedy decoding without --stop")
+        body = {"prompt": list(prompt_ids), "n_predict": config.max_new_tokens, "temperature": 0.0, "top_k": 1,
+                "cache_prompt": False, "ignore_eos": config.ignore_eos, "return_tokens": True, "stream": False}
+        out = {}
+        for name, base in self.bases.items():
+            t = time.perf_counter()
+            reply = httpx.post(base + "/completion", json=body, timeout=600)
+            seconds = time.perf_counter() - t
+            if reply.status_code != 200 or "tokens" not in reply.json():
+                raise RuntimeError(f"{name} answered {reply.status_code}: {reply.text[:200]}")
+            out[name] = (list(reply.json()["tokens"]), seconds)
+        return out
+
+    def close(self) -> None:
+        from .procs import stop_server
+
+        for proc in self.procs:
+            stop_server(proc)
+        self.procs = []
+
+
+class Peers:
+    """Several peers run one after another on each prompt."""
+
+    def __init__(self, *peers):
+        self.peers = peers
+
+    def run(self, prompt_ids: list[int], config: GenerationConfig) -> dict[str, tuple[list[int], float]]:
+        out = {}
+        for peer in self.peers:
+            out.update(peer.run(prompt_ids, config))
+        return out
+
+    def close(self) -> None:
+        for peer in self.peers:
+            getattr(peer, "close", lambda: None)()
+
+
+def make_peers(compare: str | None, target, drafter, threads: int | None, llama_server: str | None = None):
+    """The peers ``--compare`` names (None: none); ``llama_server``: the path of a llama-server
+    binary, run beside llama-cpp-python under ``--compare llamacpp``."""
+    if llama_server is not None and compare != "llamacpp":
+        raise ConfigError("llama_server", "runs with --compare llamacpp")
     if compare is None:
         return None
     if compare not in COMPARE:
@@ -121,4 +192,10 @@ def make_peers(compare: str | None, target, drafter, threads: int | None):
     path = gguf_file(target.name, "target")
     if path is None:
         raise ConfigError("compare", "llamacpp runs a GGUF file; the target is not one")
-    return LlamaCppPeer(path, threads or default_threads(), target.model.config.max_position_embeddings)
+    threads, context = threads or default_threads(), target.model.config.max_position_embeddings
+    peer = LlamaCppPeer(path, threads, context)
+    if llama_server is None:
+        return peer
+    if not os.path.isfile(llama_server) or not os.access(llama_server, os.X_OK):
+        raise ConfigError("llama_server", f"not an executable file: {llama_server}")
+    return Peers(peer, LlamaServerPeer(llama_server, path, threads, context))

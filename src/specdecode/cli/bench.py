@@ -16,6 +16,9 @@ def register(sub) -> None:
     p.add_argument("--compare", default=None, choices=COMPARE,
                    help="also run the engines people use on the same prompts: hf (Hugging Face generate with its "
                         "nearest assisted generation) or llamacpp (llama.cpp plain decoding and its prompt lookup)")
+    p.add_argument("--llama-server", default=None, metavar="PATH",
+                   help="with --compare llamacpp: also run this llama-server binary on the same file, plain and "
+                        "with --spec-type ngram-simple")
     p.add_argument("--out", default=None, help="directory for results.json and plots")
     p.add_argument("--trace", default=None, help="write the speculative runs' steps to this file")
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
@@ -32,8 +35,8 @@ def run(args) -> int:
     settings = BenchSettings(
         dataset=args.dataset, target=args.target, draft=args.draft, dtype=args.dtype, device=args.device,
         categories=tuple(c for c in (args.categories or "").split(",") if c) or None, limit=args.limit,
-        compare=args.compare, trace=args.trace, chat=not args.no_chat, progress=not args.quiet,
-        backend=args.backend, threads=args.threads,
+        compare=args.compare, llama_server=args.llama_server, trace=args.trace, chat=not args.no_chat,
+        progress=not args.quiet, backend=args.backend, threads=args.threads,
     )
     summary = run_bench(settings, config)
     print(format_table(summary))

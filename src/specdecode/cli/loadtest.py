@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import shlex
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import replace
 
 from ..config import SpecDecodeError
+from ..procs import free_port, start_server, stop_server
 
 
 def register(sub) -> None:
@@ -41,27 +40,11 @@ def _servers(urls: list[str]) -> dict[str, str]:
 
 
 def _start_own(serve_args: str) -> tuple[subprocess.Popen, str]:
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "specdecode", "serve", "--host", "127.0.0.1", "--port", str(port),
            *shlex.split(serve_args)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SpecDecodeError("serve_args", f"the server exited with code {proc.returncode}")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SpecDecodeError("serve_args", "the server did not become healthy within 300 s")
+    return start_server(cmd, base, "serve_args", name="specdecode serve"), base
 
 
 def run(args) -> int:
@@ -81,8 +64,7 @@ def run(args) -> int:
         result = run_loadtest(settings, progress=not args.no_progress)
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait(30)
+            stop_server(proc)
     print(format_table(result))
     for path in write_results(result, args.out):
         print(f"wrote {path}", file=sys.stderr)
