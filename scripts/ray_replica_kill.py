@@ -8,8 +8,6 @@ Usage: python scripts/ray_replica_kill.py [--concurrency 32] [--requests 64] [--
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -17,6 +15,7 @@ import time
 import httpx
 
 from specdecode.loadtest import LoadSettings, run_loadtest
+from specdecode.procs import free_port, start_server, stop_server
 from specdecode.server.ray_serve import DEPLOYMENT, local_only_environment
 
 
@@ -27,12 +26,11 @@ def main() -> int:
     ap.add_argument("--kill-after", type=float, default=30.0)
     ap.add_argument("--dataset", default="../shared/specbench/question.jsonl")
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "specdecode", "serve", "--ray", "--replicas", "2", "--threads", "1",
-                             "--port", str(port), "--max-batch", "16", "--queue-timeout", "600"])
+    proc = start_server([sys.executable, "-m", "specdecode", "serve", "--ray", "--replicas", "2", "--threads", "1",
+                         "--port", str(port), "--max-batch", "16", "--queue-timeout", "600"], base, "serve",
+                        timeout_s=600, name="specdecode serve --ray")
     try:
         _measure(args, base)
     except BaseException:
@@ -41,19 +39,11 @@ def main() -> int:
         traceback.print_exc()  # now: Ray ends this process once the server and its GCS are gone
         raise
     finally:
-        proc.terminate()
-        proc.wait(60)
+        stop_server(proc, grace_s=60)
     return 0
 
 
 def _measure(args, base: str) -> None:
-    while True:
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
     local_only_environment()
     import ray
 

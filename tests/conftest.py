@@ -29,15 +29,6 @@ def default_target():
     return load_model(None)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (for servers the tests start)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB):
     """A byte-level BPE trained here on the training prompts' own word lists and a few sentences;
     ids 0-2 are <|endoftext|>, <|im_start|> and <|im_end|> (EOS), as in SmolLM2."""

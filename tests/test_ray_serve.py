@@ -14,6 +14,7 @@ import time
 import httpx
 import pytest
 
+from specdecode.procs import free_port
 from specdecode.server.metrics import Metrics
 from specdecode.server.ray_serve import (
     DEPLOYMENT,
@@ -25,8 +26,6 @@ from specdecode.server.ray_serve import (
     local_only_environment,
     merge_metrics,
 )
-
-from conftest import free_port
 
 local_only_environment()  # before Ray is imported anywhere in this process
 ray = pytest.importorskip("ray")

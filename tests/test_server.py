@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from conftest import free_port
+from specdecode.procs import free_port
 
 openai = pytest.importorskip("openai")
 

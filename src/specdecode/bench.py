@@ -197,7 +197,8 @@ def run_bench(settings: BenchSettings, config: GenerationConfig) -> dict:
     try:
         return _run(settings, config, questions, target, drafter, base, peers)
     finally:
-        getattr(peers, "close", lambda: None)()  # peers that run servers stop them
+        if peers is not None:
+            peers.close()  # peers that run servers stop them
 
 
 def _run(settings: BenchSettings, config: GenerationConfig, questions, target, drafter, base, peers) -> dict:

@@ -33,7 +33,17 @@ def hf_counterpart(drafter) -> tuple[str, object]:
     return "assistant", model
 
 
-class HFPeer:
+class Peer:
+    """What bench asks of a peer: ``run`` each prompt, ``close`` at the end (stop what it started)."""
+
+    def run(self, prompt_ids: list[int], config: GenerationConfig) -> dict[str, tuple[list[int], float]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class HFPeer(Peer):
     """Hugging Face's own assisted generation with the nearest drafter it has, greedy (or sampling),
     told the same stopping rules."""
 
@@ -70,7 +80,7 @@ class HFPeer:
         return {"hf": (out[0, ids.shape[1]:].tolist(), time.perf_counter() - t)}
 
 
-class LlamaCppPeer:
+class LlamaCppPeer(Peer):
     """llama.cpp's plain decoding (``llamacpp``) and llama-cpp-python's prompt-lookup speculation
     (``llamacpp_lookup``, ``LlamaPromptLookupDecoding``) of the GGUF file, through its high-level
     ``Llama.generate`` as its users call it: greedy, EOS ends a run unless ``ignore_eos``."""
@@ -109,7 +119,7 @@ class LlamaCppPeer:
         return out
 
 
-class LlamaServerPeer:
+class LlamaServerPeer(Peer):
     """llama.cpp's server (``llama-server``, C++) on the GGUF file, as its users run it with one
     slot: plain decoding (``llama_server``) and its n-gram speculation (``llama_server_ngram``,
     ``--spec-type ngram-simple``), each its own process on 127.0.0.1, started once and asked with
@@ -145,9 +155,10 @@ class LlamaServerPeer:
             t = time.perf_counter()
             reply = httpx.post(base + "/completion", json=body, timeout=600)
             seconds = time.perf_counter() - t
-            if reply.status_code != 200 or "tokens" not in reply.json():
+            tokens = reply.json().get("tokens") if reply.status_code == 200 else None
+            if tokens is None:
                 raise RuntimeError(f"{name} answered {reply.status_code}: {reply.text[:200]}")
-            out[name] = (list(reply.json()["tokens"]), seconds)
+            out[name] = (list(tokens), seconds)
         return out
 
     def close(self) -> None:
@@ -158,7 +169,7 @@ class LlamaServerPeer:
         self.procs = []
 
 
-class Peers:
+class Peers(Peer):
     """Several peers run one after another on each prompt."""
 
     def __init__(self, *peers):
@@ -172,7 +183,7 @@ class Peers:
 
     def close(self) -> None:
         for peer in self.peers:
-            getattr(peer, "close", lambda: None)()
+            peer.close()
 
 
 def make_peers(compare: str | None, target, drafter, threads: int | None, llama_server: str | None = None):

@@ -45,9 +45,8 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, to
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """Draw one token id from a distribution ``[vocab]``. One-hot distributions (greedy decoding)
     need no randomness: their token is taken without a draw, which costs far less than one."""
-    support = probs.nonzero()
-    if len(support) == 1:
-        return int(support[0, 0])
+    if int(torch.count_nonzero(probs)) == 1:
+        return int(probs.argmax())
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
