@@ -15,7 +15,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 from specdecode.api import load  # noqa: E402
 from specdecode.batching import BatchEngine  # noqa: E402
-from specdecode.runners.llamacpp_batch import Block, LlamaCppBatchRunner  # noqa: E402
+from specdecode.runners.llamacpp_batch import Block, LlamaCppBatchRunner, micro_batch_count, micro_batches  # noqa: E402
 
 QUESTIONS = [
     "Write a haiku about rain.",
@@ -105,32 +105,79 @@ COST = PassCost(fixed_s=0.010, per_token_s=0.007)  # about this CPU's curve
 
 
 def test_one_request_drafts_while_its_tokens_are_likely():
-    lengths = allocate([Request(0, [0.9, 0.8, 0.7, 0.3, 0.1])], 0, COST, 128)
+    lengths = allocate([Request(0, [0.9, 0.8, 0.7, 0.3, 0.1])], {}, COST, 128)
     # a token pays while its chance exceeds (tokens per second so far) x 7 ms
     assert lengths == {0: 4}
 
 
 def test_speculation_shrinks_to_nothing_as_the_batch_grows():
     drafts = [0.6, 0.4, 0.2]
-    taken = [sum(allocate([Request(s, drafts) for s in range(n)], 0, COST, 512).values()) - n for n in (1, 4, 16, 32)]
+    taken = [sum(allocate([Request(s, drafts) for s in range(n)], {}, COST, 512).values()) - n for n in (1, 4, 16, 32)]
     assert taken[0] > 0 and taken[-1] == 0
     assert taken == sorted(taken, reverse=True)
 
 
 def test_nearly_sure_tokens_are_taken_even_in_a_large_batch():
     requests = [Request(s, [0.3]) for s in range(15)] + [Request(15, [0.99, 0.99, 0.98])]
-    lengths = allocate(requests, 0, COST, 512)
+    lengths = allocate(requests, {}, COST, 512)
     assert lengths[15] == 4 and all(lengths[s] == 1 for s in range(15))
 
 
 def test_the_pass_never_exceeds_its_token_budget():
-    lengths = allocate([Request(s, [1.0] * 7) for s in range(4)], 20, COST, 30)
+    lengths = allocate([Request(s, [1.0] * 7) for s in range(4)], {4: 20}, COST, 30)
     assert sum(lengths.values()) + 20 <= 30
 
 
 def test_pass_cost_fit_recovers_a_straight_line():
     cost = PassCost.measure(lambda n: 0.004 + 0.006 * n)
     assert cost.fixed_s == pytest.approx(0.004) and cost.per_token_s == pytest.approx(0.006)
+
+
+def test_pass_cost_fit_tells_micro_batches_from_tokens():
+    cost = PassCost(0.001, 0.001)
+    for u, n in [(1, 16), (2, 17), (1, 4), (4, 20), (3, 64), (1, 1)] * 3:
+        cost.observe(n, 0.009 * u + 0.005 * n, u)
+    assert cost.fixed_s == pytest.approx(0.009) and cost.per_token_s == pytest.approx(0.005)
+    assert cost.seconds(17, 2) == pytest.approx(0.009 * 2 + 0.005 * 17)
+
+
+def test_a_draft_that_needs_a_micro_batch_of_its_own_is_priced_as_one():
+    # slot 5 alone sends a drafted token: llama.cpp runs it as a second micro-batch of one token
+    assert micro_batches({s: 2 if s == 5 else 1 for s in range(16)}) == [16, 1]
+    requests = [Request(s, [0.95, 0.9] if s == 5 else []) for s in range(16)]
+    assert allocate(requests, {}, COST, 512)[5] > 1  # priced as one more token of one pass
+    assert allocate(requests, {}, COST, 512, micro_batch_count)[5] == 1
+    # one request alone: its drafted tokens share its micro-batch and still pay
+    assert allocate([Request(0, [0.95, 0.9])], {}, COST, 512, micro_batch_count)[0] == 3
+
+
+def test_micro_batches_are_the_ones_llama_cpp_runs(decoders, monkeypatch):
+    """``micro_batches`` against llama.cpp's own split of ragged passes (its batch debug log)."""
+    import ctypes
+    import random
+    import re
+
+    from specdecode.runners import llamacpp
+
+    monkeypatch.setenv("LLAMA_BATCH_DEBUG", "1")  # read when a context is created
+    dec = decoders[0]
+    runner = LlamaCppBatchRunner(dec.model, 8, 256, dec.vocab_size)
+    lib, lines = dec.model.lib, []
+    log = lib.llama_log_callback(lambda level, text, user: lines.append(text.decode(errors="replace")))
+    lib.llama_log_set(log, ctypes.c_void_p(0))
+    try:
+        rng = random.Random(0)
+        shapes = [{0: 40, 1: 1}, {0: 1, 2: 1}] + [
+            {s: rng.randint(1, 5) for s in sorted(rng.sample(range(8), rng.randint(1, 8)))} for _ in range(12)]
+        for shape in shapes:
+            lines.clear()
+            runner.forward([Block(s, list(range(300, 300 + n)), 1) for s, n in shape.items()])
+            split = re.findall(r"added ubatch to split:\s*\n.*?n_tokens\s*=\s*(\d+)", "".join(lines), re.S)
+            assert [int(n) for n in split] == micro_batches(shape), shape
+            for s in shape:
+                runner.clear(s)
+    finally:
+        lib.llama_log_set(llamacpp._QUIET_LOG, ctypes.c_void_p(0))
 
 
 def test_batching_refuses_what_it_cannot_do():
@@ -165,6 +212,37 @@ def test_a_short_prompt_is_read_before_a_long_one_that_still_moves(decoders):
 
 
 def test_a_prompt_read_in_the_pass_leaves_no_room_for_guesses():
-    alone = allocate([Request(0, [0.6, 0.5])], 0, COST, 128)
-    reading = allocate([Request(0, [0.6, 0.5])], 60, COST, 128)
+    alone = allocate([Request(0, [0.6, 0.5])], {}, COST, 128)
+    reading = allocate([Request(0, [0.6, 0.5])], {1: 60}, COST, 128)
     assert alone[0] > 1 and reading[0] == 1
+
+
+def test_an_unsent_draft_is_judged_by_the_tokens_then_emitted(decoders):
+    """A request the budget keeps from drafting still learns its acceptance: the draft it did not
+    send is scored against the tokens it emits next, as verification would have scored it."""
+    engine = BatchEngine.for_decoder(decoders[1], 2, 256, max_step_tokens=16)
+    s = engine.add(decoders[1].encode(QUESTIONS[0]), GenerationConfig(max_new_tokens=8))
+    s.shadow = (len(s.context), [7, 8, 9])
+    s.context.append(7)
+    engine._judge_shadow(s)
+    assert s.shadow is not None and s.acceptance.tried == [0.0] * len(s.acceptance.tried)  # not settled
+    s.context.append(5)  # the second drafted token would have been rejected
+    engine._judge_shadow(s)
+    assert s.shadow is None
+    assert s.acceptance.tried[:3] == [1.0, 1.0, 0.0] and s.acceptance.passed[:2] == [1.0, 0.0]
+    s.shadow = (len(s.context), [4, 4])
+    s.context += [4, 4]
+    engine._judge_shadow(s)
+    assert s.shadow is None and s.acceptance.passed[:2] == [1.0 * 0.95 + 1, 1.0]
+
+
+def test_fixed_blocks_and_prompt_chunks_stay_within_the_step(decoders):
+    dec = decoders[1]
+    engine = BatchEngine.for_decoder(dec, 4, 512, max_step_tokens=12)
+    sizes, forward = [], engine.runner.forward
+    engine.runner.forward = lambda blocks: sizes.append(sum(len(b.tokens) for b in blocks)) or forward(blocks)
+    prompts = [dec.encode(q) for q in (QUESTIONS[1], QUESTIONS[1], LONG)]
+    configs = [GenerationConfig(max_new_tokens=24, ignore_eos=True, policy="fixed", draft_len=7)] * 3
+    got = _run(engine, prompts, configs)
+    assert max(sizes) <= 12 and len(sizes) > 10
+    assert [got[i] for i in range(3)] == [dec.generate(p, c).token_ids for p, c in zip(prompts, configs)]

@@ -34,18 +34,17 @@ from ..drafters.base import Draft, Drafter, DraftPlan
 from ..engine import StreamEvent, check_room
 from ..policy import PositionAcceptance
 from ..runners.llamacpp import MAX_BLOCK
-from ..runners.llamacpp_batch import Block, LlamaCppBatchRunner
+from ..runners.llamacpp_batch import Block, LlamaCppBatchRunner, micro_batch_count
 from ..sampling import logits_to_probs, position_noise, token_logprobs
 from ..stats import RunStats, StepRecord
 from ..text import Output
 from ..verify import verify_coupled
 from .budget import PassCost, Request, allocate
 
-PROBE_EVERY = 16  # a request the budget keeps from drafting still sends one drafted token this often
 MAX_DRAFT = 7  # drafted tokens per request and step: a block of 8, where this CPU's passes stop paying
 DEFAULT_MAX_BATCH = 16  # requests in one pass, as llama-server --parallel 16
 DEFAULT_SLOT_CONTEXT = 4096  # tokens per request's KV stream (about 94 MB of f16 cache each on the default target)
-DEFAULT_MAX_STEP_TOKENS = 64  # tokens per pass, prompt chunks included: about 0.5 s of pass here at most
+DEFAULT_MAX_STEP_TOKENS = MAX_BLOCK  # tokens per pass, prompt chunks included: one llama.cpp micro-batch
 OLDEST_SHARE = 4  # the oldest prompt being read gets at least a quarter of a step's prompt tokens
 BATCH_POLICIES = ("cost", "fixed")  # cost: the verification budget; fixed: every request drafts draft_len
 
@@ -66,7 +65,9 @@ class Sequence:
     prompt_tokens: int
     started: float
     read: int = 0  # prompt tokens in the slot's cache so far
-    undrafted: int = 0  # steps in a row it had a draft the budget did not send
+    # a draft the budget did not send, checked against what the request then emits: (the context
+    # length it was drafted at, its tokens)
+    shadow: tuple[int, list[int]] | None = None
 
     @property
     def reading_prompt(self) -> bool:
@@ -168,8 +169,14 @@ class BatchEngine:
         decoding = [s for s in seqs if not s.reading_prompt]
         drafts = {s.slot: self._draft(s) for s in decoding}
         t1 = time.perf_counter()
-        chunks = self._prompt_chunks([s for s in seqs if s.reading_prompt], self.max_step_tokens - len(decoding))
-        lengths = self._block_lengths(decoding, drafts, chunks)
+        room = self.max_step_tokens - len(decoding)  # after every running request's pending token
+        fixed = {}  # policy "fixed": all its drafted tokens, while the step has room
+        for s in decoding:
+            if s.config.policy == "fixed":
+                fixed[s.slot] = 1 + min(len(drafts[s.slot]), room)
+                room -= fixed[s.slot] - 1
+        chunks = self._prompt_chunks([s for s in seqs if s.reading_prompt], room)
+        lengths = self._block_lengths(decoding, drafts, chunks, fixed)
         blocks = [Block(s.slot, [s.context[-1]] + drafts[s.slot].tokens[: lengths[s.slot] - 1], lengths[s.slot])
                   for s in decoding]
         for s, (n, finishing) in chunks.items():
@@ -177,7 +184,8 @@ class BatchEngine:
         t_pass = time.perf_counter()
         logits = self.runner.forward(blocks)
         pass_s = time.perf_counter() - t_pass
-        self.cost.observe(sum(len(b.tokens) for b in blocks), pass_s)
+        shape = {b.slot: len(b.tokens) for b in blocks}
+        self.cost.observe(sum(shape.values()), pass_s, micro_batch_count(shape))
         events = []
         for s, (n, finishing) in chunks.items():
             s.read += n
@@ -214,27 +222,37 @@ class BatchEngine:
             budget -= n
         return {s: (n, n == rest[s]) for s, n in taken.items() if n > 0}
 
-    def _block_lengths(self, decoding: list[Sequence], drafts: dict[int, Draft], chunks) -> dict[int, int]:
-        """Block length (1 + drafted tokens sent) per decoding request: all its drafted tokens under
-        policy "fixed", the verification budget's choice for the others, their prompt chunks and the
-        fixed blocks already in the pass."""
-        lengths = {s.slot: 1 + len(drafts[s.slot]) for s in decoding if s.config.policy == "fixed"}
-        budgeted = [s for s in decoding if s.slot not in lengths]
+    def _block_lengths(self, decoding: list[Sequence], drafts: dict[int, Draft], chunks,
+                       fixed: dict[int, int]) -> dict[int, int]:
+        """Block length (1 + drafted tokens sent) per decoding request: ``fixed`` for policy
+        "fixed" (all its drafted tokens), the verification budget's choice for the others, priced
+        with the prompt chunks and fixed blocks already in the pass."""
+        budgeted = [s for s in decoding if s.slot not in fixed]
         if not budgeted:
-            return lengths
+            return dict(fixed)
         requests = [Request(s.slot, s.acceptance.survival(len(drafts[s.slot]))) for s in budgeted]
-        taken = sum(n for n, _ in chunks.values()) + sum(lengths.values())
-        lengths.update(allocate(requests, taken, self.cost, self.max_step_tokens))
+        other = {**{s.slot: n for s, (n, _) in chunks.items()}, **fixed}
+        lengths = allocate(requests, other, self.cost, self.max_step_tokens, micro_batch_count)
         for s in budgeted:
-            if len(drafts[s.slot]) and lengths[s.slot] == 1:
-                # its acceptance estimate only moves when it drafts: probe now and then, so that a
-                # request whose text became predictable is noticed
-                s.undrafted += 1
-                if s.undrafted % PROBE_EVERY == 0:
-                    lengths[s.slot] = 2
-            elif len(drafts[s.slot]):
-                s.undrafted = 0
-        return lengths
+            if lengths[s.slot] == 1 and len(drafts[s.slot]) and s.shadow is None:
+                # its acceptance estimate only moves when its drafts are judged: judge this one by
+                # the tokens the request emits next, at no cost to the pass
+                s.shadow = (len(s.context), drafts[s.slot].tokens)
+        return {**lengths, **fixed}
+
+    def _judge_shadow(self, s: Sequence) -> None:
+        """Score a draft that was not sent as verification would have: its first k tokens would have
+        been accepted where they equal the tokens then emitted (greedy: the target's argmax; sampled:
+        its Gumbel-max token under the request's noise for that position, which is what the coupled
+        rule accepts a drafted token against)."""
+        start, tokens = s.shadow
+        emitted = s.context[start:start + len(tokens)]
+        agree = 0
+        while agree < len(emitted) and emitted[agree] == tokens[agree]:
+            agree += 1
+        if agree < len(emitted) or len(emitted) == len(tokens):  # settled: a miss, or all of it seen
+            s.acceptance.observe(len(tokens), agree)
+            s.shadow = None
 
     def _advance(self, s: Sequence, draft: Draft, logits: torch.Tensor, draft_s: float, pass_s: float,
                  target_tokens: int) -> tuple[Sequence, StreamEvent]:
@@ -254,6 +272,8 @@ class BatchEngine:
             s.acceptance.observe(len(draft), verdict.num_accepted)
         new, text = s.output.add(verdict.tokens)
         s.context.extend(new)
+        if s.shadow is not None:
+            self._judge_shadow(s)
         logprobs = [] if config.logprobs is None else token_logprobs(logits[: len(new)], new, config.logprobs)
         rec = StepRecord(s.stats.steps, min(config.draft_len, MAX_DRAFT), len(draft), verdict.num_accepted, len(new),
                          draft_s, pass_s, time.perf_counter() - t2, target_tokens)

@@ -3,7 +3,8 @@ batching runs on (``batching.BatchEngine``).
 
 Each sequence has a slot (llama.cpp's sequence id) with a KV stream of its own, and a pass holds
 one block of tokens per slot, any lengths. llama.cpp cuts the pass into micro-batches that take an
-equal number of tokens from each of a run of consecutive slots; whatever their shapes, attention
+equal number of tokens from each of a run of consecutive slots (``micro_batches``, which the
+verification budget prices: each micro-batch costs a pass's fixed part); whatever their shapes, attention
 stays on the path whose rows do not depend on the rest of the pass (``runners.llamacpp``), so a
 sequence's logits are bit-identical to the single runner's whatever else shares its pass
 (tests/test_batching.py).
@@ -23,6 +24,31 @@ class Block:
     slot: int
     tokens: list[int]  # appended at the slot's next positions
     num_logits: int  # logits are wanted for the last num_logits tokens
+
+
+def micro_batches(blocks: dict[int, int], n_ubatch: int = MAX_BLOCK) -> list[int]:
+    """Token counts of the micro-batches llama.cpp cuts a pass into, given slot -> tokens in the
+    pass (its ``split_equal`` over sequences in KV streams of their own, blocks in slot order): a
+    micro-batch starts at the lowest slot with tokens left, takes the run of consecutive slots after
+    it that have tokens left, and takes as many tokens from each as the one with fewest has left
+    (at most ``n_ubatch`` in all)."""
+    left = {slot: n for slot, n in blocks.items() if n > 0}
+    out = []
+    while left:
+        run = [min(left)]
+        while run[-1] + 1 in left:
+            run.append(run[-1] + 1)
+        take = min(min(left[s] for s in run), max(1, n_ubatch // len(run)))
+        out.append(take * len(run))
+        for s in run:
+            left[s] -= take
+            if not left[s]:
+                del left[s]
+    return out
+
+
+def micro_batch_count(blocks: dict[int, int]) -> int:
+    return len(micro_batches(blocks))
 
 
 class LlamaCppBatchRunner(LlamaCppContext):
