@@ -8,7 +8,7 @@ import torch
 
 from specdecode import GenerationConfig
 from specdecode.costmodel import CostModel
-from specdecode.drafters.base import Draft, Drafter, DraftPlan
+from specdecode.drafters.base import Draft, Drafter, DraftPlan, NoDrafter
 from specdecode.drafters.model import ModelDrafter
 from specdecode.drafters.ngram import NgramDrafter
 from specdecode.engine import SpeculativeDecoder
@@ -177,6 +177,36 @@ def test_cost_policy_turns_speculation_off_when_drafts_fail(tiny_target, tokeniz
     # one failed block of 8 turns it off; then only a probe of 2 every 16 plain steps
     assert got.stats.drafted <= 8 + 2 * (60 // 16 + 1)
     assert got.stats.drafted_at[0] <= 1 + 60 // 16 + 1
+
+
+def test_cost_policy_judges_unsent_drafts_instead_of_probing(tiny_target, tokenizer):
+    """A drafter whose unsent drafts the engine judges (one-hot, nearly free) needs no probe
+    passes: while speculation is off its drafts are scored against the tokens then emitted, and
+    speculation comes back when they start to match."""
+    want = plain(tiny_target, tokenizer, PROMPTS[0], n=60).token_ids
+    prompt = len(decoder(tiny_target, tokenizer, NoDrafter()).encode(PROMPTS[0], chat=False))
+
+    class LateDrafter(Drafter):
+        name = "late"
+        judged_unsent = True
+
+        def propose(self, context, plan, config, generator):
+            at = len(context) - prompt  # tokens emitted so far
+            if at < 24:
+                return Draft([0] * plan.max_tokens)  # wrong while the first 24 tokens come out
+            return Draft(want[at:at + plan.max_tokens])  # then exactly the target's continuation
+
+    cost = CostModel(target_s={n: 0.05 if n == 1 else 0.08 for n in range(1, 18)}, smoothing=0.0)
+    dec = SpeculativeDecoder(tiny_target, tokenizer, LateDrafter(), cost=cost)
+    emitted, sent_while_wrong, tokens = 0, 0, []
+    for event in dec.stream(PROMPTS[0], GenerationConfig(max_new_tokens=60, ignore_eos=True), chat=False):
+        if emitted < 24:
+            sent_while_wrong += event.step.drafted
+        emitted += len(event.token_ids)
+        tokens += event.token_ids
+    assert tokens == want
+    assert sent_while_wrong == 8  # the first block of 8 failed; no probe blocks after it
+    assert event.stats.accepted >= 8  # back on once the unsent drafts matched
 
 
 def test_seeded_sampling_does_not_depend_on_measured_costs(tiny_target, tiny_draft, tokenizer):

@@ -28,8 +28,8 @@ import torch
 
 from .config import ConfigError, GenerationConfig
 from .costmodel import CostModel
-from .drafters.base import Draft, Drafter
-from .policy import Calibration, make_policy
+from .drafters.base import Draft, Drafter, DraftPlan
+from .policy import Calibration, judge_unsent, make_policy
 from .runners import TreeRunner, make_runner, output_rows
 from .sampling import TokenLogprob, logits_to_probs, token_logprobs
 from .stats import RunStats, StepRecord
@@ -149,8 +149,10 @@ class SpeculativeDecoder:
         cost = CostModel.prior(self.drafter.cost_prior) if seeded else self.cost
         calibration = Calibration() if seeded else self.calibration
         policy = make_policy(
-            config.policy, config.draft_len, cost, dynamic=self.drafter.dynamic, calibration=calibration
+            config.policy, config.draft_len, cost, dynamic=self.drafter.dynamic, calibration=calibration,
+            judges_unsent=self.drafter.judged_unsent,
         )
+        unsent = None  # (context length, tokens) of a draft the policy did not send, to be judged
         stats = RunStats(drafter=self.drafter.name, policy=policy.name, prompt_tokens=len(prompt_ids))
         output = Output(self.tokenizer, self.eos_ids, config.stop, config.max_new_tokens, config.ignore_eos)
         if trace is not None:
@@ -190,6 +192,13 @@ class SpeculativeDecoder:
                 self.target.keep_branch(start, [0] + [i + 1 for i in accepted])
                 rows = [0] + [i + 1 for i in accepted]
             t2 = time.perf_counter()
+            if not plan.max_tokens and unsent is None and policy.judges_unsent:
+                # a draft it does not send, after the context this step started from, judged below by
+                # the tokens emitted (its time counts as overhead, not as drafting)
+                room_left = min(config.draft_len, output.left - 1)
+                if room_left > 0:
+                    tokens = self.drafter.propose(context, DraftPlan(room_left), config, generator).tokens
+                    unsent = (len(context), tokens) if tokens else None
             self.drafter.observe(draft, verdict.num_accepted)
             hit = set(accepted)
             policy.observe_confidence(draft.path_scores(), [i in hit for i in range(len(draft))])
@@ -198,6 +207,9 @@ class SpeculativeDecoder:
             finish = output.finish
             logprobs = [] if config.logprobs is None else token_logprobs(logits[rows[: len(new)]], new, config.logprobs)
             context.extend(new)
+            if unsent is not None and (judged := judge_unsent(context, *unsent)) is not None:
+                policy.observe_unsent(len(unsent[1]), judged)
+                unsent = None
             t3 = time.perf_counter()
             rec = StepRecord(
                 step,

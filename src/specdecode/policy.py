@@ -106,8 +106,28 @@ class PositionAcceptance:
             self.passed[i] += 1 if i < accepted else 0
 
 
+def judge_unsent(context: list[int], start: int, tokens: list[int]) -> int | None:
+    """How many of ``tokens``, a one-hot draft made when the context was ``start`` tokens long
+    and never sent, verification would have accepted, judged by the tokens emitted since
+    (``context[start:]``); None while that is not settled.
+
+    Exact for the rules one-hot drafts meet: greedy accepts a drafted token when it is the
+    target's argmax, which is the token then emitted; the coupled rule when it is the target's
+    Gumbel-max token, also the token then emitted; the standard rule accepts token x with
+    probability p(x), the chance that the emitted token is x, so counting matches is an unbiased
+    estimate of its acceptance."""
+    emitted = context[start:start + len(tokens)]
+    agree = 0
+    while agree < len(emitted) and emitted[agree] == tokens[agree]:
+        agree += 1
+    if agree < len(emitted) or len(emitted) == len(tokens):  # a miss, or all of it seen
+        return agree
+    return None
+
+
 class Policy:
     name = "fixed"
+    judges_unsent = False  # whether the engine should judge drafts it does not send (``observe_unsent``)
 
     def __init__(self, max_tau: int):
         self.max_tau = max_tau
@@ -138,6 +158,9 @@ class Policy:
     def observe(self, rec: StepRecord) -> None:
         pass
 
+    def observe_unsent(self, drafted: int, accepted: int) -> None:
+        pass
+
 
 class HeuristicPolicy(Policy):
     name = "heuristic"
@@ -160,16 +183,19 @@ class HeuristicPolicy(Policy):
 
 class CostPolicy(Policy):
     """Expected-throughput maximiser with an online acceptance estimate (``PositionAcceptance``).
-    When no tau pays, speculation is off; every ``probe_every`` plain steps it drafts one short
-    block to notice if the text became predictable again.
+    When no tau pays, speculation is off; to notice if the text became predictable again it
+    drafts one short block every ``probe_every`` plain steps, or, with ``judges_unsent`` (drafts
+    the engine judges without sending them, ``judge_unsent``), never: the estimate then moves
+    through ``observe_unsent``.
     """
 
     name = "cost"
 
     def __init__(self, max_tau: int, cost: CostModel | None = None, prior: float = 0.5, prior_weight: float = 2.0,
                  decay: float = 0.95, probe_every: int = 16, dynamic: bool = False,
-                 calibration: Calibration | None = None):
+                 calibration: Calibration | None = None, judges_unsent: bool = False):
         super().__init__(max_tau)
+        self.judges_unsent = judges_unsent
         self.dynamic = dynamic
         self.calibration = calibration or Calibration()
         self.cost = cost or CostModel()
@@ -185,7 +211,7 @@ class CostPolicy(Policy):
         tau, self.last_prediction = best_draft_len(self.acceptance(), self.cost, self.max_tau)
         if tau == 0 and self.max_tau > 0:
             self.plain_steps += 1
-            if self.plain_steps % self.probe_every == 0:
+            if not self.judges_unsent and self.plain_steps % self.probe_every == 0:
                 return min(2, self.max_tau)
             return 0
         if self.cost.baseline_stale():
@@ -226,11 +252,15 @@ class CostPolicy(Policy):
         if rec.drafted:
             self.estimate.observe(rec.positions, rec.accepted)
 
+    def observe_unsent(self, drafted: int, accepted: int) -> None:
+        """A draft that was not sent, judged by ``judge_unsent``."""
+        self.estimate.observe(drafted, accepted)
+
 
 def make_policy(name: str, max_tau: int, cost: CostModel | None = None, dynamic: bool = False,
-                calibration: Calibration | None = None) -> Policy:
+                calibration: Calibration | None = None, judges_unsent: bool = False) -> Policy:
     if name == "cost":
-        return CostPolicy(max_tau, cost, dynamic=dynamic, calibration=calibration)
+        return CostPolicy(max_tau, cost, dynamic=dynamic, calibration=calibration, judges_unsent=judges_unsent)
     if name == "heuristic":
         return HeuristicPolicy(max_tau)
     return Policy(max_tau)  # "fixed" and "confidence" (the drafter stops early itself)

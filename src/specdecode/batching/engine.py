@@ -32,7 +32,7 @@ import torch
 from ..config import ConfigError, GenerationConfig
 from ..drafters.base import Draft, Drafter, DraftPlan
 from ..engine import StreamEvent, check_room
-from ..policy import PositionAcceptance
+from ..policy import PositionAcceptance, judge_unsent
 from ..runners.llamacpp import MAX_BLOCK
 from ..runners.llamacpp_batch import Block, LlamaCppBatchRunner, micro_batch_count
 from ..sampling import logits_to_probs, position_noise, token_logprobs
@@ -241,17 +241,10 @@ class BatchEngine:
         return {**lengths, **fixed}
 
     def _judge_shadow(self, s: Sequence) -> None:
-        """Score a draft that was not sent as verification would have: its first k tokens would have
-        been accepted where they equal the tokens then emitted (greedy: the target's argmax; sampled:
-        its Gumbel-max token under the request's noise for that position, which is what the coupled
-        rule accepts a drafted token against)."""
-        start, tokens = s.shadow
-        emitted = s.context[start:start + len(tokens)]
-        agree = 0
-        while agree < len(emitted) and emitted[agree] == tokens[agree]:
-            agree += 1
-        if agree < len(emitted) or len(emitted) == len(tokens):  # settled: a miss, or all of it seen
-            s.acceptance.observe(len(tokens), agree)
+        """Score a draft that was not sent as verification would have (``policy.judge_unsent``)."""
+        judged = judge_unsent(s.context, *s.shadow)
+        if judged is not None:
+            s.acceptance.observe(len(s.shadow[1]), judged)
             s.shadow = None
 
     def _advance(self, s: Sequence, draft: Draft, logits: torch.Tensor, draft_s: float, pass_s: float,

@@ -87,6 +87,10 @@ class Drafter:
     # token (trained heads, draft models): the cost policy then lets them end a block early, at
     # ``DraftPlan.path_floor``
     dynamic = False
+    # True for drafters whose drafts are one-hot and cost next to nothing (n-gram lookup): a draft
+    # the policy does not send can still be proposed and judged against the tokens then emitted
+    # (``policy.judge_unsent``), so the policy needs no probe passes to follow the text
+    judged_unsent = False
 
     def propose(self, context: list[int], plan: DraftPlan, config: GenerationConfig,
                 generator: torch.Generator) -> Draft:
