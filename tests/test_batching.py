@@ -151,6 +151,14 @@ def test_a_draft_that_needs_a_micro_batch_of_its_own_is_priced_as_one():
     assert allocate([Request(0, [0.95, 0.9])], {}, COST, 512, micro_batch_count)[0] == 3
 
 
+def test_a_likely_token_that_merges_micro_batches_is_sent():
+    # slots 0 and 2 send a nearly sure token each: alone, two extra micro-batches of one token;
+    # slot 1's middling token makes the three blocks equal, one micro-batch of 6
+    requests = [Request(0, [0.99]), Request(1, [0.5]), Request(2, [0.99])]
+    assert micro_batches({0: 2, 1: 1, 2: 2}) == [3, 1, 1] and micro_batches({0: 2, 1: 2, 2: 2}) == [6]
+    assert allocate(requests, {}, COST, 512, micro_batch_count) == {0: 2, 1: 2, 2: 2}
+
+
 def test_micro_batches_are_the_ones_llama_cpp_runs(decoders, monkeypatch):
     """``micro_batches`` against llama.cpp's own split of ragged passes (its batch debug log)."""
     import ctypes

@@ -95,9 +95,13 @@ def allocate(requests: list[Request], other: dict[int, int], cost: PassCost, max
     best, best_rate = dict(lengths), value / cost.seconds(tokens, split(blocks))
     ranked = sorted(((chance, r.slot) for r in requests for chance in r.survival), key=lambda x: -x[0])
     for chance, slot in ranked[:MAX_RANKED]:  # within a request the chances fall, so its tokens come in order
-        # every later token is worth at most this chance and costs at least a token's share of a
-        # pass: once that cannot beat the best rate, no longer prefix can
-        if tokens + 1 > max_tokens or chance < best_rate * cost.per_token_s:
+        if tokens + 1 > max_tokens:
+            break
+        # a token can merge micro-batches and make the pass cheaper, but no pass costs less than
+        # one micro-batch: once neither the tokens left (worth at most this chance, each at least
+        # a token's time) nor this prefix priced as one micro-batch beat the best rate, no longer
+        # prefix can
+        if chance < best_rate * cost.per_token_s and value <= best_rate * cost.seconds(tokens):
             break
         lengths[slot] += 1
         blocks[slot] += 1
