@@ -230,18 +230,18 @@ def test_an_unsent_draft_is_judged_by_the_tokens_then_emitted(decoders):
     send is scored against the tokens it emits next, as verification would have scored it."""
     engine = BatchEngine.for_decoder(decoders[1], 2, 256, max_step_tokens=16)
     s = engine.add(decoders[1].encode(QUESTIONS[0]), GenerationConfig(max_new_tokens=8))
-    s.shadow = (len(s.context), [7, 8, 9])
+    s.unsent = (len(s.context), [7, 8, 9])
     s.context.append(7)
-    engine._judge_shadow(s)
-    assert s.shadow is not None and s.acceptance.tried == [0.0] * len(s.acceptance.tried)  # not settled
+    engine._judge_unsent(s)
+    assert s.unsent is not None and s.acceptance.tried == [0.0] * len(s.acceptance.tried)  # not settled
     s.context.append(5)  # the second drafted token would have been rejected
-    engine._judge_shadow(s)
-    assert s.shadow is None
+    engine._judge_unsent(s)
+    assert s.unsent is None
     assert s.acceptance.tried[:3] == [1.0, 1.0, 0.0] and s.acceptance.passed[:2] == [1.0, 0.0]
-    s.shadow = (len(s.context), [4, 4])
+    s.unsent = (len(s.context), [4, 4])
     s.context += [4, 4]
-    engine._judge_shadow(s)
-    assert s.shadow is None and s.acceptance.passed[:2] == [1.0 * 0.95 + 1, 1.0]
+    engine._judge_unsent(s)
+    assert s.unsent is None and s.acceptance.passed[:2] == [1.0 * 0.95 + 1, 1.0]
 
 
 def test_fixed_blocks_and_prompt_chunks_stay_within_the_step(decoders):

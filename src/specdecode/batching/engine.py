@@ -67,7 +67,7 @@ class Sequence:
     read: int = 0  # prompt tokens in the slot's cache so far
     # a draft the budget did not send, checked against what the request then emits: (the context
     # length it was drafted at, its tokens)
-    shadow: tuple[int, list[int]] | None = None
+    unsent: tuple[int, list[int]] | None = None
 
     @property
     def reading_prompt(self) -> bool:
@@ -234,18 +234,18 @@ class BatchEngine:
         other = {**{s.slot: n for s, (n, _) in chunks.items()}, **fixed}
         lengths = allocate(requests, other, self.cost, self.max_step_tokens, micro_batch_count)
         for s in budgeted:
-            if lengths[s.slot] == 1 and len(drafts[s.slot]) and s.shadow is None:
+            if lengths[s.slot] == 1 and len(drafts[s.slot]) and s.unsent is None:
                 # its acceptance estimate only moves when its drafts are judged: judge this one by
                 # the tokens the request emits next, at no cost to the pass
-                s.shadow = (len(s.context), drafts[s.slot].tokens)
+                s.unsent = (len(s.context), drafts[s.slot].tokens)
         return {**lengths, **fixed}
 
-    def _judge_shadow(self, s: Sequence) -> None:
+    def _judge_unsent(self, s: Sequence) -> None:
         """Score a draft that was not sent as verification would have (``policy.judge_unsent``)."""
-        judged = judge_unsent(s.context, *s.shadow)
+        judged = judge_unsent(s.context, *s.unsent)
         if judged is not None:
-            s.acceptance.observe(len(s.shadow[1]), judged)
-            s.shadow = None
+            s.acceptance.observe(len(s.unsent[1]), judged)
+            s.unsent = None
 
     def _advance(self, s: Sequence, draft: Draft, logits: torch.Tensor, draft_s: float, pass_s: float,
                  target_tokens: int) -> tuple[Sequence, StreamEvent]:
@@ -265,8 +265,8 @@ class BatchEngine:
             s.acceptance.observe(len(draft), verdict.num_accepted)
         new, text = s.output.add(verdict.tokens)
         s.context.extend(new)
-        if s.shadow is not None:
-            self._judge_shadow(s)
+        if s.unsent is not None:
+            self._judge_unsent(s)
         logprobs = [] if config.logprobs is None else token_logprobs(logits[: len(new)], new, config.logprobs)
         rec = StepRecord(s.stats.steps, min(config.draft_len, MAX_DRAFT), len(draft), verdict.num_accepted, len(new),
                          draft_s, pass_s, time.perf_counter() - t2, target_tokens)
