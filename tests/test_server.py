@@ -424,3 +424,21 @@ def test_serve_refuses_batching_it_cannot_do_naming_the_option():
            "--draft", "ngram", "--max-batch", "4"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--max-batch" in proc.stderr
+
+
+def test_loading_runs_on_a_thread_that_has_ended_and_raises_its_error():
+    # a live thread that ran passes keeps an OpenMP team, which slows every later pass of the
+    # worker (Server.load's docstring); Ray Serve calls load on a thread it keeps
+    import threading
+
+    from specdecode.server.app import Server
+
+    ran_on = []
+
+    def loader():
+        ran_on.append(threading.current_thread())
+        raise RuntimeError("no such model")
+
+    with pytest.raises(RuntimeError, match="no such model"):
+        Server(loader, "m").load()
+    assert ran_on[0] is not threading.current_thread() and not ran_on[0].is_alive()

@@ -73,7 +73,30 @@ class Server:
         self.replica = replica
 
     def load(self) -> None:
-        """Load the decoder and start the worker (raises what loading raised)."""
+        """Load the decoder and start the worker (raises what loading raised), on a thread of its own
+        that has ended when this returns.
+
+        Loading runs passes (llama.cpp's warm-up, the cost calibration), and OpenMP (libgomp, which
+        llama.cpp and torch share) keeps a team of threads for every live thread that ran a
+        parallel region. With more such threads than cores it stops spinning at barriers and puts
+        threads to sleep, and llama.cpp meets a barrier at every node of its graph: with the team
+        of a thread that loaded and lives on (Ray Serve constructs a replica on a thread it keeps),
+        the worker's passes took 2-3x as long. The worker must be the only live thread that ran one."""
+        failure: list[BaseException] = []
+
+        def run():
+            try:
+                self._load()
+            except BaseException as exc:  # re-raised on the caller's thread
+                failure.append(exc)
+
+        loader = threading.Thread(target=run, name="specdecode-loader", daemon=True)
+        loader.start()
+        loader.join()
+        if failure:
+            raise failure[0]
+
+    def _load(self) -> None:
         self.decoder = self.loader()
         engine = make_engine(self.decoder, self.max_batch, self.slot_context, self.max_step_tokens)
         self.max_context = engine.max_context
@@ -82,7 +105,7 @@ class Server:
     def start_loading(self) -> None:
         def load():
             try:
-                self.load()
+                self._load()  # on this thread, which ends once loaded (see ``load``)
             except Exception as exc:
                 self.load_error = str(exc)
                 print(f"specdecode: could not start: {exc}", file=sys.stderr, flush=True)

@@ -304,9 +304,11 @@ def start(spec: ModelSpec, model_name: str, server_options: dict, options: RayOp
         raise SpecDecodeError("threads", f"{options.fewest_replicas} replica(s) x {threads} thread(s) need "
                                          f"{options.fewest_replicas * threads} CPUs; Ray has {sum(node_cpus)}")
     serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
-    serve.run(application(spec, model_name, server_options, options, threads), name=app_name, route_prefix="/")
+    # the probes first: /health says ok once the replicas run, and by then no probe's process is
+    # still starting (each takes seconds of a core, which the first requests would pay for)
     for kind in PROBES:  # Serve routes by the longest prefix: these paths go to the probes
         serve.run(_probe_app(kind, app_name), name=f"{app_name}-{kind}", route_prefix=f"/{kind}")
+    serve.run(application(spec, model_name, server_options, options, threads), name=app_name, route_prefix="/")
     return threads
 
 
