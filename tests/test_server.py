@@ -6,6 +6,7 @@ import concurrent.futures
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -429,8 +430,6 @@ def test_serve_refuses_batching_it_cannot_do_naming_the_option():
 def test_loading_runs_on_a_thread_that_has_ended_and_raises_its_error():
     # a live thread that ran passes keeps an OpenMP team, which slows every later pass of the
     # worker (Server.load's docstring); Ray Serve calls load on a thread it keeps
-    import threading
-
     from specdecode.server.app import Server
 
     ran_on = []

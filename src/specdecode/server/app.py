@@ -79,9 +79,9 @@ class Server:
         Loading runs passes (llama.cpp's warm-up, the cost calibration), and OpenMP (libgomp, which
         llama.cpp and torch share) keeps a team of threads for every live thread that ran a
         parallel region. With more such threads than cores it stops spinning at barriers and puts
-        threads to sleep, and llama.cpp meets a barrier at every node of its graph: with the team
-        of a thread that loaded and lives on (Ray Serve constructs a replica on a thread it keeps),
-        the worker's passes took 2-3x as long. The worker must be the only live thread that ran one."""
+        threads to sleep, and llama.cpp meets a barrier at every node of its graph, so the worker's
+        passes slow down for as long as a thread that loaded lives on (Ray Serve constructs a
+        replica on a thread it keeps). The worker must be the only live thread that ran one."""
         failure: list[BaseException] = []
 
         def run():
