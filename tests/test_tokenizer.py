@@ -3,6 +3,7 @@ tokenizer of the same file gives: ids, chat-template text and ids, decoded text,
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -111,6 +112,29 @@ def test_decoding_matches_transformers(pair):
     for ids in sequences:
         for skip in (True, False):
             assert light.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip), ids
+
+
+
+def test_tokenization_space_clean_up_is_decided_as_transformers_decides(tmp_path):
+    # transformers' clean-up (no space before punctuation and contractions) is skipped for a BPE
+    # model such as the default target's unless its config insists; the default's asks for none
+    from transformers import AutoTokenizer
+
+    source = gguf_tokenizer(default_gguf_path(), "target").directory
+    text = "Wait , what ? I 'm sure it 's fine ! They 're here , we 've seen it . Don 't ."
+    insist = "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"
+    decoded = {}
+    for name, config in (("asks", {"clean_up_tokenization_spaces": True}),
+                         ("insists", {"clean_up_tokenization_spaces": True, insist: True})):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "tokenizer.json").write_bytes((source / "tokenizer.json").read_bytes())
+        (directory / "tokenizer_config.json").write_text(json.dumps(config))
+        light, hf = LightTokenizer(directory), AutoTokenizer.from_pretrained(directory)
+        ids = hf(text, add_special_tokens=False).input_ids
+        decoded[name] = light.decode(ids)
+        assert decoded[name] == hf.decode(ids), name
+    assert decoded["asks"] == text and decoded["insists"] != text  # control: each way was taken
 
 
 def test_a_broken_tokenizer_directory_is_a_clear_error(tmp_path):

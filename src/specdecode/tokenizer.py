@@ -70,7 +70,11 @@ class LightTokenizer:
         self.special_tokens = {name: text for name in SPECIAL_TOKENS if (text := _token_text(config.get(name)))}
         self.eos_token = self.special_tokens.get("eos_token")
         self.eos_token_id = None if self.eos_token is None else self._tokenizer.token_to_id(self.eos_token)
-        self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+        # as transformers decodes: its space clean-up, made for WordPiece, is skipped for BPE models
+        # (it would strip spaces the text has) unless the config insists
+        self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False)) and (
+            type(self._tokenizer.model).__name__ != "BPE"
+            or bool(config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)))
         self._template = None
 
     def __len__(self) -> int:
