@@ -114,7 +114,6 @@ def test_decoding_matches_transformers(pair):
             assert light.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip), ids
 
 
-
 def test_tokenization_space_clean_up_is_decided_as_transformers_decides(tmp_path):
     # transformers' clean-up (no space before punctuation and contractions) is skipped for a BPE
     # model such as the default target's unless its config insists; the default's asks for none

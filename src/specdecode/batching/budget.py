@@ -8,10 +8,9 @@ share of a longer pass (``PassCost``). The drafted tokens of all requests are ra
 and the pass takes the prefix of the ranking with the most expected emitted tokens per second of
 pass (prompt tokens read in the pass count as work done, like emitted tokens). On a CPU a pass
 costs about a fixed part per micro-batch plus a part per token: with one request the fixed part
-dominates and
-drafting pays down to modest chances; with many requests, or a prompt being read, one more drafted
-token costs about what a needed token costs, and speculation shrinks to the tokens that are nearly
-sure, then to none; it comes back as the batch empties.
+dominates and drafting pays down to modest chances; with many requests, or a prompt being read,
+one more drafted token costs about what a needed token costs, and speculation shrinks to the
+tokens that are nearly sure, then to none; it comes back as the batch empties.
 
 Chosen: throughput over the batch (expected tokens per second), with every request advancing each
 step, rather than per-request latency targets or priorities: an OpenAI request carries neither,

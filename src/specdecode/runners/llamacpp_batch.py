@@ -4,9 +4,9 @@ batching runs on (``batching.BatchEngine``).
 Each sequence has a slot (llama.cpp's sequence id) with a KV stream of its own, and a pass holds
 one block of tokens per slot, any lengths. llama.cpp cuts the pass into micro-batches that take an
 equal number of tokens from each of a run of consecutive slots (``micro_batches``, which the
-verification budget prices: each micro-batch costs a pass's fixed part); whatever their shapes, attention
-stays on the path whose rows do not depend on the rest of the pass (``runners.llamacpp``), so a
-sequence's logits are bit-identical to the single runner's whatever else shares its pass
+verification budget prices: each micro-batch costs a pass's fixed part); whatever their shapes,
+attention stays on the path whose rows do not depend on the rest of the pass (``runners.llamacpp``),
+so a sequence's logits are bit-identical to the single runner's whatever else shares its pass
 (tests/test_batching.py).
 """
 
