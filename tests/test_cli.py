@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -87,3 +89,11 @@ def test_generate_streams_text_and_writes_trace(capsys, tmp_path):
     steps = [x for x in lines if x["type"] == "step"]
     assert sum(s["emitted"] for s in steps) == lines[-1]["new_tokens"]
     assert "tok/s" in err
+
+
+def test_the_command_line_parses_its_options_without_importing_torch():
+    # torch's import takes seconds on a small CPU: --help, and subcommands that run no model, skip it
+    code = ("import sys; from specdecode.cli import build_parser; "
+            "build_parser().parse_args(['generate', 'hi']); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

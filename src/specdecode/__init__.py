@@ -6,10 +6,15 @@ Speculative Sampling"): a cheap drafter proposes tokens, the target verifies the
 the acceptance rule keeps the output distribution exactly the target's.
 """
 
-from .api import load, make_drafter
+import importlib
+
 from .config import ConfigError, GenerationConfig, SpecDecodeError
-from .engine import GenerationResult, SpeculativeDecoder, StreamEvent
 from .stats import RunStats, StepRecord
+
+# imported on first use: they import torch (seconds on a small CPU), which the command line's
+# parsing, --help and its subcommands that run no model do not need
+_LAZY = {"load": "api", "make_drafter": "api", "GenerationResult": "engine", "SpeculativeDecoder": "engine",
+         "StreamEvent": "engine"}
 
 __all__ = [
     "ConfigError",
@@ -24,3 +29,11 @@ __all__ = [
     "make_drafter",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

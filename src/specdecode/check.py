@@ -18,14 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError, GenerationConfig
+from .config import DEFAULT_CONTEXTS, ConfigError, GenerationConfig
 from .drafters.base import NoDrafter
 from .engine import SpeculativeDecoder
 from .sampling import logits_to_probs
 
-DEFAULT_DRAWS = 1000  # seeded generations per context in the sampling check
-DEFAULT_CONTEXTS = 2  # contexts the sampling check tests
-DEFAULT_ALPHA = 0.01  # overall significance level, split over the tests (Bonferroni)
 MIN_DRAWS = 20  # fewer draws leave the chi-square test without power
 
 CHECK_PROMPTS = [

@@ -15,6 +15,16 @@ DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # "auto": bfloat16 on 
 BACKENDS = ("auto", "torch", "llamacpp")
 DEFAULT_BACKEND = "auto"  # models.resolve_backend: llama.cpp for a GGUF target where installed, else torch
 DEFAULT_DRAFT = "auto"  # head+ngram where the shipped head fits the target (``api.auto_drafter``), else ngram
+MAX_BLOCK = 512  # tokens per llama_decode call and per micro-batch on llamacpp; longer inputs (prefills) are split
+DEFAULT_MAX_BATCH = 16  # requests in one pass when serving, as llama-server --parallel 16
+DEFAULT_SLOT_CONTEXT = 4096  # tokens per request's KV stream (about 94 MB of f16 cache each on the default target)
+DEFAULT_MAX_STEP_TOKENS = MAX_BLOCK  # tokens per batched pass, prompt chunks included: one llama.cpp micro-batch
+DEFAULT_MAX_QUEUE = 64  # requests that may wait for a slot when serving; past it: 429
+DEFAULT_QUEUE_TIMEOUT_S = 60.0  # a request not started within this gets 429 with Retry-After
+DEFAULT_SHUTDOWN_GRACE_S = 5.0  # running requests may finish within this on shutdown; then they are cut
+DEFAULT_DRAWS = 1000  # seeded generations per context in check's sampling test
+DEFAULT_CONTEXTS = 2  # contexts check's sampling test tests
+DEFAULT_ALPHA = 0.01  # check's overall significance level, split over the tests (Bonferroni)
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs allows
 TREE_CHOICES = {"auto": "auto", "on": True, "off": False}  # the CLI's --tree -> GenerationConfig.tree
 

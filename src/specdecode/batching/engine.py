@@ -29,11 +29,16 @@ from itertools import count
 
 import torch
 
-from ..config import ConfigError, GenerationConfig
+from ..config import (
+    DEFAULT_MAX_STEP_TOKENS,
+    DEFAULT_SLOT_CONTEXT,
+    MAX_BLOCK,
+    ConfigError,
+    GenerationConfig,
+)
 from ..drafters.base import Draft, Drafter, DraftPlan
 from ..engine import StreamEvent, check_room
 from ..policy import PositionAcceptance, judge_unsent
-from ..runners.llamacpp import MAX_BLOCK
 from ..runners.llamacpp_batch import Block, LlamaCppBatchRunner, micro_batch_count
 from ..sampling import logits_to_probs, position_noise, token_logprobs
 from ..stats import RunStats, StepRecord
@@ -42,9 +47,6 @@ from ..verify import verify_coupled
 from .budget import PassCost, Request, allocate
 
 MAX_DRAFT = 7  # drafted tokens per request and step: a block of 8, where this CPU's passes stop paying
-DEFAULT_MAX_BATCH = 16  # requests in one pass, as llama-server --parallel 16
-DEFAULT_SLOT_CONTEXT = 4096  # tokens per request's KV stream (about 94 MB of f16 cache each on the default target)
-DEFAULT_MAX_STEP_TOKENS = MAX_BLOCK  # tokens per pass, prompt chunks included: one llama.cpp micro-batch
 OLDEST_SHARE = 4  # the oldest prompt being read gets at least a quarter of a step's prompt tokens
 BATCH_POLICIES = ("cost", "fixed")  # cost: the verification budget; fixed: every request drafts draft_len
 

@@ -11,7 +11,7 @@ CHECK_MAX_NEW_TOKENS = 48  # greedy cases long enough to reach drafted, rejected
 
 
 def register(sub) -> None:
-    from ..check import DEFAULT_ALPHA, DEFAULT_CONTEXTS, DEFAULT_DRAWS
+    from ..config import DEFAULT_ALPHA, DEFAULT_CONTEXTS, DEFAULT_DRAWS
 
     p = sub.add_parser("check", help="empirical losslessness check of a target/drafter pair")
     add_model_args(p)

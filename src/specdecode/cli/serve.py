@@ -14,9 +14,14 @@ MAX_BATCH_LIMIT = 64  # slots per pass; every running request puts a token into 
 
 
 def register(sub) -> None:
-    from ..batching.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_STEP_TOKENS, DEFAULT_SLOT_CONTEXT
-    from ..server import DEFAULT_MAX_QUEUE
-    from ..server.worker import DEFAULT_QUEUE_TIMEOUT_S, DEFAULT_SHUTDOWN_GRACE_S
+    from ..config import (
+        DEFAULT_MAX_BATCH,
+        DEFAULT_MAX_QUEUE,
+        DEFAULT_MAX_STEP_TOKENS,
+        DEFAULT_QUEUE_TIMEOUT_S,
+        DEFAULT_SHUTDOWN_GRACE_S,
+        DEFAULT_SLOT_CONTEXT,
+    )
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_model_args(p)

@@ -28,11 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ConfigError
+from ..config import MAX_BLOCK, ConfigError
 from .base import Runner
 
 FALLBACK_CONTEXT = 4096  # KV cache cells per context for a file that does not say its trained context
-MAX_BLOCK = 512  # tokens per llama_decode call (and per micro-batch); longer inputs (prefills) are split
 KEY_TYPE = "GGML_TYPE_Q8_0"  # the cached keys' type: one attention path for every pass (module docstring)
 
 

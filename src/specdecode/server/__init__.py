@@ -6,7 +6,7 @@
 * ``app``: the routes, responses and server-sent events.
 """
 
-from .app import DEFAULT_MAX_QUEUE, SPEC_STATS_KEY, Server, create_app
+from .app import SPEC_STATS_KEY, Server, create_app
 from .requests import RequestError
 
-__all__ = ["DEFAULT_MAX_QUEUE", "SPEC_STATS_KEY", "RequestError", "Server", "create_app"]
+__all__ = ["SPEC_STATS_KEY", "RequestError", "Server", "create_app"]

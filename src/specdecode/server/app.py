@@ -18,17 +18,26 @@ import uuid
 from dataclasses import dataclass
 
 from ..batching import BatchEngine
-from ..batching.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_STEP_TOKENS
-from ..config import DEFAULT_BACKEND, DEFAULT_DRAFT, DEFAULTS, ConfigError, GenerationConfig
+from ..config import (
+    DEFAULT_BACKEND,
+    DEFAULT_DRAFT,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_STEP_TOKENS,
+    DEFAULT_QUEUE_TIMEOUT_S,
+    DEFAULT_SHUTDOWN_GRACE_S,
+    DEFAULTS,
+    ConfigError,
+    GenerationConfig,
+)
 from ..engine import SpeculativeDecoder
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .requests import ParsedRequest, RequestError, parse_request
-from .worker import DEFAULT_QUEUE_TIMEOUT_S, DEFAULT_SHUTDOWN_GRACE_S, Job, SerialEngine, Worker
+from .worker import Job, SerialEngine, Worker
 
 SPEC_STATS_KEY = "speculative_decoding"  # extension field on responses
 REPLICA_HEADER = "x-specdecode-replica"  # which Ray Serve replica answered
-DEFAULT_MAX_QUEUE = 64  # requests that may wait for a slot; past it: 429
 MAX_BODY_BYTES = 2 * 2**20  # 2 MiB: far more text than any context here holds (413 beyond it)
 DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
 

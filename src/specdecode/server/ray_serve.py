@@ -25,10 +25,9 @@ import threading
 import time
 from dataclasses import dataclass, replace
 
-from ..config import SpecDecodeError
+from ..config import DEFAULT_SHUTDOWN_GRACE_S, SpecDecodeError
 from .app import ModelSpec, Server, create_app
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .worker import DEFAULT_SHUTDOWN_GRACE_S
 
 APP_NAME = "specdecode"  # the Serve application
 DEPLOYMENT = "specdecode"  # its one deployment; a replica's actor is SERVE_REPLICA::APP#DEPLOYMENT#<id>
@@ -264,8 +263,7 @@ def application(spec: ModelSpec, model_name: str, server_options: dict, options:
     """The Serve application: ``options``' replicas of ``Replica``, each on ``threads`` threads."""
     from ray import serve
 
-    from ..batching.engine import DEFAULT_MAX_BATCH
-    from .app import DEFAULT_MAX_QUEUE
+    from ..config import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE
 
     settings = deployment_options(options, threads, server_options.get("max_batch") or DEFAULT_MAX_BATCH,
                                   server_options.get("max_queue", DEFAULT_MAX_QUEUE),

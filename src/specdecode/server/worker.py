@@ -15,13 +15,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..config import GenerationConfig, SpecDecodeError
+from ..config import DEFAULT_QUEUE_TIMEOUT_S, DEFAULT_SHUTDOWN_GRACE_S, GenerationConfig, SpecDecodeError
 from ..engine import SpeculativeDecoder, check_room
 from .metrics import Metrics
 from .requests import RequestError
-
-DEFAULT_QUEUE_TIMEOUT_S = 60.0  # a request not started within this gets 429 with Retry-After
-DEFAULT_SHUTDOWN_GRACE_S = 5.0  # running requests may finish within this on shutdown; then they are cut
 
 
 @dataclass(eq=False)

@@ -20,6 +20,13 @@ Stages, each resumable (its output is kept under ``OUT/work`` and skipped when a
 """
 
 from .options import TrainOptions
-from .pipeline import train_head
 
 __all__ = ["TrainOptions", "train_head"]
+
+
+def __getattr__(name: str):
+    if name == "train_head":  # imports torch: only when training
+        from .pipeline import train_head
+
+        return train_head
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
