@@ -34,3 +34,17 @@ def test_sample_is_reproducible_with_seeded_generator():
     a = [sample(probs, torch.Generator().manual_seed(7)) for _ in range(3)]
     b = [sample(probs, torch.Generator().manual_seed(7)) for _ in range(3)]
     assert a == b
+
+
+def test_argmax_takes_the_first_index_on_ties_as_torch_does():
+    from specdecode.sampling import argmax
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(7,), (3, 11), (2, 4096)]:
+        for _ in range(50):
+            x = torch.randint(0, 3, shape, generator=gen).float()  # many ties
+            assert torch.equal(argmax(x), x.argmax(dim=-1)), shape
+    strided = torch.randn(4, 64, generator=gen)[:, ::3]
+    assert torch.equal(argmax(strided), strided.argmax(dim=-1))
+    half = torch.tensor([[0.5, 2.0, 2.0]], dtype=torch.bfloat16)  # not through NumPy
+    assert argmax(half).tolist() == [1]

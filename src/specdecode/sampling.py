@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)``: the first index on ties, as ``torch.argmax``. A float32 CPU tensor goes
+    through NumPy, whose reduction over a vocabulary row is about ten times faster than torch's
+    here (every greedy step takes one per scored position)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad:
+        return torch.from_numpy(np.asarray(x.numpy().argmax(axis=-1)))
+    return x.argmax(dim=-1)
 
 
 def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -24,7 +34,7 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, to
     logits = logits.float()
     if temperature == 0.0:
         probs = torch.zeros_like(logits)
-        probs.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        probs.scatter_(-1, argmax(logits).unsqueeze(-1), 1.0)
         return probs
     logits = logits / temperature
     vocab = logits.shape[-1]
@@ -46,7 +56,7 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """Draw one token id from a distribution ``[vocab]``. One-hot distributions (greedy decoding)
     need no randomness: their token is taken without a draw, which costs far less than one."""
     if int(torch.count_nonzero(probs)) == 1:
-        return int(probs.argmax())
+        return int(argmax(probs))
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
@@ -70,7 +80,7 @@ def position_noise(seed: int, position: int, vocab: int) -> torch.Tensor:
 def gumbel_argmax(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """The Gumbel-max trick: ``argmax(log probs + noise)`` over the last axis is an exact sample of
     ``probs`` when ``noise`` is standard Gumbel (and the argmax itself when ``probs`` is one-hot)."""
-    return (probs.log() + noise).argmax(dim=-1)
+    return argmax(probs.log() + noise)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling import gumbel_argmax, sample
+from .sampling import argmax, gumbel_argmax, sample
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def verify_coupled(draft_tokens: list[int], target_probs: torch.Tensor, noise: t
     tau = len(draft_tokens)
     assert target_probs.shape[0] == tau + 1, "target must score tau + 1 positions"
     if noise is None:
-        chosen = target_probs.argmax(dim=-1).tolist()  # [tau + 1]
+        chosen = argmax(target_probs).tolist()  # [tau + 1]
     else:
         assert noise.shape == target_probs.shape, "one row of noise per scored position"
         chosen = gumbel_argmax(target_probs, noise).tolist()  # [tau + 1]
