@@ -6,7 +6,16 @@ import importlib.util
 import os
 import sys
 
-from ..config import DEFAULTS, SpecDecodeError
+from ..config import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_STEP_TOKENS,
+    DEFAULT_QUEUE_TIMEOUT_S,
+    DEFAULT_SHUTDOWN_GRACE_S,
+    DEFAULT_SLOT_CONTEXT,
+    DEFAULTS,
+    SpecDecodeError,
+)
 from .options import add_model_args, add_speculation_args
 
 MAX_QUEUE_LIMIT = 10000
@@ -14,15 +23,6 @@ MAX_BATCH_LIMIT = 64  # slots per pass; every running request puts a token into 
 
 
 def register(sub) -> None:
-    from ..config import (
-        DEFAULT_MAX_BATCH,
-        DEFAULT_MAX_QUEUE,
-        DEFAULT_MAX_STEP_TOKENS,
-        DEFAULT_QUEUE_TIMEOUT_S,
-        DEFAULT_SHUTDOWN_GRACE_S,
-        DEFAULT_SLOT_CONTEXT,
-    )
-
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1")
