@@ -158,13 +158,14 @@ class LlamaCppContext:
         self.memory = self.lib.llama_get_memory(self.ctx)
         self.batch = self.lib.llama_batch_init(MAX_BLOCK, 0, 1)
 
-    def _logits(self, indices) -> torch.Tensor:
-        """``[len(indices), vocab]``: the logits the last decode left at these batch indices, cut to
-        ``vocab_size`` columns."""
-        rows = [torch.from_numpy(np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, i),
-                                                       shape=(self.n_vocab,)).copy()) for i in indices]
-        logits = torch.stack(rows) if rows else torch.zeros(0, self.n_vocab)
-        return logits if self.vocab_size is None else logits[:, : self.vocab_size]
+    def _logits(self, count: int) -> torch.Tensor:
+        """``[count, vocab]``: the logits of the ``count`` positions the last decode was asked for,
+        in batch order (llama.cpp keeps them contiguous), cut to ``vocab_size`` columns; one copy."""
+        columns = self.n_vocab if self.vocab_size is None else self.vocab_size
+        if count == 0:
+            return torch.zeros(0, columns)
+        rows = np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(count, self.n_vocab))
+        return torch.from_numpy(np.ascontiguousarray(rows[:, :columns]))
 
     def __del__(self):
         lib = getattr(self, "lib", None)
@@ -219,9 +220,9 @@ class LlamaCppRunner(LlamaCppContext, Runner):
             block = token_ids[at:at + MAX_BLOCK]
             first_wanted = max(0, (k - num_logits) - at) if num_logits else len(block)
             self._decode(block, start + at, first_wanted)
-            rows.append(self._logits(range(first_wanted, len(block))))
+            rows.append(self._logits(len(block) - first_wanted))
         self.cached.extend(token_ids)
-        return torch.cat(rows) if rows else self._logits([])  # [num_logits, vocab]
+        return torch.cat(rows) if rows else self._logits(0)  # [num_logits, vocab]
 
     def cache_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """llama.cpp does not expose its KV cache; tests compare logits after a rollback instead."""

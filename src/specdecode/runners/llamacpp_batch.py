@@ -77,7 +77,7 @@ class LlamaCppBatchRunner(LlamaCppContext):
         blocks = sorted(blocks, key=lambda block: block.slot)
         if sum(len(block.tokens) for block in blocks) > MAX_BLOCK:
             raise ValueError(f"a pass over more than {MAX_BLOCK} tokens")
-        b, n, wanted = self.batch, 0, []
+        b, n = self.batch, 0
         for block in blocks:
             start = len(self.cached[block.slot])
             if start + len(block.tokens) > self.capacity:
@@ -90,13 +90,14 @@ class LlamaCppBatchRunner(LlamaCppContext):
                 b.seq_id[n][0] = block.slot
                 b.logits[n] = i >= first
                 n += 1
-            wanted.append(range(n - block.num_logits, n))
         b.n_tokens = n
         code = self.lib.llama_decode(self.ctx, b)
         if code != 0:
             raise RuntimeError(f"llama_decode failed with code {code} ({n} tokens in {len(blocks)} slots)")
-        out = {}
-        for block, rows in zip(blocks, wanted):
+        logits = self._logits(sum(block.num_logits for block in blocks))  # [outputs, vocab], in block order
+        out, at = {}, 0
+        for block in blocks:
             self.cached[block.slot].extend(block.tokens)
-            out[block.slot] = self._logits(rows)  # [num_logits, vocab]
+            out[block.slot] = logits[at:at + block.num_logits]  # [num_logits, vocab]
+            at += block.num_logits
         return out
