@@ -254,3 +254,14 @@ def test_fixed_blocks_and_prompt_chunks_stay_within_the_step(decoders):
     got = _run(engine, prompts, configs)
     assert max(sizes) <= 12 and len(sizes) > 10
     assert [got[i] for i in range(3)] == [dec.generate(p, c).token_ids for p, c in zip(prompts, configs)]
+
+
+def test_a_pass_returns_logits_of_its_own_that_the_next_pass_leaves_alone(decoders):
+    # llama.cpp reuses its output buffer at every decode; what a pass returned must not change
+    dec = decoders[0]
+    runner = LlamaCppBatchRunner(dec.model, 2, 64, dec.vocab_size)
+    first = runner.forward([Block(0, [300, 301, 302], 2), Block(1, [310], 1)])
+    kept = {slot: rows.clone() for slot, rows in first.items()}
+    runner.forward([Block(0, [303], 1), Block(1, [311, 312], 2)])
+    for slot, rows in first.items():
+        assert torch.equal(rows, kept[slot]), slot

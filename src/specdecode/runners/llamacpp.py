@@ -160,12 +160,13 @@ class LlamaCppContext:
 
     def _logits(self, count: int) -> torch.Tensor:
         """``[count, vocab]``: the logits of the ``count`` positions the last decode was asked for,
-        in batch order (llama.cpp keeps them contiguous), cut to ``vocab_size`` columns; one copy."""
+        in batch order (llama.cpp keeps them contiguous), cut to ``vocab_size`` columns: a copy of
+        llama.cpp's output buffer, which the next decode overwrites."""
         columns = self.n_vocab if self.vocab_size is None else self.vocab_size
         if count == 0:
             return torch.zeros(0, columns)
         rows = np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(count, self.n_vocab))
-        return torch.from_numpy(np.ascontiguousarray(rows[:, :columns]))
+        return torch.from_numpy(rows[:, :columns].copy())
 
     def __del__(self):
         lib = getattr(self, "lib", None)
@@ -222,6 +223,8 @@ class LlamaCppRunner(LlamaCppContext, Runner):
             self._decode(block, start + at, first_wanted)
             rows.append(self._logits(len(block) - first_wanted))
         self.cached.extend(token_ids)
+        if len(rows) == 1:  # a pass of one call: its logits are a copy already
+            return rows[0]  # [num_logits, vocab]
         return torch.cat(rows) if rows else self._logits(0)  # [num_logits, vocab]
 
     def cache_tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
