@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 
+from ..config import DEFAULT_ALPHA, DEFAULT_CONTEXTS, DEFAULT_DRAWS
 from .options import add_model_args, add_sampling_args, config_from_args
 
 CHECK_MAX_NEW_TOKENS = 48  # greedy cases long enough to reach drafted, rejected and bonus tokens
 
 
 def register(sub) -> None:
-    from ..config import DEFAULT_ALPHA, DEFAULT_CONTEXTS, DEFAULT_DRAWS
-
     p = sub.add_parser("check", help="empirical losslessness check of a target/drafter pair")
     add_model_args(p)
     add_sampling_args(p)
