@@ -102,8 +102,8 @@ def test_padded_passes_give_what_unpadded_ones_do(tiny_target):
     padded = LeanRunner(LeanLlama(tiny_target, tune=False), capacity=8)
     padded.model.pad_to = [0, 1] + [8] * 7 + list(range(9, MAX_TUNED + 1))
     sizes = []
-    forward = padded.model.forward
-    padded.model.forward = lambda ids, *args: sizes.append(len(ids)) or forward(ids, *args)
+    forward = padded.model.forward_segments
+    padded.model.forward_segments = lambda segs, *args: sizes.append(len(segs[0].ids)) or forward(segs, *args)
 
     def same(a, b):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -421,8 +421,11 @@ def test_loadtest_reports_a_server_it_started_that_exits(tmp_path, capsys):
 
 
 def test_serve_refuses_batching_it_cannot_do_naming_the_option():
+    from specdecode.models import default_gguf_path
+
+    # a draft model brings a runner of its own: it cannot be copied per request
     cmd = [sys.executable, "-m", "specdecode", "serve", "--port", str(free_port()), "--backend", "torch",
-           "--draft", "ngram", "--max-batch", "4"]
+           "--draft", str(default_gguf_path()), "--max-batch", "4"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--max-batch" in proc.stderr
 

@@ -91,6 +91,14 @@ def verify(
     return Verdict(tau, list(draft_tokens) + [sample(target_probs[tau], generator)])
 
 
+def _children(parents: list[int]) -> dict[int, list[int]]:
+    """node -> its children in drafted order (-1: the pending token)."""
+    children: dict[int, list[int]] = {}
+    for i, parent in enumerate(parents):
+        children.setdefault(parent, []).append(i)
+    return children
+
+
 def verify_tree(draft_tokens: list[int], draft_parents: list[int], target_probs: torch.Tensor,
                 generator: torch.Generator | None) -> tuple[list[int], Verdict]:
     """The acceptance rule over a tree of drafted tokens (``Draft.parents``), greedy or sampling.
@@ -111,9 +119,7 @@ def verify_tree(draft_tokens: list[int], draft_parents: list[int], target_probs:
     drafted token i. Returns the drafted indices on the accepted branch, root first, and the verdict.
     """
     assert target_probs.shape[0] == len(draft_tokens) + 1, "target must score the pending token and every node"
-    children: dict[int, list[int]] = {}
-    for i, parent in enumerate(draft_parents):
-        children.setdefault(parent, []).append(i)
+    children = _children(draft_parents)
     branch, node = [], -1
     while True:
         row = target_probs[node + 1]
@@ -143,14 +149,35 @@ def verify_coupled(draft_tokens: list[int], target_probs: torch.Tensor, noise: t
     target_probs: ``[tau + 1, vocab]``; noise: ``[tau + 1, vocab]`` (``sampling.position_noise`` of
     each output position), or None under greedy decoding, where ``target_probs`` is one-hot.
     """
-    tau = len(draft_tokens)
-    assert target_probs.shape[0] == tau + 1, "target must score tau + 1 positions"
+    chain = list(range(-1, len(draft_tokens) - 1))
+    return verify_tree_coupled(draft_tokens, chain, target_probs, noise)[1]
+
+
+def verify_tree_coupled(draft_tokens: list[int], draft_parents: list[int], target_probs: torch.Tensor,
+                        noise: torch.Tensor | None) -> tuple[list[int], Verdict]:
+    """The coupled rule (``verify_coupled``) over a tree of one-hot candidates (``Draft.parents``):
+    from the pending token down, the target's token at a node is its Gumbel-max sample under the
+    noise of the node's output position (its depth); the child holding that token, if there is
+    one, is accepted and becomes the node, and where none does the target's token ends the block.
+    Emitted tokens are those of plain decoding with the same noise, however the tree was drawn.
+
+    target_probs: ``[len(draft_tokens) + 1, vocab]``, row 0 at the pending token, row i + 1 at
+    drafted token i; noise: ``[depth + 1, vocab]``, one row per output position, or None (greedy).
+    Returns the drafted indices on the accepted branch, root first, and the verdict."""
+    assert target_probs.shape[0] == len(draft_tokens) + 1, "target must score the pending token and every node"
+    depth = [0]  # of each row: the pending token, then the nodes
+    for p in draft_parents:
+        depth.append(depth[p + 1] + 1)
     if noise is None:
-        chosen = argmax(target_probs).tolist()  # [tau + 1]
+        chosen = argmax(target_probs).tolist()
     else:
-        assert noise.shape == target_probs.shape, "one row of noise per scored position"
-        chosen = gumbel_argmax(target_probs, noise).tolist()  # [tau + 1]
-    n = 0
-    while n < tau and draft_tokens[n] == chosen[n]:
-        n += 1
-    return Verdict(n, list(draft_tokens[:n]) + [chosen[n]])
+        assert noise.shape[0] > max(depth) and noise.shape[1] == target_probs.shape[1], "noise per output position"
+        chosen = gumbel_argmax(target_probs, noise[depth]).tolist()
+    children = _children(draft_parents)
+    branch, node = [], -1
+    while True:
+        want = chosen[node + 1]
+        node = next((c for c in children.get(node, ()) if draft_tokens[c] == want), None)
+        if node is None:
+            return branch, Verdict(len(branch), [draft_tokens[i] for i in branch] + [want])
+        branch.append(node)

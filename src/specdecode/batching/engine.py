@@ -1,23 +1,30 @@
 """Continuous batching with speculation: many requests, one target pass per step.
 
 One step:
-  1. every running request drafts after its context (its own drafter and state);
+  1. every running request drafts after its context (its own drafter and state; a drafter that
+     costs, the trained head, only as deep as the budget may send: ``_draft_rooms``);
   2. requests still reading their prompt get a chunk of it, from what the step's token budget
      leaves (``max_step_tokens``; ``_prompt_chunks``), so a long prompt never stalls the others and
      can be cancelled between chunks; the chunk that finishes a prompt carries the pending token,
      and so the request's first token comes from the same pass;
   3. the verification budget (``budget.allocate``) decides how many drafted tokens each request
-     sends; the target scores every request's ``[pending] + drafted`` block in one pass (ragged
-     lengths and ragged cache lengths: each request in its own slot);
+     sends (a chain's first ones, a tree's likeliest candidates); the target scores every
+     request's ``[pending] + drafted`` block in one pass (ragged lengths and ragged cache lengths:
+     each request in its own slot; chains beside trees on the torch runner);
   4. each request is verified on its own rows (ragged acceptance), its slot cut back to its own
-     accepted context, stop conditions applied; finished requests leave and their slots take new
-     requests at the next step.
+     accepted context or branch, stop conditions applied; finished requests leave and their slots
+     take new requests at the next step.
 
-Determinism: greedy output is the target's argmax through the same kernels whatever the batch
-(``runners.llamacpp_batch``), so identical to the request run alone. Sampled requests use the
-coupled rule (``verify.verify_coupled``) with noise keyed by their seed and output position, so a
-seeded request gives the same tokens alone or in any batch, with any draft lengths. Drafts are
-one-hot (n-gram lookup, or none), for which that rule is exact and costs no acceptance.
+Determinism: greedy output is the target's argmax at every position, whatever the batch: on
+llama.cpp through the same kernels (``runners.llamacpp_batch``), so bit-identical to the request
+run alone; on torch the same function, up to the float rounding of products over more rows
+(``runners.torch_batch``), as between the single engine's 1-token and k-token passes. Sampled
+requests use the coupled rule (``verify.verify_tree_coupled``) with noise keyed by their seed and
+output position, so a seeded request gives the same tokens alone or in any batch, with any
+drafter and draft lengths: the target's token at a position is its Gumbel-max sample whatever was
+drafted, and drafts (chains, trees, sampled or not) only decide how many positions a pass settles.
+For one-hot drafts (n-gram lookup, trees) that costs no acceptance; a sampled chain of the head is
+accepted a token ``x`` with chance ``p(x)`` rather than ``min(1, p(x) / q(x))``.
 """
 
 from __future__ import annotations
@@ -39,11 +46,13 @@ from ..config import (
 from ..drafters.base import Draft, Drafter, DraftPlan
 from ..engine import StreamEvent, check_room
 from ..policy import PositionAcceptance, judge_unsent
-from ..runners.llamacpp_batch import Block, LlamaCppBatchRunner, micro_batch_count
+from ..runners.base import Block
+from ..runners.llamacpp_batch import LlamaCppBatchRunner
+from ..runners.torch_batch import TorchBatchRunner
 from ..sampling import logits_to_probs, position_noise, token_logprobs
 from ..stats import RunStats, StepRecord
 from ..text import Output
-from ..verify import verify_coupled
+from ..verify import verify_tree_coupled
 from .budget import PassCost, Request, allocate
 
 MAX_DRAFT = 7  # drafted tokens per request and step: a block of 8, where this CPU's passes stop paying
@@ -66,6 +75,7 @@ class Sequence:
     acceptance: PositionAcceptance
     prompt_tokens: int
     started: float
+    generator: torch.Generator  # what a sampling drafter draws from (the output does not depend on it)
     read: int = 0  # prompt tokens in the slot's cache so far
     # a draft the budget did not send, checked against what the request then emits: (the context
     # length it was drafted at, its tokens)
@@ -79,10 +89,10 @@ class Sequence:
 class BatchEngine:
     """Requests in up to ``runner.slots`` slots of a batch runner; ``step`` advances all of them."""
 
-    def __init__(self, runner: LlamaCppBatchRunner, tokenizer, eos_ids: set[int], new_drafter,
+    def __init__(self, runner: LlamaCppBatchRunner | TorchBatchRunner, tokenizer, eos_ids: set[int], new_drafter,
                  max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS, cost: PassCost | None = None):
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, eos_ids
-        self.new_drafter = new_drafter  # () -> a fresh drafter for one request (one-hot drafts)
+        self.new_drafter = new_drafter  # () -> a fresh drafter for one request
         if not runner.slots < max_step_tokens <= MAX_BLOCK:  # every running request's token, and a prompt's
             raise ConfigError("max_step_tokens", f"must be in [{runner.slots + 1}, {MAX_BLOCK}] with "
                                                  f"{runner.slots} slots (got {max_step_tokens})")
@@ -91,35 +101,38 @@ class BatchEngine:
         self.cost = cost or PassCost.measure(self._time_pass)
         self.running: dict[int, Sequence] = {}  # slot -> sequence
         self._ids = count()
+        # seconds a drafter that costs spends per token it may draft (a head step per depth),
+        # followed over the steps; None until measured (then the drafter's prior is used)
+        self.draft_s_per_token: float | None = None
 
     @classmethod
     def for_decoder(cls, decoder, slots: int, slot_context: int | None = None,
                     max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS) -> "BatchEngine":
         """A batch engine over a loaded decoder's target, with a fresh copy of its drafter per
-        request. Needs the llama.cpp backend and one-hot drafts (``none`` or ``ngram``)."""
-        from ..drafters.base import NoDrafter
-        from ..drafters.ngram import NgramDrafter
+        request (``Drafter.spawn``): a GGUF target on llama.cpp (chains: none or ngram), or a torch
+        target the lean runner computes (also the trained head and its trees)."""
+        from ..runners.lean import LeanRunner
         from ..runners.llamacpp import LlamaCppModel
 
         if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
             raise ConfigError("max_batch", f"must be an integer >= 1 (got {slots!r})")
-        if not isinstance(decoder.model, LlamaCppModel):
-            raise ConfigError("max_batch", "batching several requests needs the llamacpp backend (a GGUF target); "
-                                           "use --max-batch 1 on torch")
-        drafter = decoder.drafter
-        if type(drafter) is NgramDrafter:
-            def new_drafter():
-                return NgramDrafter(drafter.max_ngram, drafter.min_ngram)
-        elif type(drafter) is NoDrafter:
-            new_drafter = NoDrafter
-        else:
-            raise ConfigError("max_batch", f"batching several requests drafts with none or ngram (got "
-                                           f"{drafter.name}); use --max-batch 1 for it")
         context = slot_context or DEFAULT_SLOT_CONTEXT
         if not isinstance(context, int) or context < 2:
             raise ConfigError("slot_context", f"must be an integer >= 2 (got {slot_context!r})")
-        runner = LlamaCppBatchRunner(decoder.model, slots, min(context, decoder.max_context), decoder.vocab_size)
-        return cls(runner, decoder.tokenizer, decoder.eos_ids, new_drafter, max_step_tokens)
+        context = min(context, decoder.max_context)
+        if isinstance(decoder.model, LlamaCppModel):
+            runner = LlamaCppBatchRunner(decoder.model, slots, context, decoder.vocab_size)
+        elif isinstance(decoder.target, LeanRunner):
+            runner = TorchBatchRunner(decoder.target.model, slots, context, decoder.vocab_size)
+            runner.capture_layers(decoder.target.feature_layers)  # what the decoder's drafter reads
+        else:
+            raise ConfigError("max_batch", "batching several requests needs a GGUF target on llama.cpp or a "
+                                           "Llama-family torch target on the lean runner; use --max-batch 1 here")
+        template = decoder.drafter
+        if template.spawn() is None:
+            raise ConfigError("max_batch", f"batching several requests cannot give each its own copy of drafter "
+                                           f"{template.name}; use --max-batch 1 for it")
+        return cls(runner, decoder.tokenizer, decoder.eos_ids, template.spawn, max_step_tokens)
 
     @property
     def free_slots(self) -> int:
@@ -148,12 +161,14 @@ class BatchEngine:
         slot = min(s for s in range(self.runner.slots) if s not in self.running)
         self.runner.clear(slot)
         drafter = self.new_drafter()
+        drafter.attach(self.runner.slot_runner(slot))
         seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little")
         seq = Sequence(next(self._ids), slot, config, list(prompt_ids), drafter,
                        Output(self.tokenizer, self.eos_ids, config.stop, config.max_new_tokens, config.ignore_eos),
                        seed, RunStats(drafter=drafter.name, policy=f"batch-{config.policy}",
                                       prompt_tokens=len(prompt_ids)),
-                       PositionAcceptance(MAX_DRAFT), len(prompt_ids), time.perf_counter())
+                       PositionAcceptance(MAX_DRAFT), len(prompt_ids), time.perf_counter(),
+                       torch.Generator().manual_seed(seed))
         self.running[slot] = seq
         return seq
 
@@ -169,8 +184,13 @@ class BatchEngine:
         t0 = time.perf_counter()
         seqs = list(self.running.values())
         decoding = [s for s in seqs if not s.reading_prompt]
-        drafts = {s.slot: self._draft(s) for s in decoding}
+        rooms = self._draft_rooms(decoding)
+        drafts = {s.slot: self._draft(s, rooms[s.slot]) for s in decoding}
         t1 = time.perf_counter()
+        planned = sum(rooms[s.slot] for s in decoding if s.drafter.cost_prior > 0 and rooms[s.slot] > 0)
+        if planned:
+            per = (t1 - t0) / planned
+            self.draft_s_per_token = per if self.draft_s_per_token is None else 0.8 * self.draft_s_per_token + 0.2 * per
         room = self.max_step_tokens - len(decoding)  # after every running request's pending token
         fixed = {}  # policy "fixed": all its drafted tokens, while the step has room
         for s in decoding:
@@ -179,7 +199,9 @@ class BatchEngine:
                 room -= fixed[s.slot] - 1
         chunks = self._prompt_chunks([s for s in seqs if s.reading_prompt], room)
         lengths = self._block_lengths(decoding, drafts, chunks, fixed)
-        blocks = [Block(s.slot, [s.context[-1]] + drafts[s.slot].tokens[: lengths[s.slot] - 1], lengths[s.slot])
+        sent = {s.slot: drafts[s.slot].prune(lengths[s.slot] - 1) for s in decoding}
+        blocks = [Block(s.slot, [s.context[-1]] + sent[s.slot].tokens, lengths[s.slot],
+                        None if sent[s.slot].parents is None else [-1] + [p + 1 for p in sent[s.slot].parents])
                   for s in decoding]
         for s, (n, finishing) in chunks.items():
             blocks.append(Block(s.slot, s.context[s.read:s.read + n], 1 if finishing else 0))
@@ -187,7 +209,7 @@ class BatchEngine:
         logits = self.runner.forward(blocks)
         pass_s = time.perf_counter() - t_pass
         shape = {b.slot: len(b.tokens) for b in blocks}
-        self.cost.observe(sum(shape.values()), pass_s, micro_batch_count(shape))
+        self.cost.observe(sum(shape.values()), pass_s, self.runner.micro_batch_count(shape))
         events = []
         for s, (n, finishing) in chunks.items():
             s.read += n
@@ -195,15 +217,40 @@ class BatchEngine:
                 s.stats.prefill_s = time.perf_counter() - s.started
                 events.append(self._advance(s, Draft([]), logits[s.slot], t1 - t0, pass_s, 1))
         for s in decoding:
-            draft = Draft(drafts[s.slot].tokens[: lengths[s.slot] - 1])
-            events.append(self._advance(s, draft, logits[s.slot], t1 - t0, pass_s, lengths[s.slot]))
+            events.append(self._advance(s, sent[s.slot], logits[s.slot], t1 - t0, pass_s, lengths[s.slot]))
         return events
 
-    def _draft(self, s: Sequence) -> Draft:
-        room = min(s.config.draft_len, MAX_DRAFT, s.output.left - 1, self.max_context - len(s.context))
+    def _draft_rooms(self, decoding: list[Sequence]) -> dict[int, int]:
+        """How many tokens each decoding request may draft this step. Drafters that cost (a draft
+        head: a step of its own per drafted token, one request after another) draft only as deep
+        as the budget would send at their acceptance so far, each token priced at its pass share
+        plus its drafting time (``allocate`` over these requests); lookups draft in full."""
+        rooms = {s.slot: min(s.config.draft_len, MAX_DRAFT, s.output.left - 1, self.max_context - len(s.context))
+                 for s in decoding}
+        costly = [s for s in decoding if s.config.policy != "fixed" and s.drafter.cost_prior > 0 and rooms[s.slot] > 0]
+        if costly:
+            per = self.draft_s_per_token
+            if per is None:
+                per = max(s.drafter.cost_prior for s in costly) * self.cost.seconds(1)
+            cost = PassCost(self.cost.fixed_s, self.cost.per_token_s + per)
+            requests = [Request(s.slot, s.acceptance.survival(rooms[s.slot])) for s in costly]
+            others = {s.slot: 1 for s in decoding if s not in costly}
+            planned = allocate(requests, others, cost, self.max_step_tokens, self.runner.micro_batch_count)
+            rooms.update({slot: n - 1 for slot, n in planned.items()})
+        return rooms
+
+    def _draft(self, s: Sequence, room: int) -> Draft:
         if room <= 0:
             return Draft([])
-        return s.drafter.propose(s.context, DraftPlan(room), s.config, None)
+        return s.drafter.propose(s.context, DraftPlan(room), s.config, s.generator)
+
+    def _survival(self, s: Sequence, draft: Draft) -> list[float]:
+        """The budget's chance for each drafted token: a chain's by the request's acceptance at each
+        position; a tree's candidates by the drafter's own path probabilities, best first (a node
+        is accepted exactly when its whole path is the target's)."""
+        if draft.parents is None:
+            return s.acceptance.survival(len(draft))
+        return sorted(draft.path_scores(), reverse=True)
 
     def _prompt_chunks(self, reading: list[Sequence], budget: int) -> dict[Sequence, tuple[int, bool]]:
         """Prompt tokens each reading request feeds this step, and whether that finishes its prompt
@@ -232,11 +279,11 @@ class BatchEngine:
         budgeted = [s for s in decoding if s.slot not in fixed]
         if not budgeted:
             return dict(fixed)
-        requests = [Request(s.slot, s.acceptance.survival(len(drafts[s.slot]))) for s in budgeted]
+        requests = [Request(s.slot, self._survival(s, drafts[s.slot])) for s in budgeted]
         other = {**{s.slot: n for s, (n, _) in chunks.items()}, **fixed}
-        lengths = allocate(requests, other, self.cost, self.max_step_tokens, micro_batch_count)
+        lengths = allocate(requests, other, self.cost, self.max_step_tokens, self.runner.micro_batch_count)
         for s in budgeted:
-            if lengths[s.slot] == 1 and len(drafts[s.slot]) and s.unsent is None:
+            if lengths[s.slot] == 1 and len(drafts[s.slot]) and drafts[s.slot].parents is None and s.unsent is None:
                 # its acceptance estimate only moves when its drafts are judged: judge this one by
                 # the tokens the request emits next, at no cost to the pass
                 s.unsent = (len(s.context), drafts[s.slot].tokens)
@@ -255,23 +302,29 @@ class BatchEngine:
         t2 = time.perf_counter()
         config = s.config
         target_probs = logits_to_probs(logits, config.temperature, config.top_k, config.top_p)  # [tau+1, V]
+        depth = draft.depth()
         noise = None
         if not config.greedy:
             at = len(s.output.tokens)
-            noise = torch.stack([position_noise(s.seed, at + i, target_probs.shape[-1]) for i in range(len(draft) + 1)])
-        verdict = verify_coupled(draft.tokens, target_probs, noise)
-        # the slot holds context[:-1] + [pending] + drafted; keep context + the accepted ones
-        self.runner.truncate(s.slot, len(s.context) + verdict.num_accepted)
+            noise = torch.stack([position_noise(s.seed, at + i, target_probs.shape[-1]) for i in range(depth + 1)])
+        parents = list(range(-1, len(draft) - 1)) if draft.parents is None else draft.parents
+        branch, verdict = verify_tree_coupled(draft.tokens, parents, target_probs, noise)
+        rows = [0] + [i + 1 for i in branch]  # the logits row each emitted token came from
+        if draft.parents is None:  # the slot holds context[:-1] + [pending] + drafted: keep the accepted ones
+            self.runner.truncate(s.slot, len(s.context) + verdict.num_accepted)
+        else:  # ... + [pending] + the tree: keep the accepted branch
+            self.runner.keep_branch(s.slot, len(s.context) - 1, rows)
         s.drafter.observe(draft, verdict.num_accepted)
         if len(draft):
-            s.acceptance.observe(len(draft), verdict.num_accepted)
+            s.acceptance.observe(depth, verdict.num_accepted)
         new, text = s.output.add(verdict.tokens)
         s.context.extend(new)
         if s.unsent is not None:
             self._judge_unsent(s)
-        logprobs = [] if config.logprobs is None else token_logprobs(logits[: len(new)], new, config.logprobs)
+        logprobs = [] if config.logprobs is None else token_logprobs(logits[rows[: len(new)]], new, config.logprobs)
         rec = StepRecord(s.stats.steps, min(config.draft_len, MAX_DRAFT), len(draft), verdict.num_accepted, len(new),
-                         draft_s, pass_s, time.perf_counter() - t2, target_tokens)
+                         draft_s, pass_s, time.perf_counter() - t2, target_tokens,
+                         None if draft.parents is None else depth)
         s.stats.add(rec)
         finish = s.output.finish
         if finish is not None:

@@ -33,8 +33,9 @@ def register(sub) -> None:
     p.add_argument("--queue-timeout", type=float, default=DEFAULT_QUEUE_TIMEOUT_S,
                    help="seconds a request may wait for a slot; then 429 with Retry-After (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=None,
-                   help=f"requests generated together, one pass per step (default: {DEFAULT_MAX_BATCH} on the "
-                        "llamacpp backend with draft none or ngram, else 1: one at a time)")
+                   help=f"requests generated together, one pass per step (default: {DEFAULT_MAX_BATCH} where the "
+                        "target batches - llamacpp, or torch's lean runner - and the drafter is not a draft "
+                        "model; else 1: one at a time)")
     p.add_argument("--slot-context", type=int, default=DEFAULT_SLOT_CONTEXT,
                    help="tokens (prompt + output) one batched request may hold (default: %(default)s)")
     p.add_argument("--max-step-tokens", type=int, default=DEFAULT_MAX_STEP_TOKENS,

@@ -46,6 +46,23 @@ class Draft:
     # probability given its parent
     parents: list[int] | None = None
 
+    def prune(self, n: int) -> "Draft":
+        """The first ``n`` tokens of a chain; of a tree, the ``n`` candidates with the highest path
+        scores (ties to the earlier one). A node never scores above its parent, so they are a tree
+        again, in the same order."""
+        if n >= len(self.tokens):
+            return self
+        if n <= 0:
+            return Draft([])
+        if self.parents is None:
+            return Draft(self.tokens[:n], None if self.probs is None else self.probs[:n], self.confidence[:n])
+        scores = self.path_scores() if self.confidence else [0.0] * len(self.tokens)
+        keep = sorted(sorted(range(len(self.tokens)), key=lambda i: (-scores[i], i))[:n])
+        where = {old: new for new, old in enumerate(keep)}
+        where[-1] = -1
+        confidence = [self.confidence[i] for i in keep] if self.confidence else []
+        return Draft([self.tokens[i] for i in keep], None, confidence, parents=[where[self.parents[i]] for i in keep])
+
     def path_scores(self) -> list[float]:
         """The drafter's probability of the whole path up to each token (product of confidences)."""
         out: list[float] = []
@@ -108,12 +125,21 @@ class Drafter:
     def attach(self, target_runner) -> None:
         """Called once with the target's runner, for drafters that read the target's features."""
 
+    def spawn(self) -> "Drafter | None":
+        """A fresh drafter with these settings and weights and none of this one's per-request state
+        (one per request of a batch, ``batching.BatchEngine``), not yet attached; None where this
+        drafter cannot be copied so (a draft model with its own runner)."""
+        return None
+
 
 class NoDrafter(Drafter):
     """Proposes nothing: every step is one plain target pass. The baseline for every speed figure,
     run through the same loop as speculation so the comparison measures speculation alone."""
 
     name = "none"
+
+    def spawn(self) -> "NoDrafter":
+        return NoDrafter()
 
     def propose(self, context, plan, config, generator) -> Draft:
         return Draft([])

@@ -40,6 +40,9 @@ class FeatureDrafter(Drafter):
     def reset(self) -> None:
         self._tokens = []
 
+    def spawn(self) -> "FeatureDrafter":
+        return FeatureDrafter(self.head, self.parts, self.vocab_size, self.name, self.branches, self.width)
+
     def _ensure(self, length: int) -> None:
         capacity = self._cache.shape[2]
         if length > capacity:
@@ -149,9 +152,5 @@ class FeatureDrafter(Drafter):
             for row, n in enumerate(frontier):
                 slot[n], states[n] = next_slot + row, out[row]
             next_slot += k
-        keep = sorted(range(len(tokens)), key=lambda n: (-score[n], n))
-        keep = sorted(keep[: plan.tree_size([score[n] for n in keep])])
-        where = {n: j for j, n in enumerate(keep)}
-        where[-1] = -1
-        return Draft([tokens[n] for n in keep], None, [own[n] for n in keep],
-                     parents=[where[parents[n]] for n in keep])
+        tree = Draft(tokens, None, own, parents=parents)
+        return tree.prune(plan.tree_size(sorted(score, reverse=True)))

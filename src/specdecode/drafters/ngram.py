@@ -28,6 +28,9 @@ class NgramDrafter(Drafter):
         self._indexed = []
         self._latest = {}
 
+    def spawn(self) -> "NgramDrafter":
+        return NgramDrafter(self.max_ngram, self.min_ngram)
+
     def _update_index(self, context: list[int]) -> None:
         """Index every n-gram that ends before the last token; incremental while the context only grows."""
         old = len(self._indexed)
@@ -83,6 +86,11 @@ class HybridDrafter(Drafter):
 
     def attach(self, target_runner) -> None:
         self.head.attach(target_runner)
+
+    def spawn(self) -> "HybridDrafter | None":
+        head = self.head.spawn()
+        return None if head is None else HybridDrafter(head, self.ngram.spawn(), self.min_match, self.ngram_tokens,
+                                                       self.prior, self.prior_weight)
 
     def reset(self) -> None:
         self.head.reset()

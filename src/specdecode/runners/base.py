@@ -18,6 +18,7 @@ A new backend is a new module beside ``hf.py`` and ``lean.py`` whose runner subc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -29,6 +30,18 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     while n < limit and a[n] == b[n]:
         n += 1
     return n
+
+
+@dataclass(frozen=True)
+class Block:
+    """One slot's tokens in a pass of a batch runner (``llamacpp_batch``, ``torch_batch``)."""
+
+    slot: int
+    tokens: list[int]  # appended at the slot's next positions
+    num_logits: int  # logits are wanted for the last num_logits tokens
+    # None: a chain. A token tree (batch runners with ``trees``): ``parents[i]`` is the block index
+    # of token i's parent, -1 for the slot's last cached token; logits then for every node
+    parents: list[int] | None = None
 
 
 @runtime_checkable

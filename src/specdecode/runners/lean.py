@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .base import FeatureRunner, Runner, TreeRunner
-from .llama import LeanLlama
+from .llama import LeanLlama, Segment
 from .tree import TreeLayout
 
 INITIAL_CAPACITY = 256  # cache slots allocated up front; doubled (up to the model's positions) as needed
@@ -59,19 +59,28 @@ class LeanRunner(Runner, TreeRunner, FeatureRunner):
         self._features = features
 
     def forward(self, token_ids: list[int], num_logits: int = 1, tree: TreeLayout | None = None) -> torch.Tensor:
-        start, k = len(self.cached), len(token_ids)
         # Padded to a block size the kernels run faster: the extra tokens come after the real ones
         # (as roots of their own, in a tree), so no real token attends to them; their keys sit
         # past the cache's length and their logits and features are dropped.
-        pad = self.model.padding(k, start)
+        pad = self.model.padding(len(token_ids), len(self.cached))
+        segment = self.segment(token_ids, num_logits, tree, pad)
+        logits, hidden = self.model.forward_segments([segment], self.feature_layers)
+        return self.commit(token_ids, logits[0][:num_logits], hidden)
+
+    def segment(self, token_ids: list[int], num_logits: int, tree: TreeLayout | None = None, pad: int = 0) -> Segment:
+        """These tokens (and ``pad`` copies of the last) after the cache, as one segment of a pass."""
         ids = token_ids + token_ids[-1:] * pad
         if pad and tree is not None:
             tree = tree.padded(pad)
-        self._ensure(start + k + pad)
-        logits, hidden = self.model.forward(torch.tensor(ids, dtype=torch.long, device=self.model.device), start,
-                                            self._cache, num_logits + pad if num_logits else 0, tree,
-                                            self.feature_layers)
-        logits = logits[:num_logits]
+        start = len(self.cached)
+        self._ensure(start + len(ids))
+        return Segment(torch.tensor(ids, dtype=torch.long, device=self.model.device), start, self._cache,
+                       num_logits + pad if num_logits else 0, tree)
+
+    def commit(self, token_ids: list[int], logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """After the pass over ``segment(token_ids, ...)``: keep their features (the first
+        ``len(token_ids)`` rows of ``hidden``) and ids; the logits as float32 CPU rows."""
+        start, k = len(self.cached), len(token_ids)
         self._features[start:start + k] = hidden[:k]
         self.cached.extend(token_ids)
         if self.vocab_size is not None:

@@ -19,6 +19,7 @@ output); float rounding differs in the last bits, as it does between any two mat
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -123,7 +124,6 @@ class LeanLlama:
         shape = (2, 1, self.n_kv, capacity, self.head_dim)
         return [torch.empty(shape, dtype=self.embed.dtype, device=self.device) for _ in self.layers]
 
-    @torch.inference_mode()
     def forward(self, ids: torch.Tensor, start: int, cache: list[torch.Tensor], num_logits: int,
                 tree: TreeLayout | None = None, capture: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
         """ids ``[k]`` into cache slots ``start..start+k-1``; writes their keys/values into ``cache``.
@@ -134,35 +134,82 @@ class LeanLlama:
         Without ``tree`` the k tokens continue the sequence (positions ``start..start+k-1``, causal).
         With it they are the nodes of a token tree (``TreeLayout``): each sits at position
         ``start + depth`` and sees the cached context and its own ancestors only."""
-        k = ids.shape[0]
-        end = start + k
+        logits, hidden = self.forward_segments([Segment(ids, start, cache, num_logits, tree)], capture)
+        return logits[0], hidden
+
+    @torch.inference_mode()
+    def forward_segments(self, segments: list["Segment"], capture: tuple[int, ...] = ()
+                         ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Several sequences in one pass (continuous batching): each segment's tokens continue its
+        own cache, as ``forward`` describes; the products run over all their tokens together, the
+        attention over each segment's own cache. Returns each segment's logits and the captured
+        layer outputs of all tokens, segment after segment."""
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
-        x = self.embed[ids]  # [k, hidden]
-        if tree is None:
-            cos, sin = self.cos[start:end], self.sin[start:end]  # [k, hd]
-            mask = causal_mask(start, end, ids.device) if k > 1 else None  # [k, end]
-        else:
-            positions = start + tree.depth.to(self.device)
-            cos, sin = self.cos[positions], self.sin[positions]
-            mask = tree.mask(start).to(self.device)
+        ids = segments[0].ids if len(segments) == 1 else torch.cat([s.ids for s in segments])
+        n = ids.shape[0]
+        x = self.embed[ids]  # [n, hidden]
+        rows, cos, sin, masks, at = [], [], [], [], 0
+        for s in segments:
+            k = s.ids.shape[0]
+            end = s.start + k
+            rows.append((at, at + k))
+            at += k
+            if s.tree is None:
+                cos.append(self.cos[s.start:end])  # [k, hd]
+                sin.append(self.sin[s.start:end])
+                masks.append(causal_mask(s.start, end, ids.device) if k > 1 else None)  # [k, end]
+            else:
+                positions = s.start + s.tree.depth.to(self.device)
+                cos.append(self.cos[positions])
+                sin.append(self.sin[positions])
+                masks.append(s.tree.mask(s.start).to(self.device))
+        cos = cos[0] if len(segments) == 1 else torch.cat(cos)
+        sin = sin[0] if len(segments) == 1 else torch.cat(sin)
         captured = []
-        for i, ((ln1, qkv, o, ln2, gate_up, down), kv) in enumerate(zip(self.layers, cache)):
+        for i, (ln1, qkv, o, ln2, gate_up, down) in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden,), ln1, self.eps)
             q, key, val = qkv(h).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-            q = apply_rope(q.view(k, nh, hd), cos, sin).transpose(0, 1)  # [nh, k, hd]
-            kv[0, 0, :, start:end] = apply_rope(key.view(k, nkv, hd), cos, sin).transpose(0, 1)
-            kv[1, 0, :, start:end] = val.view(k, nkv, hd).transpose(0, 1)
-            att = F.scaled_dot_product_attention(
-                q[None], kv[0, :, :, :end], kv[1, :, :, :end], attn_mask=mask, enable_gqa=nh != nkv
-            )  # [1, nh, k, hd]
-            x = x + o(att[0].transpose(0, 1).reshape(k, nh * hd))
+            q = apply_rope(q.view(n, nh, hd), cos, sin).transpose(0, 1)  # [nh, n, hd]
+            key = apply_rope(key.view(n, nkv, hd), cos, sin).transpose(0, 1)  # [nkv, n, hd]
+            val = val.view(n, nkv, hd).transpose(0, 1)
+            outs = []
+            for s, (a, b), mask in zip(segments, rows, masks):
+                kv, end = s.cache[i], s.start + b - a
+                kv[0, 0, :, s.start:end] = key[:, a:b]
+                kv[1, 0, :, s.start:end] = val[:, a:b]
+                att = F.scaled_dot_product_attention(
+                    q[None, :, a:b], kv[0, :, :, :end], kv[1, :, :, :end], attn_mask=mask, enable_gqa=nh != nkv
+                )  # [1, nh, k, hd]
+                outs.append(att[0].transpose(0, 1).reshape(b - a, nh * hd))
+            x = x + o(outs[0] if len(outs) == 1 else torch.cat(outs))
             h = F.rms_norm(x, (self.hidden,), ln2, self.eps)
             g, u = gate_up(h).chunk(2, dim=-1)
             x = x + down(F.silu(g) * u)
             if i in capture:
                 captured.append(x)
         hidden = torch.cat(captured, dim=-1) if len(captured) > 1 else x  # before the final norm
-        if num_logits == 0:
-            return x[:0, :0], hidden
-        x = F.rms_norm(x[-num_logits:], (self.hidden,), self.norm, self.eps)
-        return self.lm_head(x), hidden  # [num_logits, vocab], [k, n * hidden]
+        picks = [(b - s.num_logits, b) for s, (_, b) in zip(segments, rows) if s.num_logits]
+        if not picks:
+            return [x[:0, :0] for _ in segments], hidden
+        if len(segments) == 1:
+            last = x[picks[0][0]:]
+        else:
+            last = x[torch.cat([torch.arange(a, b, device=x.device) for a, b in picks])]
+        logits = self.lm_head(F.rms_norm(last, (self.hidden,), self.norm, self.eps))  # [sum num_logits, vocab]
+        out, at = [], 0
+        for s in segments:
+            out.append(logits[at:at + s.num_logits])
+            at += s.num_logits
+        return out, hidden  # per segment [num_logits, vocab]; [n, len(capture) * hidden]
+
+
+@dataclass
+class Segment:
+    """One sequence's tokens in a pass: ids ``[k]`` at cache slots ``start..start+k-1`` of ``cache``
+    (``LeanLlama.new_cache``), logits for the last ``num_logits``, a tree layout or a chain."""
+
+    ids: torch.Tensor
+    start: int
+    cache: list[torch.Tensor]
+    num_logits: int
+    tree: TreeLayout | None = None

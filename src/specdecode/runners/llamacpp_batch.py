@@ -12,18 +12,10 @@ so a sequence's logits are bit-identical to the single runner's whatever else sh
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from .base import Block
 from .llamacpp import MAX_BLOCK, LlamaCppContext, LlamaCppModel
-
-
-@dataclass(frozen=True)
-class Block:
-    slot: int
-    tokens: list[int]  # appended at the slot's next positions
-    num_logits: int  # logits are wanted for the last num_logits tokens
 
 
 def micro_batches(blocks: dict[int, int], n_ubatch: int = MAX_BLOCK) -> list[int]:
@@ -54,6 +46,8 @@ def micro_batch_count(blocks: dict[int, int]) -> int:
 class LlamaCppBatchRunner(LlamaCppContext):
     """``slots`` sequences of up to ``slot_context`` tokens each, and the token ids each holds."""
 
+    trees = False  # one sequence id per token and a KV stream per slot: no token trees
+
     def __init__(self, model: LlamaCppModel, slots: int, slot_context: int, vocab_size: int | None = None):
         if slots < 1:
             raise ValueError("slots must be >= 1")
@@ -71,10 +65,19 @@ class LlamaCppBatchRunner(LlamaCppContext):
             self.lib.llama_memory_seq_rm(self.memory, slot, length, -1)
             del self.cached[slot][length:]
 
+    def micro_batch_count(self, blocks: dict[int, int]) -> int:
+        return micro_batch_count(blocks)
+
+    def slot_runner(self, slot: int) -> None:
+        """None: a slot is not a runner of its own, for a drafter to read (no features here)."""
+        return None
+
     def forward(self, blocks: list[Block]) -> dict[int, torch.Tensor]:
         """One pass over every block (one per slot); slot -> ``[num_logits, vocab]`` logits for its
         block's last tokens."""
         blocks = sorted(blocks, key=lambda block: block.slot)
+        if any(block.parents is not None for block in blocks):
+            raise ValueError("llama.cpp batches score chains, not token trees")
         if sum(len(block.tokens) for block in blocks) > MAX_BLOCK:
             raise ValueError(f"a pass over more than {MAX_BLOCK} tokens")
         b, n = self.batch, 0

@@ -2,8 +2,9 @@
 into free slots between steps.
 
 Two engines behind one interface (``add``, ``cancel``, ``step``, ``free_slots``):
-``batching.BatchEngine`` (many requests in one pass, llama.cpp backend) and ``SerialEngine`` (one
-request at a time through ``SpeculativeDecoder.stream``: torch targets, draft heads and models).
+``batching.BatchEngine`` (many requests in one pass) and ``SerialEngine`` (one
+request at a time through ``SpeculativeDecoder.stream``: draft models, targets off the lean runner,
+``--max-batch 1``).
 """
 
 from __future__ import annotations
