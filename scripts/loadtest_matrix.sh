@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The issue-25 load matrix: our server under its policies, one at a time, and llama-server on the
-# same GGUF file, each alone on the machine, 1/4/16/32 concurrent streamed chat requests of 128
-# tokens (greedy, ignore_eos), prompts from Spec-Bench. Usage: scripts/loadtest_matrix.sh OUT [LLAMA_SERVER]
+# The issue-25 load matrix: our server under its policies on both backends, one at a time, and
+# llama-server on the same GGUF file, each alone on the machine, 1/4/16/32 concurrent streamed chat
+# requests of 128 tokens (greedy, ignore_eos), prompts from a Spec-Bench-format file (DATA, default
+# all of Spec-Bench). Usage: [DATA=file.jsonl] scripts/loadtest_matrix.sh OUT [LLAMA_SERVER]
 set -euo pipefail
 OUT=${1:-out/loadtest}
 LLAMA_SERVER=${2:-}
-DATA=../shared/specbench/question.jsonl
+DATA=${DATA:-../shared/specbench/question.jsonl}
 COMMON=(--dataset "$DATA" --concurrency 1,4,16,32 --max-tokens 128 --no-progress)
 run() {  # name, then serve options
   local name=$1; shift
@@ -15,7 +16,9 @@ Q="--queue-timeout 600"
 run budget --max-batch 16 $Q
 run plain --max-batch 16 --draft none $Q
 run fixed3 --max-batch 16 --policy fixed --draft-len 3 $Q
-run one-at-a-time --max-batch 1 $Q
+run torch-budget --backend torch $Q
+run torch-plain --backend torch --draft none $Q
+run torch-one-at-a-time --backend torch --max-batch 1 $Q  # the server before batching
 if [ -n "$LLAMA_SERVER" ]; then
   GGUF=$(python -c "from specdecode.models import default_gguf_path as d; print(d())")
   for spec in none ngram-simple; do

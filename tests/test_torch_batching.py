@@ -176,3 +176,18 @@ def test_batching_refuses_a_drafter_it_cannot_copy(tiny_target, tiny_draft, toke
     with pytest.raises(ConfigError) as err:
         BatchEngine.for_decoder(decoder, 4)
     assert err.value.param == "max_batch" and "--max-batch 1" in str(err.value)
+
+
+def test_the_head_drafts_only_while_its_drafting_time_pays(tiny_target, tokenizer):
+    decoder = SpeculativeDecoder(tiny_target, tokenizer, _drafter("head", tiny_target))
+    prompts = [decoder.encode(p, chat=False) for p in PROMPTS[:2]]
+    configs = [GenerationConfig(max_new_tokens=12, ignore_eos=True)] * 2
+    drafted = {}
+    for per_token in (0.0, 1.0):  # seconds a head step is taken to cost per drafted token
+        engine = _engine(decoder, 2)
+        engine.draft_s_per_token = per_token
+        seqs = [engine.add(p, c) for p, c in zip(prompts, configs)]
+        while engine.running:
+            engine.step()
+        drafted[per_token] = sum(s.stats.drafted for s in seqs)
+    assert drafted[0.0] > 0 and drafted[1.0] == 0

@@ -45,7 +45,7 @@ from ..config import (
 )
 from ..drafters.base import Draft, Drafter, DraftPlan
 from ..engine import StreamEvent, check_room
-from ..policy import PositionAcceptance, judge_unsent
+from ..policy import Calibration, PositionAcceptance, judge_unsent
 from ..runners.base import Block
 from ..runners.llamacpp_batch import LlamaCppBatchRunner
 from ..runners.torch_batch import TorchBatchRunner
@@ -104,6 +104,9 @@ class BatchEngine:
         # seconds a drafter that costs spends per token it may draft (a head step per depth),
         # followed over the steps; None until measured (then the drafter's prior is used)
         self.draft_s_per_token: float | None = None
+        # how often a drafted token is accepted by the drafter's path probability (drafters that
+        # give one: the head), over all requests: the same drafter and target throughout
+        self.calibration = Calibration()
 
     @classmethod
     def for_decoder(cls, decoder, slots: int, slot_context: int | None = None,
@@ -245,12 +248,14 @@ class BatchEngine:
         return s.drafter.propose(s.context, DraftPlan(room), s.config, s.generator)
 
     def _survival(self, s: Sequence, draft: Draft) -> list[float]:
-        """The budget's chance for each drafted token: a chain's by the request's acceptance at each
-        position; a tree's candidates by the drafter's own path probabilities, best first (a node
-        is accepted exactly when its whole path is the target's)."""
-        if draft.parents is None:
+        """The budget's chance for each drafted token, best first: by the drafter's path probability
+        as calibrated so far where it gives one (the head's chains and trees: a node is accepted
+        exactly when its whole path is the target's), else by the request's acceptance at each
+        position (lookups)."""
+        if not draft.confidence:
             return s.acceptance.survival(len(draft))
-        return sorted(draft.path_scores(), reverse=True)
+        rates = self.calibration.rates()
+        return sorted((rates[self.calibration.bin(p)] for p in draft.path_scores()), reverse=True)
 
     def _prompt_chunks(self, reading: list[Sequence], budget: int) -> dict[Sequence, tuple[int, bool]]:
         """Prompt tokens each reading request feeds this step, and whether that finishes its prompt
@@ -317,6 +322,9 @@ class BatchEngine:
         s.drafter.observe(draft, verdict.num_accepted)
         if len(draft):
             s.acceptance.observe(depth, verdict.num_accepted)
+        if draft.confidence:
+            kept = set(branch)
+            self.calibration.observe(draft.path_scores(), [i in kept for i in range(len(draft))])
         new, text = s.output.add(verdict.tokens)
         s.context.extend(new)
         if s.unsent is not None:
