@@ -39,7 +39,7 @@ class Block:
     slot: int
     tokens: list[int]  # appended at the slot's next positions
     num_logits: int  # logits are wanted for the last num_logits tokens
-    # None: a chain. A token tree (batch runners with ``trees``): ``parents[i]`` is the block index
+    # None: a chain. A token tree (``torch_batch``; llama.cpp refuses one): ``parents[i]`` is the block index
     # of token i's parent, -1 for the slot's last cached token; logits then for every node
     parents: list[int] | None = None
 

@@ -46,8 +46,6 @@ def micro_batch_count(blocks: dict[int, int]) -> int:
 class LlamaCppBatchRunner(LlamaCppContext):
     """``slots`` sequences of up to ``slot_context`` tokens each, and the token ids each holds."""
 
-    trees = False  # one sequence id per token and a KV stream per slot: no token trees
-
     def __init__(self, model: LlamaCppModel, slots: int, slot_context: int, vocab_size: int | None = None):
         if slots < 1:
             raise ValueError("slots must be >= 1")

@@ -22,8 +22,6 @@ from .tree import TreeLayout
 class TorchBatchRunner:
     """``slots`` sequences of up to ``slot_context`` tokens each over one ``LeanLlama``."""
 
-    trees = True  # blocks may be token trees (``Block.parents``)
-
     def __init__(self, model: LeanLlama, slots: int, slot_context: int, vocab_size: int | None = None):
         if slots < 1:
             raise ValueError("slots must be >= 1")
