@@ -181,13 +181,12 @@ def test_batching_refuses_a_drafter_it_cannot_copy(tiny_target, tiny_draft, toke
 def test_the_head_drafts_only_while_its_drafting_time_pays(tiny_target, tokenizer):
     decoder = SpeculativeDecoder(tiny_target, tokenizer, _drafter("head", tiny_target))
     prompts = [decoder.encode(p, chat=False) for p in PROMPTS[:2]]
-    configs = [GenerationConfig(max_new_tokens=12, ignore_eos=True)] * 2
-    drafted = {}
+    rooms = {}
     for per_token in (0.0, 1.0):  # seconds a head step is taken to cost per drafted token
         engine = _engine(decoder, 2)
+        for p in prompts:
+            engine.add(p, GenerationConfig(max_new_tokens=12, ignore_eos=True))
+        engine.step()  # reads the prompts: both requests now decode
         engine.draft_s_per_token = per_token
-        seqs = [engine.add(p, c) for p, c in zip(prompts, configs)]
-        while engine.running:
-            engine.step()
-        drafted[per_token] = sum(s.stats.drafted for s in seqs)
-    assert drafted[0.0] > 0 and drafted[1.0] == 0
+        rooms[per_token] = engine._draft_rooms(list(engine.running.values()))
+    assert all(n > 0 for n in rooms[0.0].values()) and all(n == 0 for n in rooms[1.0].values())
