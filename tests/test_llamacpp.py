@@ -170,3 +170,24 @@ def test_sampling_on_llamacpp_keeps_the_targets_distribution():
     report = run_check(spec, config, prompt, draws=300, alpha=1e-3, progress=False)
     assert report["passed"], report
     assert report["contexts"][0]["accepted"] > 0  # drafts were accepted, so the rule was exercised
+
+
+def test_weights_stay_out_of_amx_buffers_where_llama_cpp_was_built_with_amx():
+    # its AMX buffers crash the first pass on Sapphire Rapids hosts (llama.cpp #20824)
+    from specdecode.runners.llamacpp import extra_buffers, high_level_defaults
+
+    class Lib:
+        def __init__(self, info):
+            self.info = info
+
+        def llama_print_system_info(self):
+            return self.info
+
+    assert extra_buffers(Lib(b"AVX2 = 1 | FMA = 1 | REPACK = 1 |"))
+    assert not extra_buffers(Lib(b"AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1 |"))
+    import llama_cpp.llama_cpp as bindings
+
+    with high_level_defaults():
+        inside = bindings.llama_model_default_params()
+    assert inside.use_extra_bufts == extra_buffers(bindings)
+    assert bindings.llama_model_default_params().use_extra_bufts  # restored: llama.cpp's own default

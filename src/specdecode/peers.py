@@ -94,13 +94,16 @@ class LlamaCppPeer(Peer):
         common = {"model_path": str(gguf_path), "n_ctx": context, "n_threads": threads,
                   "n_threads_batch": threads, "n_gpu_layers": 0, "verbose": False,
                   "flash_attn": True}  # its faster path here, and the attention our backend runs
-        self.engines = {
-            "llamacpp": Llama(**common),
-            # logits_all=True as the draft model implies it anyway: given only the draft model,
-            # llama-cpp-python 0.3.36 sizes its score buffer by n_batch and fails on longer prompts
-            "llamacpp_lookup": Llama(**common, logits_all=True, draft_model=LlamaPromptLookupDecoding(
-                num_pred_tokens=PROMPT_LOOKUP_TOKENS)),
-        }
+        from .runners.llamacpp import high_level_defaults
+
+        with high_level_defaults():
+            self.engines = {
+                "llamacpp": Llama(**common),
+                # logits_all=True as the draft model implies it anyway: given only the draft model,
+                # llama-cpp-python 0.3.36 sizes its score buffer by n_batch and fails on longer prompts
+                "llamacpp_lookup": Llama(**common, logits_all=True, draft_model=LlamaPromptLookupDecoding(
+                    num_pred_tokens=PROMPT_LOOKUP_TOKENS)),
+            }
 
     def run(self, prompt_ids: list[int], config: GenerationConfig) -> dict[str, tuple[list[int], float]]:
         if not config.greedy or config.stop:

@@ -19,6 +19,7 @@ and values without flash attention; ``peers`` turns flash attention on, its fast
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
@@ -66,6 +67,36 @@ def _start_backend(lib) -> None:
             _backend_started = True
 
 
+def extra_buffers(lib) -> bool:
+    """Whether llama.cpp may put weights in its extra CPU buffer types (repacked layouts). Not
+    where it was built with AMX: its AMX buffers crash in the first pass on this llama.cpp
+    (ggml-org/llama.cpp#20824; a segfault in every pass of the default Q4_1 file on a Sapphire
+    Rapids host) and have given wrong results for Q4_0 and Q4_1 (#16315). The plain CPU kernels
+    are the ones llama.cpp uses on every other x86 host for this file."""
+    return b"AMX_INT8 = 1" not in lib.llama_print_system_info()
+
+
+@contextlib.contextmanager
+def high_level_defaults():
+    """While llama-cpp-python's ``Llama`` loads a model: its default model parameters with
+    ``extra_buffers`` applied (``Llama`` takes no option for it; it reads the defaults from the
+    bindings module at load)."""
+    import llama_cpp.llama_cpp as lib
+
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = extra_buffers(lib)
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default
+
+
 def _quiet_log(level, text, user_data):  # errors still reach the caller as return codes
     pass
 
@@ -99,6 +130,7 @@ class LlamaCppModel:
         self.key_type = KEY_TYPE  # of the contexts created from now on
         params = lib.llama_model_default_params()
         params.n_gpu_layers = 0
+        params.use_extra_bufts = extra_buffers(lib)
         self.model = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.model:
             raise ConfigError("target", f"llama.cpp could not load {self.path}")
