@@ -100,6 +100,31 @@ def test_a_slot_cut_back_scores_as_a_fresh_prefill(decoders):
     assert runner.cached[2] == ids + [500, 600] and runner.cached[0] == ids[:40] + [500]
 
 
+def test_a_prompt_reads_only_what_a_free_slot_does_not_hold_and_gets_the_same_tokens(decoders):
+    alone = decoders[1]
+    first = alone.encode(QUESTIONS[0])
+    config = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    engine = BatchEngine.for_decoder(alone, 3, 512)
+    answer = _run(engine, [first], [config])[0]
+    # a conversation's next turn: the first prompt and answer, then more
+    follow = first + answer + alone.encode("And one about snow.")[1:]
+    other = alone.encode(QUESTIONS[2])
+    want = [alone.generate(p, config).token_ids for p in (follow, other)]
+    read = []
+    forward = engine.runner.forward
+    engine.runner.forward = lambda blocks: read.append(sum(len(b.tokens) for b in blocks)) or forward(blocks)
+    seqs = [engine.add(follow, config), engine.add(other, config)]
+    held = [s.read for s in seqs]
+    assert seqs[0].slot == 0 and held[0] >= len(first) + len(answer) - 1  # the slot the first turn left
+    assert seqs[1].slot == 1 and held[1] == 0  # the other free slots hold nothing: the lowest
+    got = {s.id: [] for s in seqs}
+    while engine.running:
+        for seq, event in engine.step():
+            got[seq.id] += event.token_ids
+    assert [got[s.id] for s in seqs] == want
+    assert read[0] == len(follow) - held[0] + len(other)  # the first pass read both prompts' rest
+
+
 # ---- the verification budget on constructed cases -------------------------------------------------
 COST = PassCost(fixed_s=0.010, per_token_s=0.007)  # about this CPU's curve
 

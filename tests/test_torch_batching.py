@@ -124,6 +124,34 @@ def test_a_cancelled_request_leaves_the_others_unchanged(tiny_target, tokenizer)
     assert engine.free_slots == 3
 
 
+def test_a_reused_slot_prefix_gives_the_head_the_features_of_a_fresh_prefill(tiny_target, tokenizer):
+    decoder = SpeculativeDecoder(tiny_target, tokenizer, _drafter("head", tiny_target))
+    first = decoder.encode(PROMPTS[0], chat=False)
+    config = GenerationConfig(max_new_tokens=12, ignore_eos=True, policy="fixed", draft_len=3)
+    engine = _engine(decoder, 2)
+    (answer,), _ = _run(engine, [first], [config])
+    follow = first + answer + decoder.encode(PROMPTS[1], chat=False)
+
+    def drafts(engine):  # what the head proposed at each step, from the slot's features
+        seq = engine.add(follow, config)
+        held, out, propose = seq.read, [], seq.drafter.propose
+
+        def recorded(*args):
+            draft = propose(*args)
+            out.append(draft.tokens)
+            return draft
+
+        seq.drafter.propose = recorded
+        while engine.running:
+            engine.step()
+        return held, out
+
+    held, reused = drafts(engine)
+    fresh_held, fresh = drafts(_engine(decoder, 2))
+    assert held >= len(first) + len(answer) - 1 and fresh_held == 0
+    assert reused == fresh and len(fresh) > 3
+
+
 def test_seeded_sampling_gives_the_same_tokens_alone_and_batched_with_any_drafter(tiny_target, tokenizer):
     plain = SpeculativeDecoder(tiny_target, tokenizer, NoDrafter())
     prompts = [plain.encode(p, chat=False) for p in PROMPTS]

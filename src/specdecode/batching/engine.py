@@ -46,7 +46,7 @@ from ..config import (
 from ..drafters.base import Draft, Drafter, DraftPlan
 from ..engine import StreamEvent, check_room
 from ..policy import Calibration, PositionAcceptance, judge_unsent
-from ..runners.base import Block
+from ..runners.base import Block, common_prefix
 from ..runners.llamacpp_batch import LlamaCppBatchRunner
 from ..runners.torch_batch import TorchBatchRunner
 from ..sampling import logits_to_probs, position_noise, token_logprobs
@@ -160,9 +160,8 @@ class BatchEngine:
         check_room(len(prompt_ids), config, self.max_context, "a slot's context")
         if not self.free_slots:
             raise RuntimeError("no free slot")
-        # the lowest free slot: llama.cpp takes a run of consecutive slots into one micro-batch
-        slot = min(s for s in range(self.runner.slots) if s not in self.running)
-        self.runner.clear(slot)
+        slot, reused = self._slot_for(prompt_ids)
+        self.runner.truncate(slot, reused)
         drafter = self.new_drafter()
         drafter.attach(self.runner.slot_runner(slot))
         seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -171,14 +170,28 @@ class BatchEngine:
                        seed, RunStats(drafter=drafter.name, policy=f"batch-{config.policy}",
                                       prompt_tokens=len(prompt_ids)),
                        PositionAcceptance(MAX_DRAFT), len(prompt_ids), time.perf_counter(),
-                       torch.Generator().manual_seed(seed))
+                       torch.Generator().manual_seed(seed), read=reused)
         self.running[slot] = seq
         return seq
 
+    def _slot_for(self, prompt_ids: list[int]) -> tuple[int, int]:
+        """A free slot for a prompt, and how many of the prompt's tokens its cache already holds.
+        A slot keeps what its last request left (prefix caching, as the single engine keeps its
+        context): the free slot sharing the longest prefix with the prompt (a chat template's
+        system turn, a conversation's earlier turns) reads only the rest; on a tie the lowest, as
+        llama.cpp takes a run of consecutive slots into one micro-batch. The prompt's last token
+        is always left to read: it is the pending token, whose logits give the first output."""
+        def held(slot: int) -> int:
+            return common_prefix(self.runner.cached[slot], prompt_ids[:-1])
+
+        slot = max((s for s in range(self.runner.slots) if s not in self.running), key=lambda s: (held(s), -s))
+        return slot, held(slot)
+
     def cancel(self, seq: Sequence) -> None:
+        """Take a request out of the batch; its slot keeps its cache for a later prompt with the
+        same prefix (``_slot_for``)."""
         if self.running.get(seq.slot) is seq:
             del self.running[seq.slot]
-            self.runner.clear(seq.slot)
 
     # ---- one step --------------------------------------------------------------------------
     def step(self) -> list[tuple[Sequence, StreamEvent]]:
