@@ -181,11 +181,10 @@ class BatchEngine:
         system turn, a conversation's earlier turns) reads only the rest; on a tie the lowest, as
         llama.cpp takes a run of consecutive slots into one micro-batch. The prompt's last token
         is always left to read: it is the pending token, whose logits give the first output."""
-        def held(slot: int) -> int:
-            return common_prefix(self.runner.cached[slot], prompt_ids[:-1])
-
-        slot = max((s for s in range(self.runner.slots) if s not in self.running), key=lambda s: (held(s), -s))
-        return slot, held(slot)
+        held = {s: common_prefix(self.runner.cached[s], prompt_ids[:-1])
+                for s in range(self.runner.slots) if s not in self.running}
+        slot = max(held, key=lambda s: (held[s], -s))
+        return slot, held[slot]
 
     def cancel(self, seq: Sequence) -> None:
         """Take a request out of the batch; its slot keeps its cache for a later prompt with the
