@@ -404,6 +404,51 @@ def test_loadtest_reports_every_load_and_writes_its_plot(server, tmp_path):
     assert all(p.stat().st_size > 0 for p in write_results(result, str(tmp_path / "out")))
 
 
+def test_loadtest_rounds_interleave_servers_on_fresh_prompts_and_report_medians(tmp_path, monkeypatch):
+    from specdecode import loadtest
+
+    data = tmp_path / "q.jsonl"
+    data.write_text("\n".join(json.dumps({"question_id": i, "category": "c", "turns": [f"q{i}"]}) for i in range(100)))
+    calls, speed = [], {"a": [10.0, 30.0, 20.0, 12.0, 14.0, 16.0], "b": [5.0, 6.0, 7.0, 50.0, 1.0, 2.0]}
+
+    async def fake_load(url, model, prompts, settings, concurrency, progress):
+        name = url.rsplit(":", 1)[1]
+        calls.append((name, concurrency, tuple(prompts)))
+        tokens = speed[name].pop(0)  # tokens in one second of wall time: the round's throughput
+        return [loadtest.RequestResult(True, int(tokens), 0.1, 1.0)], 1.0
+
+    monkeypatch.setattr(loadtest, "_load", fake_load)
+    settings = loadtest.LoadSettings({"A": "http://127.0.0.1:a", "B": "http://127.0.0.1:b"}, str(data), (1, 4),
+                                     requests=5, rounds=3, model="m")
+    result = loadtest.run_loadtest(settings, progress=False)
+    # each round visits every server, the first one rotating; both get the same prompts in a round
+    assert [(c[0], c[1]) for c in calls] == [("a", 1), ("b", 1), ("b", 1), ("a", 1), ("a", 1), ("b", 1),
+                                             ("a", 4), ("b", 4), ("b", 4), ("a", 4), ("a", 4), ("b", 4)]
+    rounds = [c[2] for c in calls[::2]]
+    assert all(calls[2 * i][2] == calls[2 * i + 1][2] for i in range(6))
+    assert len({p for r in rounds for p in r}) == 6 * 5  # no prompt sent in two rounds or two loads
+    rows = {(r["server"], r["concurrency"]): r for r in result["rows"]}
+    assert rows["A", 1]["throughput_tok_s"] == 20.0 and rows["A", 1]["throughput_range"] == [10.0, 30.0]
+    assert rows["B", 1]["throughput_tok_s"] == 6.0 and rows["B", 4]["throughput_tok_s"] == 2.0
+    assert rows["A", 4]["requests"] == 3 and len(rows["A", 4]["rounds"]) == 3
+    assert "median (range) of 3 rounds" in loadtest.format_table(result) and "| 20.0 (10-30) |" in \
+        loadtest.format_table(result)
+
+
+@pytest.mark.parametrize("extra, param", [
+    (["--url", "x=http://127.0.0.1:9", "--serve-args=--draft none"], "--serve-args"),
+    (["--url", "x=http://127.0.0.1:9", "--serve", "x=--draft none"], "--serve:"),
+    (["--serve", "x=", "--serve", "x=--draft none"], "--serve:"),
+    (["--serve", "no-options-given"], "--serve:"),
+    (["--url", "x=http://127.0.0.1:9", "--rounds", "0"], "--rounds:"),
+])
+def test_loadtest_refuses_conflicting_servers_naming_the_option(tmp_path, capsys, extra, param):
+    from specdecode.cli import main
+
+    code = main(["loadtest", "--dataset", str(tmp_path / "q.jsonl"), *extra])
+    assert code == 2 and param in capsys.readouterr().err
+
+
 def test_loadtest_sends_to_loopback_only(tmp_path):
     from specdecode.cli import main
 

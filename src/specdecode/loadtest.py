@@ -5,6 +5,13 @@ one finished) or request rate (open loop: Poisson arrivals), a fixed number of s
 requests with prompts from a Spec-Bench-format file; per server and load: total output tokens per
 second, time to first token (TTFT) and time per output token after the first (TPOT), p50 and p95,
 and end-to-end latency. Servers are measured one after another at each load, on the same prompts.
+
+A shared machine is noisy (the same work has been seen to take 1.4x as long from one minute to the
+next), so one run per server compares the minutes as much as the servers. With ``rounds`` > 1 every
+load is measured that many times, each round visiting every server in turn (the order rotated so
+no server always goes first) on prompts of its own, and a row reports the median over rounds.
+Prompts are not reused within a run while the file has enough of them, so no server is helped by a
+prompt cache warmed in an earlier round or load.
 """
 
 from __future__ import annotations
@@ -13,8 +20,9 @@ import asyncio
 import collections
 import json
 import random
+import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -36,6 +44,7 @@ class LoadSettings:
     model: str | None = None  # the "model" field; None: each server's first listed model
     timeout: float = 600.0
     seed: int = 0  # which prompts, in which order
+    rounds: int = 1  # times each load is measured on each server, the servers interleaved
 
     def validate(self) -> "LoadSettings":
         if not self.servers:
@@ -50,6 +59,8 @@ class LoadSettings:
             raise ConfigError("rate", f"must be > 0 requests per second (got {self.rate!r})")
         if self.requests is not None and self.requests < 1:
             raise ConfigError("requests", f"must be >= 1 (got {self.requests!r})")
+        if not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ConfigError("rounds", f"must be an integer >= 1 (got {self.rounds!r})")
         if self.max_tokens < 1:
             raise ConfigError("max_tokens", f"must be >= 1 (got {self.max_tokens!r})")
         return self
@@ -167,6 +178,29 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict:
     }
 
 
+MEDIAN_KEYS = ("throughput_tok_s", "ttft_p50_s", "ttft_p95_s", "tpot_p50_s", "tpot_p95_s", "e2e_p50_s", "e2e_p95_s")
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One row from a server's rounds at one load: counts summed, each rate and percentile the
+    median over rounds (each round is one sample of the machine), the throughput's range and the
+    rounds themselves kept."""
+    if len(rounds) == 1:
+        return rounds[0]
+    row = {k: sum(r[k] for r in rounds) for k in ("requests", "failed", "output_tokens", "wall_s")}
+    for k in MEDIAN_KEYS:
+        values = [r[k] for r in rounds if r[k] is not None]
+        row[k] = statistics.median(values) if values else None
+    counts = sum((collections.Counter(r["error_counts"]) for r in rounds), collections.Counter())
+    row.update(errors=sorted(counts)[:5], error_counts=dict(counts),
+               failed_within_s=max((r["failed_within_s"] for r in rounds if r["failed_within_s"] is not None),
+                                   default=None),
+               throughput_range=[min(r["throughput_tok_s"] for r in rounds),
+                                 max(r["throughput_tok_s"] for r in rounds)],
+               rounds=rounds)
+    return row
+
+
 def run_loadtest(settings: LoadSettings, progress: bool = True) -> dict:
     from tqdm import tqdm
 
@@ -179,15 +213,26 @@ def run_loadtest(settings: LoadSettings, progress: bool = True) -> dict:
     rng.shuffle(order)
     loads = [None] if settings.rate is not None else list(settings.concurrencies)
     models = {name: settings.model or _first_model(url) for name, url in settings.servers.items()}
-    rows = []
+    names = list(settings.servers)
+    warmup = replace(settings, max_tokens=min(8, settings.max_tokens))
+    for name in names:  # one unmeasured request each: a server just started has paid no first-request costs
+        asyncio.run(_load(settings.servers[name], models[name], order[-1:], warmup, 1, tqdm(disable=True)))
+    rows, used = [], 0
     for load in loads:
         n = settings.requests or max(8, 2 * (load or 4))
-        prompts = [order[i % len(order)] for i in range(n)]
-        for name, url in settings.servers.items():
-            label = f"rate {settings.rate:g}/s" if load is None else f"{load} concurrent"
-            with tqdm(total=n, desc=f"{name} {label}", unit="req", disable=not progress) as bar:
-                results, wall = asyncio.run(_load(url, models[name], prompts, settings, load, bar))
-            rows.append({"server": name, "concurrency": load, "rate": settings.rate, **summarize(results, wall)})
+        label = f"rate {settings.rate:g}/s" if load is None else f"{load} concurrent"
+        measured: dict[str, list[dict]] = {name: [] for name in names}
+        for r in range(settings.rounds):
+            prompts = [order[(used + i) % len(order)] for i in range(n)]
+            used += n
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                desc = f"{name} {label}" + (f" round {r + 1}/{settings.rounds}" if settings.rounds > 1 else "")
+                with tqdm(total=n, desc=desc, unit="req", disable=not progress) as bar:
+                    results, wall = asyncio.run(_load(settings.servers[name], models[name], prompts, settings,
+                                                      load, bar))
+                measured[name].append(summarize(results, wall))
+        rows += [{"server": name, "concurrency": load, "rate": settings.rate, **merge_rounds(measured[name])}
+                 for name in names]
     return {"settings": {**asdict(settings), "servers": dict(settings.servers)}, "rows": rows}
 
 
@@ -195,12 +240,17 @@ def format_table(result: dict) -> str:
     def ms(x):
         return "-" if x is None else f"{x * 1000:.0f}"
 
-    lines = ["| server | load | requests | failed | tok/s total | TTFT p50 / p95 ms | TPOT p50 / p95 ms | "
+    rounds = result["settings"].get("rounds", 1)
+    tps = "tok/s total" if rounds == 1 else f"tok/s total, median (range) of {rounds} rounds"
+    lines = [f"| server | load | requests | failed | {tps} | TTFT p50 / p95 ms | TPOT p50 / p95 ms | "
              "e2e p50 / p95 s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
         load = f"{r['concurrency']} conc." if r["concurrency"] is not None else f"{r['rate']:g} req/s"
         e2e = "-" if r["e2e_p50_s"] is None else f"{r['e2e_p50_s']:.1f} / {r['e2e_p95_s']:.1f}"
-        lines.append(f"| {r['server']} | {load} | {r['requests']} | {r['failed']} | {r['throughput_tok_s']:.1f} | "
+        tps = f"{r['throughput_tok_s']:.1f}"
+        if "throughput_range" in r:
+            tps += " ({:.0f}-{:.0f})".format(*r["throughput_range"])
+        lines.append(f"| {r['server']} | {load} | {r['requests']} | {r['failed']} | {tps} | "
                      f"{ms(r['ttft_p50_s'])} / {ms(r['ttft_p95_s'])} | {ms(r['tpot_p50_s'])} / {ms(r['tpot_p95_s'])} | "
                      f"{e2e} |")
     return "\n".join(lines)

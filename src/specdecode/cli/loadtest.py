@@ -15,13 +15,19 @@ def register(sub) -> None:
     p = sub.add_parser("loadtest", help="a bounded load on OpenAI-compatible servers on 127.0.0.1")
     p.add_argument("--dataset", required=True, help="Spec-Bench-format question.jsonl (first turns are the prompts)")
     p.add_argument("--url", action="append", default=[], metavar="NAME=URL",
-                   help="a server to load, e.g. llama-server=http://127.0.0.1:8080 (repeatable); none given: "
-                        "start `specdecode serve` with --serve-args and load it")
-    p.add_argument("--serve-args", default="", help="options for the server started when no --url is given")
+                   help="a running server to load, e.g. llama-server=http://127.0.0.1:8080 (repeatable)")
+    p.add_argument("--serve", action="append", default=[], metavar="NAME=OPTIONS",
+                   help="start `specdecode serve OPTIONS` and load it as NAME, e.g. plain='--draft none' "
+                        "(repeatable; all are started, one after another, before the load begins)")
+    p.add_argument("--serve-args", default=None,
+                   help="with neither --url nor --serve: the options of the one server started (as 'specdecode')")
     p.add_argument("--concurrency", default="1,4,16,32", help="comma-separated client counts (default: %(default)s)")
     p.add_argument("--rate", type=float, default=None, help="requests per second (Poisson) instead of concurrency")
     p.add_argument("--requests", type=int, default=None,
                    help="requests per load (default: twice the concurrency, at least 8)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure each load this many times per server, the servers interleaved; rows give "
+                        "the median (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--stop-at-eos", action="store_true", help="let requests end at end-of-sequence")
     p.add_argument("--out", default="out/loadtest")
@@ -29,22 +35,24 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _servers(urls: list[str]) -> dict[str, str]:
+def _named(items: list[str], param: str, what: str) -> dict[str, str]:
     out = {}
-    for item in urls:
-        name, sep, url = item.partition("=")
-        if not sep or not name or not url:
-            raise SpecDecodeError("url", f"must be NAME=URL (got {item!r})")
-        out[name] = url.rstrip("/")
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SpecDecodeError(param, f"must be NAME={what} (got {item!r})")
+        if name in out:
+            raise SpecDecodeError(param, f"names a server twice: {name!r}")
+        out[name] = value
     return out
 
 
-def _start_own(serve_args: str) -> tuple[subprocess.Popen, str]:
+def _start_own(serve_args: str, param: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "specdecode", "serve", "--host", "127.0.0.1", "--port", str(port),
            *shlex.split(serve_args)]
     base = f"http://127.0.0.1:{port}"
-    return start_server(cmd, base, "serve_args", name="specdecode serve"), base
+    return start_server(cmd, base, param, name="specdecode serve"), base
 
 
 def run(args) -> int:
@@ -54,16 +62,27 @@ def run(args) -> int:
         concurrencies = tuple(int(c) for c in args.concurrency.split(",") if c.strip())
     except ValueError:
         raise SpecDecodeError("concurrency", f"must be comma-separated integers (got {args.concurrency!r})") from None
-    servers, proc = _servers(args.url), None
-    settings = LoadSettings(servers or {"specdecode": "http://127.0.0.1:1"}, args.dataset, concurrencies, args.rate,
-                            args.requests, args.max_tokens, not args.stop_at_eos).validate()
-    if not servers:
-        proc, base = _start_own(args.serve_args)
-        settings = replace(settings, servers={"specdecode": base})
+    urls = {name: url.rstrip("/") for name, url in _named(args.url, "url", "URL").items()}
+    own = _named(args.serve, "serve", "OPTIONS")
+    if args.serve_args is not None and (urls or own):
+        raise SpecDecodeError("serve_args", "is for a lone server: with --url or --serve, use --serve NAME=OPTIONS")
+    param = "serve"
+    if not urls and not own:
+        own, param = {"specdecode": args.serve_args or ""}, "serve_args"
+    if set(urls) & set(own):
+        raise SpecDecodeError("serve", f"names a server that --url names too: {sorted(set(urls) & set(own))}")
+    placeholders = {name: "http://127.0.0.1:1" for name in own}
+    settings = LoadSettings({**urls, **placeholders}, args.dataset, concurrencies, args.rate, args.requests,
+                            args.max_tokens, not args.stop_at_eos, rounds=args.rounds).validate()
+    procs = []
     try:
-        result = run_loadtest(settings, progress=not args.no_progress)
+        for name, options in own.items():  # one after another: each calibrates its pass cost alone
+            proc, base = _start_own(options, param)
+            procs.append(proc)
+            urls[name] = base
+        result = run_loadtest(replace(settings, servers=urls), progress=not args.no_progress)
     finally:
-        if proc is not None:
+        for proc in procs:
             stop_server(proc)
     print(format_table(result))
     for path in write_results(result, args.out):
