@@ -15,7 +15,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 from specdecode.api import load  # noqa: E402
 from specdecode.batching import BatchEngine  # noqa: E402
-from specdecode.runners.llamacpp_batch import Block, LlamaCppBatchRunner, micro_batch_count, micro_batches  # noqa: E402
+from specdecode.runners.llamacpp_batch import Block, LlamaCppBatchRunner, micro_batches, pass_shape  # noqa: E402
 
 QUESTIONS = [
     "Write a haiku about rain.",
@@ -160,10 +160,30 @@ def test_pass_cost_fit_recovers_a_straight_line():
 
 def test_pass_cost_fit_tells_micro_batches_from_tokens():
     cost = PassCost(0.001, 0.001)
-    for u, n in [(1, 16), (2, 17), (1, 4), (4, 20), (3, 64), (1, 1)] * 3:
+    for u, n in [(1, 16), (2, 17), (1, 4), (4, 20), (3, 64), (1, 2)] * 3:
         cost.observe(n, 0.009 * u + 0.005 * n, u)
     assert cost.fixed_s == pytest.approx(0.009) and cost.per_token_s == pytest.approx(0.005)
     assert cost.seconds(17, 2) == pytest.approx(0.009 * 2 + 0.005 * 17)
+    assert cost.one_token_s is None and cost.lone_s == pytest.approx(0.014)  # no lone token timed yet
+
+
+def test_pass_cost_prices_a_lone_token_apart():
+    # llama.cpp on 2 cores: a lone token runs matrix-vector kernels, 8 ms; 2 tokens 16 ms, then ~3 ms each
+    def seconds(n, u=1, v=0):
+        return 0.008 * v + 0.010 * (u - v) + 0.003 * (n - v)
+
+    cost = PassCost.measure(lambda n: seconds(n, 1, int(n == 1)))  # one micro-batch each
+    assert (cost.one_token_s, cost.fixed_s, cost.per_token_s) == pytest.approx((0.008, 0.010, 0.003))
+    for n, u, v in [(17, 2, 1), (3, 3, 3), (16, 1, 0)] * 2:  # ragged passes keep the fit
+        cost.observe(n, seconds(n, u, v), u, v)
+    assert cost.seconds(17, 2, 1) == pytest.approx(0.008 + 0.010 + 0.003 * 16)
+    assert cost.floor(3) == pytest.approx(0.019) and cost.floor(1) == pytest.approx(0.008)
+    # a request decoding alone: a second token costs 8 ms more, as much as a step of its own, so a
+    # drafted token pays only when a second one comes with it nearly surely
+    assert allocate([Request(0, [0.9])], {}, cost, 128, pass_shape) == {0: 1}
+    assert allocate([Request(0, [0.9, 0.8])], {}, cost, 128, pass_shape) == {0: 3}
+    line = PassCost(0.010 + 0.003 / 3, 0.003 + 0.003 / 3)  # a straight line through these passes
+    assert allocate([Request(0, [0.9])], {}, line, 128, pass_shape) == {0: 2}  # the control: it drafts
 
 
 def test_a_draft_that_needs_a_micro_batch_of_its_own_is_priced_as_one():
@@ -171,9 +191,9 @@ def test_a_draft_that_needs_a_micro_batch_of_its_own_is_priced_as_one():
     assert micro_batches({s: 2 if s == 5 else 1 for s in range(16)}) == [16, 1]
     requests = [Request(s, [0.95, 0.9] if s == 5 else []) for s in range(16)]
     assert allocate(requests, {}, COST, 512)[5] > 1  # priced as one more token of one pass
-    assert allocate(requests, {}, COST, 512, micro_batch_count)[5] == 1
+    assert allocate(requests, {}, COST, 512, pass_shape)[5] == 1
     # one request alone: its drafted tokens share its micro-batch and still pay
-    assert allocate([Request(0, [0.95, 0.9])], {}, COST, 512, micro_batch_count)[0] == 3
+    assert allocate([Request(0, [0.95, 0.9])], {}, COST, 512, pass_shape)[0] == 3
 
 
 def test_a_likely_token_that_merges_micro_batches_is_sent():
@@ -181,7 +201,7 @@ def test_a_likely_token_that_merges_micro_batches_is_sent():
     # slot 1's middling token makes the three blocks equal, one micro-batch of 6
     requests = [Request(0, [0.99]), Request(1, [0.5]), Request(2, [0.99])]
     assert micro_batches({0: 2, 1: 1, 2: 2}) == [3, 1, 1] and micro_batches({0: 2, 1: 2, 2: 2}) == [6]
-    assert allocate(requests, {}, COST, 512, micro_batch_count) == {0: 2, 1: 2, 2: 2}
+    assert allocate(requests, {}, COST, 512, pass_shape) == {0: 2, 1: 2, 2: 2}
 
 
 def test_micro_batches_are_the_ones_llama_cpp_runs(decoders, monkeypatch):

@@ -275,6 +275,37 @@ def test_logprobs_are_plain_decodings(server, client):
     assert len(done.choices[0].logprobs.token_logprobs) == 4 and len(done.choices[0].logprobs.top_logprobs[0]) == 2
 
 
+def test_loadtest_resends_a_request_whose_connection_closed_unanswered(tmp_path):
+    import asyncio
+
+    from specdecode import loadtest
+
+    settings = loadtest.LoadSettings({"x": "http://127.0.0.1:1"}, str(tmp_path / "q.jsonl"))
+    stream = (b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+              b'data: {"choices":[],"usage":{"completion_tokens":1}}\n\ndata: [DONE]\n\n')
+
+    def run(closed_times):
+        calls = []
+
+        def handler(request):
+            calls.append(request)
+            if len(calls) <= closed_times:
+                raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+            return httpx.Response(200, content=stream, headers={"content-type": "text/event-stream"})
+
+        async def go():
+            async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+                return await loadtest._one(client, "http://127.0.0.1:1", "m", "p", settings)
+
+        return asyncio.run(go()), len(calls)
+
+    result, calls = run(1)
+    assert result.ok and result.tokens == 1 and result.retries == 1 and calls == 2
+    result, calls = run(5)  # a server that never answers: given up after the retries, a failure
+    assert not result.ok and result.retries == loadtest.RETRIES and calls == loadtest.RETRIES + 1
+    assert "RemoteProtocolError" in result.error
+
+
 @pytest.mark.parametrize("extra, param", [
     ({"logit_bias": {"1": 5}}, "logit_bias"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),

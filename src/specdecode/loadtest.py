@@ -73,6 +73,7 @@ class RequestResult:
     ttft_s: float | None
     e2e_s: float
     error: str | None = None
+    retries: int = 0  # times it was sent again after its connection closed unanswered
 
     @property
     def tpot_s(self) -> float | None:
@@ -90,15 +91,35 @@ def percentile(values: list[float], q: float) -> float | None:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
+RETRIES = 2  # as the openai client does: a request whose connection closed before any answer is sent again
+
+
 async def _one(client, url: str, model: str, prompt: str, settings: LoadSettings) -> RequestResult:
+    import httpx
+
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": settings.max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     if settings.ignore_eos:
         body["ignore_eos"] = True
     start = time.perf_counter()
+    for attempt in range(RETRIES + 1):
+        try:
+            result = await _attempt(client, url, body, start)
+            result.retries = attempt
+            return result
+        except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:  # no response: a kept-alive
+            error = f"{type(exc).__name__}: {exc}"                      # connection the server had closed
+        except Exception as exc:  # a failed request is counted, not fatal
+            return RequestResult(False, 0, None, time.perf_counter() - start, f"{type(exc).__name__}: {exc}", attempt)
+    return RequestResult(False, 0, None, time.perf_counter() - start, error, RETRIES)
+
+
+async def _attempt(client, url: str, body: dict, start: float) -> RequestResult:
+    """One try; what fails before the response starts is raised (``_one`` may retry it), what
+    fails after it is a failed result."""
     first, tokens, chunks, done = None, None, 0, False
-    try:
-        async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        try:
             if r.status_code != 200:
                 text = (await r.aread()).decode(errors="replace")[:200]
                 return RequestResult(False, 0, None, time.perf_counter() - start, f"HTTP {r.status_code}: {text}")
@@ -113,8 +134,8 @@ async def _one(client, url: str, model: str, prompt: str, settings: LoadSettings
                     if (choice.get("delta") or {}).get("content"):
                         first = first or time.perf_counter()
                         chunks += 1
-    except Exception as exc:  # a failed request is counted, not fatal
-        return RequestResult(False, 0, None, time.perf_counter() - start, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            return RequestResult(False, 0, None, time.perf_counter() - start, f"{type(exc).__name__}: {exc}")
     end = time.perf_counter()
     if not done:  # a stream cut short (its server went away) is a failure, not a short answer
         return RequestResult(False, 0, None, end - start, "the stream ended before [DONE]")
@@ -167,7 +188,8 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict:
     e2e = [r.e2e_s for r in ok]
     tokens = sum(r.tokens for r in ok)
     return {
-        "requests": len(results), "failed": len(results) - len(ok), "output_tokens": tokens, "wall_s": wall_s,
+        "requests": len(results), "failed": len(results) - len(ok), "retried": sum(r.retries for r in results),
+        "output_tokens": tokens, "wall_s": wall_s,
         "throughput_tok_s": tokens / wall_s if wall_s > 0 else 0.0,
         "ttft_p50_s": percentile(ttft, 0.5), "ttft_p95_s": percentile(ttft, 0.95),
         "tpot_p50_s": percentile(tpot, 0.5), "tpot_p95_s": percentile(tpot, 0.95),
@@ -187,7 +209,7 @@ def merge_rounds(rounds: list[dict]) -> dict:
     rounds themselves kept."""
     if len(rounds) == 1:
         return rounds[0]
-    row = {k: sum(r[k] for r in rounds) for k in ("requests", "failed", "output_tokens", "wall_s")}
+    row = {k: sum(r[k] for r in rounds) for k in ("requests", "failed", "retried", "output_tokens", "wall_s")}
     for k in MEDIAN_KEYS:
         values = [r[k] for r in rounds if r[k] is not None]
         row[k] = statistics.median(values) if values else None
@@ -250,7 +272,8 @@ def format_table(result: dict) -> str:
         tps = f"{r['throughput_tok_s']:.1f}"
         if "throughput_range" in r:
             tps += " ({:.0f}-{:.0f})".format(*r["throughput_range"])
-        lines.append(f"| {r['server']} | {load} | {r['requests']} | {r['failed']} | {tps} | "
+        failed = f"{r['failed']}" + (f" ({r['retried']} resent)" if r.get("retried") else "")
+        lines.append(f"| {r['server']} | {load} | {r['requests']} | {failed} | {tps} | "
                      f"{ms(r['ttft_p50_s'])} / {ms(r['ttft_p95_s'])} | {ms(r['tpot_p50_s'])} / {ms(r['tpot_p95_s'])} | "
                      f"{e2e} |")
     return "\n".join(lines)

@@ -224,7 +224,7 @@ class BatchEngine:
         logits = self.runner.forward(blocks)
         pass_s = time.perf_counter() - t_pass
         shape = {b.slot: len(b.tokens) for b in blocks}
-        self.cost.observe(sum(shape.values()), pass_s, self.runner.micro_batch_count(shape))
+        self.cost.observe(sum(shape.values()), pass_s, *self.runner.pass_shape(shape))
         events = []
         for s, (n, finishing) in chunks.items():
             s.read += n
@@ -246,11 +246,11 @@ class BatchEngine:
         if costly:
             per = self.draft_s_per_token
             if per is None:
-                per = max(s.drafter.cost_prior for s in costly) * self.cost.seconds(1)
-            cost = PassCost(self.cost.fixed_s, self.cost.per_token_s + per)
+                per = max(s.drafter.cost_prior for s in costly) * self.cost.lone_s
+            cost = PassCost(self.cost.fixed_s, self.cost.per_token_s + per, self.cost.lone_s + per)
             requests = [Request(s.slot, s.acceptance.survival(rooms[s.slot])) for s in costly]
             others = {s.slot: 1 for s in decoding if s not in costly}
-            planned = allocate(requests, others, cost, self.max_step_tokens, self.runner.micro_batch_count)
+            planned = allocate(requests, others, cost, self.max_step_tokens, self.runner.pass_shape)
             rooms.update({slot: n - 1 for slot, n in planned.items()})
         return rooms
 
@@ -298,7 +298,7 @@ class BatchEngine:
             return dict(fixed)
         requests = [Request(s.slot, self._survival(s, drafts[s.slot])) for s in budgeted]
         other = {**{s.slot: n for s, (n, _) in chunks.items()}, **fixed}
-        lengths = allocate(requests, other, self.cost, self.max_step_tokens, self.runner.micro_batch_count)
+        lengths = allocate(requests, other, self.cost, self.max_step_tokens, self.runner.pass_shape)
         for s in budgeted:
             if lengths[s.slot] == 1 and len(drafts[s.slot]) and drafts[s.slot].parents is None and s.unsent is None:
                 # its acceptance estimate only moves when its drafts are judged: judge this one by

@@ -39,8 +39,11 @@ def micro_batches(blocks: dict[int, int], n_ubatch: int = MAX_BLOCK) -> list[int
     return out
 
 
-def micro_batch_count(blocks: dict[int, int]) -> int:
-    return len(micro_batches(blocks))
+def pass_shape(blocks: dict[int, int]) -> tuple[int, int]:
+    """How many micro-batches a pass of these blocks runs as, and how many of them hold one token
+    (``batching.budget.PassCost`` prices those apart)."""
+    sizes = micro_batches(blocks)
+    return len(sizes), sizes.count(1)
 
 
 class LlamaCppBatchRunner(LlamaCppContext):
@@ -63,8 +66,8 @@ class LlamaCppBatchRunner(LlamaCppContext):
             self.lib.llama_memory_seq_rm(self.memory, slot, length, -1)
             del self.cached[slot][length:]
 
-    def micro_batch_count(self, blocks: dict[int, int]) -> int:
-        return micro_batch_count(blocks)
+    def pass_shape(self, blocks: dict[int, int]) -> tuple[int, int]:
+        return pass_shape(blocks)
 
     def slot_runner(self, slot: int) -> None:
         """None: a slot is not a runner of its own, for a drafter to read (no features here)."""

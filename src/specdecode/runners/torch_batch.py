@@ -51,9 +51,10 @@ class TorchBatchRunner:
     def keep_branch(self, slot: int, start: int, nodes: list[int]) -> None:
         self.seqs[slot].keep_branch(start, nodes)
 
-    def micro_batch_count(self, blocks: dict[int, int]) -> int:
-        """One: every block of a pass runs in the same products."""
-        return 1
+    def pass_shape(self, blocks: dict[int, int]) -> tuple[int, int]:
+        """One micro-batch, of one token when the pass holds one: every block of a pass runs in
+        the same products."""
+        return 1, int(sum(blocks.values()) == 1)
 
     def forward(self, blocks: list[Block]) -> dict[int, torch.Tensor]:
         """One pass over every block (one per slot); slot -> ``[num_logits, vocab]`` logits for its
