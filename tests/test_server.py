@@ -442,8 +442,13 @@ def test_loadtest_rounds_interleave_servers_on_fresh_prompts_and_report_medians(
     data.write_text("\n".join(json.dumps({"question_id": i, "category": "c", "turns": [f"q{i}"]}) for i in range(100)))
     calls, speed = [], {"a": [10.0, 30.0, 20.0, 12.0, 14.0, 16.0], "b": [5.0, 6.0, 7.0, 50.0, 1.0, 2.0]}
 
+    warmups = []
+
     async def fake_load(url, model, prompts, settings, concurrency, progress):
         name = url.rsplit(":", 1)[1]
+        if settings.max_tokens < 128:  # the unmeasured warm-up request
+            warmups.append(name)
+            return [], 1.0
         calls.append((name, concurrency, tuple(prompts)))
         tokens = speed[name].pop(0)  # tokens in one second of wall time: the round's throughput
         return [loadtest.RequestResult(True, int(tokens), 0.1, 1.0)], 1.0
@@ -452,6 +457,7 @@ def test_loadtest_rounds_interleave_servers_on_fresh_prompts_and_report_medians(
     settings = loadtest.LoadSettings({"A": "http://127.0.0.1:a", "B": "http://127.0.0.1:b"}, str(data), (1, 4),
                                      requests=5, rounds=3, model="m")
     result = loadtest.run_loadtest(settings, progress=False)
+    assert warmups == ["a", "b"]  # one short request each before anything is measured
     # each round visits every server, the first one rotating; both get the same prompts in a round
     assert [(c[0], c[1]) for c in calls] == [("a", 1), ("b", 1), ("b", 1), ("a", 1), ("a", 1), ("b", 1),
                                              ("a", 4), ("b", 4), ("b", 4), ("a", 4), ("a", 4), ("b", 4)]
