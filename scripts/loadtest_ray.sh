@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The issue-26 comparison: direct serving against Ray Serve with 1 replica of 2 threads and 2
-# replicas of 1 thread, each alone on the machine (Ray clusters apart), 1/16/32 concurrent streamed chat requests of
-# 128 tokens (greedy, ignore_eos), prompts from Spec-Bench. Usage: scripts/loadtest_ray.sh OUT
+# replicas of 1 thread, each alone on the machine (Ray clusters apart), 1/16/32 concurrent
+# streamed chat requests of 128 tokens (greedy, ignore_eos), prompts from Spec-Bench.
+# Usage: scripts/loadtest_ray.sh OUT
 set -euo pipefail
 OUT=${1:-out/loadtest-ray}
 DATA=../shared/specbench/question.jsonl

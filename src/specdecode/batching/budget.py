@@ -24,15 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..runners.base import one_batch
+
 MAX_RANKED = 128  # drafted tokens considered per step (at most 7 for each of up to 16-32 requests)
 
 Shape = tuple[int, int]  # a pass's micro-batches, and how many of them hold a single token
-
-
-def one_batch(blocks: dict[int, int]) -> Shape:
-    """The shape of a pass whose blocks are computed together: one micro-batch (of one token when
-    the pass holds one)."""
-    return 1, int(sum(blocks.values()) == 1)
 
 
 @dataclass

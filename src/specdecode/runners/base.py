@@ -44,6 +44,12 @@ class Block:
     parents: list[int] | None = None
 
 
+def one_batch(blocks: dict[int, int]) -> tuple[int, int]:
+    """The shape of a pass whose blocks are computed together, as ``batching.budget.PassCost``
+    prices it: one micro-batch, which holds a single token when the pass does."""
+    return 1, int(sum(blocks.values()) == 1)
+
+
 @runtime_checkable
 class Runner(Protocol):
     """One model and its KV cache."""

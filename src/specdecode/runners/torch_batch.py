@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Block
+from .base import Block, one_batch
 from .lean import LeanRunner
 from .llama import LeanLlama
 from .tree import TreeLayout
@@ -52,9 +52,8 @@ class TorchBatchRunner:
         self.seqs[slot].keep_branch(start, nodes)
 
     def pass_shape(self, blocks: dict[int, int]) -> tuple[int, int]:
-        """One micro-batch, of one token when the pass holds one: every block of a pass runs in
-        the same products."""
-        return 1, int(sum(blocks.values()) == 1)
+        """One micro-batch: every block of a pass runs in the same products."""
+        return one_batch(blocks)
 
     def forward(self, blocks: list[Block]) -> dict[int, torch.Tensor]:
         """One pass over every block (one per slot); slot -> ``[num_logits, vocab]`` logits for its
