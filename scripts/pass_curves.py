@@ -1,9 +1,9 @@
-"""Pass-time curves of the default target on both backends, measured in one process.
+"""Pass-time curves of the default target on the three backends, measured in one process.
 
     python scripts/pass_curves.py [--context 128] [--rounds 7]
 
-For each backend (torch: the lean fp32 runner; llamacpp: the Q4_1 file through llama.cpp, 1-token
-passes padded to the batched kernels, and unpadded as llama.cpp's own plain decoding runs them),
+For each backend (torch: the lean fp32 runner; llamacpp: the Q4_1 file through llama.cpp; ik: the
+same file through ik_llama.cpp, where it passes its start-up check; 1024: a prompt read in one call),
 the median milliseconds of a pass over n = 1, 2, 3, 4, 5, 8, 16 new tokens after a ``context``-token
 prefix, with logits for every position and the cache cut back after each pass (as verification
 does). Sizes and backends alternate round by round, so a stall of the machine spoils one round.
@@ -15,10 +15,11 @@ import resource
 import statistics
 import time
 
+from specdecode.config import ConfigError
 from specdecode.models import load_model
 from specdecode.runners import make_runner
 
-SIZES = (1, 2, 3, 4, 5, 8, 16)
+SIZES = (1, 2, 3, 4, 5, 8, 16, 1024)
 
 
 def rss_mb() -> float:
@@ -44,6 +45,11 @@ def main() -> None:
     print(f"resident memory: llamacpp +{after_gguf - before:.0f} MB (one context), "
           f"torch +{after_torch - after_gguf:.0f} MB")
     runners = {"torch lean fp32": lean, "llamacpp Q4_1 (flash attention)": llamacpp}
+    try:
+        ik = load_model(None, backend="ik")
+        runners[f"ik Q4_1 (calls of <= {ik.model.max_block} tokens)"] = make_runner(ik.model)
+    except ConfigError as exc:
+        print(f"ik: {exc}")
     prefix = list(range(1000, 1000 + args.context))
     for r in runners.values():
         r.forward(prefix, 0)
@@ -52,7 +58,7 @@ def main() -> None:
         for n in SIZES:
             for name, r in runners.items():
                 t = time.perf_counter()
-                r.forward(list(range(2000, 2000 + n)), n)
+                r.forward(list(range(2000, 2000 + n)), min(n, 16))
                 times[name][n].append(time.perf_counter() - t)
                 r.truncate(args.context)
     print("| backend | " + " | ".join(str(n) for n in SIZES) + " |")

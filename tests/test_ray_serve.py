@@ -216,7 +216,8 @@ def _replicas_answering(base: str) -> set[str]:
 
 def test_each_replica_answers_as_plain_decoding_does(cluster):
     cli = subprocess.run([sys.executable, "-m", "specdecode", "generate", PROMPT, "--no-chat", "--json",
-                          "--max-new-tokens", "16"], capture_output=True, text=True, check=True)
+                          "--max-new-tokens", "16", "--backend", "llamacpp"], capture_output=True, text=True,
+                         check=True)
     expected = json.loads(cli.stdout)["text"]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:  # 2 replicas x 2 slots
         answers = list(pool.map(lambda _: _complete(cluster), range(4)))

@@ -265,7 +265,7 @@ def test_logprobs_are_plain_decodings(server, client):
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": msg}], max_tokens=12,
                                        temperature=0, logprobs=True, top_logprobs=3)
     got = r.choices[0].logprobs.content
-    plain = load(None, "none", backend="llamacpp")
+    plain = load(None, "none")  # the server's backend: auto
     want = plain.generate(msg, GenerationConfig(max_new_tokens=12, logprobs=3))
     events = list(plain.stream(msg, GenerationConfig(max_new_tokens=12, logprobs=3)))
     lps = [lp for e in events for lp in e.logprobs]

@@ -39,8 +39,9 @@ def load(target: str | None = None, draft: str = DEFAULT_DRAFT, *, dtype: str = 
     the default target), ``"head+ngram"`` (the head, or a long n-gram match when there is one),
     ``"auto"`` (head+ngram on the default target, n-gram on others) or a draft
     model's id/path (a trained head's directory too), either followed by ``+ngram`` to prefer a long
-    n-gram match when there is one. ``backend``: ``"torch"``, ``"llamacpp"`` (a GGUF file in its own
-    quantization, on ``threads`` threads) or ``"auto"`` (``models.resolve_backend``).
+    n-gram match when there is one. ``backend``: ``"torch"``, ``"llamacpp"`` or ``"ik"`` (a GGUF file
+    in its own quantization through llama.cpp or ik_llama.cpp, on ``threads`` threads) or
+    ``"auto"`` (``models.resolve_backend``).
     ``fast=False`` runs the Hugging Face modules instead of the lean Llama forward."""
     loaded = load_model(target, param="target", dtype=dtype, device=device, backend=backend, threads=threads)
     drafter = make_drafter(draft, loaded, dtype=dtype, device=device, fast=fast)
@@ -73,12 +74,13 @@ def make_drafter(spec: str, target, *, dtype: str = "auto", device: str = "auto"
     if is_feature_draft(spec):
         if not is_torch(target.model):
             raise ConfigError("draft", "a draft head reads the target's features, which needs the torch backend "
-                                       "(--backend torch); on llamacpp use none, ngram or a draft model's .gguf file")
+                                       "(--backend torch); on llamacpp and ik use none, ngram or a draft model's "
+                                       ".gguf file")
         return load_feature_draft(spec, target.model)
     if is_torch(target.model) or gguf_file(spec, "draft") is None:
         loaded = load_model(spec, param="draft", dtype=dtype, device=device)
     else:  # a GGUF draft for a llama.cpp target runs there too, with the target's threads
-        loaded = load_model(spec, param="draft", backend="llamacpp", threads=target.model.threads)
+        loaded = load_model(spec, param="draft", backend=target.model.backend, threads=target.model.threads)
     check_same_vocabulary(target.tokenizer, loaded.tokenizer)
     vocab = min(output_rows(target.model), len(target.tokenizer))
     return ModelDrafter(loaded.model, vocab_size=vocab, name=f"model:{spec}", fast=fast)

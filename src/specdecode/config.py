@@ -12,8 +12,10 @@ from dataclasses import dataclass, replace
 
 POLICIES = ("cost", "fixed", "heuristic", "confidence")
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # "auto": bfloat16 on a GPU, float32 on a CPU
-BACKENDS = ("auto", "torch", "llamacpp")
-DEFAULT_BACKEND = "auto"  # models.resolve_backend: llama.cpp for a GGUF target where installed, else torch
+BACKENDS = ("auto", "torch", "llamacpp", "ik")
+# models.resolve_backend: for a GGUF target ik_llama.cpp where it passes its start-up check, else
+# llama.cpp where installed; torch otherwise
+DEFAULT_BACKEND = "auto"
 DEFAULT_DRAFT = "auto"  # head+ngram where the shipped head fits the target (``api.auto_drafter``), else ngram
 MAX_BLOCK = 512  # tokens per llama_decode call and per micro-batch on llamacpp; longer inputs (prefills) are split
 DEFAULT_MAX_BATCH = 16  # requests in one pass when serving, as llama-server --parallel 16

@@ -22,6 +22,8 @@ import torch
 
 from .config import BACKENDS, DTYPE_NAMES, ConfigError
 
+_log = logging.getLogger(__name__)
+GGUF_BACKENDS = ("llamacpp", "ik")  # backends that run a GGUF file in its own quantization
 DEFAULT_TARGET = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = dict(zip(DTYPE_NAMES, (None, torch.float32, torch.bfloat16, torch.float16)))
@@ -79,8 +81,8 @@ def load_model(spec: str | None, *, param: str = "target", dtype: str = "auto", 
     the option the spec came from, so that errors say which one is wrong.
     """
     backend = resolve_backend(backend, spec)
-    if backend == "llamacpp":
-        return _load_llamacpp(spec, param, dtype, device, threads)
+    if backend in GGUF_BACKENDS:
+        return _load_gguf(spec, param, dtype, device, threads, backend)
     if threads is not None:
         raise ConfigError("threads", "sets llama.cpp's threads; the torch backend takes torch's (OMP_NUM_THREADS)")
     device = resolve_device(device)
@@ -101,15 +103,27 @@ def load_model(spec: str | None, *, param: str = "target", dtype: str = "auto", 
 
 
 def resolve_backend(backend: str, spec: str | None) -> str:
-    """What ``--backend auto`` means: llama.cpp for a GGUF target (run in its own quantization,
-    measured faster end to end than the dequantised torch model; docs/backends.md) where
-    llama-cpp-python is installed, torch otherwise."""
+    """What ``--backend auto`` means. For a GGUF target, run in its own quantization (measured
+    faster end to end than the dequantised torch model; docs/backends.md): ik_llama.cpp where it
+    loads the file and passes a check pass on this machine (``runners.ik_api.probe``), else
+    llama.cpp where llama-cpp-python is installed. Torch otherwise. Where ik_llama.cpp was not
+    taken for a GGUF target, one log line says why."""
     if backend not in BACKENDS:
         raise ConfigError("backend", f"must be one of {', '.join(BACKENDS)} (got {backend!r})")
     if backend != "auto":
         return backend
+    path = gguf_file(spec, "target")
+    if path is None:
+        return "torch"
+    from .runners.ik import PROBE_CACHE
+    from .runners.ik_api import probe
+
+    checked = probe(path, cache_dir() / PROBE_CACHE)
+    if checked.ok:
+        return "ik"
     llamacpp = importlib.util.find_spec("llama_cpp") is not None
-    return "llamacpp" if llamacpp and gguf_file(spec, "target") is not None else "torch"
+    _log.warning("backend auto: %s; using %s", checked.reason, "llamacpp" if llamacpp else "torch")
+    return "llamacpp" if llamacpp else "torch"
 
 
 def gguf_file(spec: str | None, param: str) -> Path | None:
@@ -124,18 +138,21 @@ def gguf_file(spec: str | None, param: str) -> Path | None:
     return None
 
 
-def _load_llamacpp(spec, param: str, dtype: str, device: str, threads: int | None) -> LoadedModel:
-    from .runners.llamacpp import LlamaCppModel
-
+def _load_gguf(spec, param: str, dtype: str, device: str, threads: int | None, backend: str) -> LoadedModel:
+    """A GGUF file on llama.cpp or ik_llama.cpp, in its own quantization."""
     path = gguf_file(spec, param)
     if path is None:
-        raise ConfigError(param, f"the llamacpp backend runs GGUF files; {spec!r} is not one (use --backend torch)")
+        raise ConfigError(param, f"the {backend} backend runs GGUF files; {spec!r} is not one (use --backend torch)")
     if dtype != "auto":
-        raise ConfigError("dtype", "a GGUF file runs in its own quantization on the llamacpp backend; "
+        raise ConfigError("dtype", f"a GGUF file runs in its own quantization on the {backend} backend; "
                                    "leave --dtype auto")
     if device not in ("auto", "cpu"):
-        raise ConfigError("device", "the llamacpp backend runs on the CPU here; leave --device auto or cpu")
-    return LoadedModel(LlamaCppModel(path, threads), gguf_tokenizer(path, param), spec or DEFAULT_TARGET)
+        raise ConfigError("device", f"the {backend} backend runs on the CPU here; leave --device auto or cpu")
+    if backend == "ik":
+        from .runners.ik import IkModel as Model
+    else:
+        from .runners.llamacpp import LlamaCppModel as Model
+    return LoadedModel(Model(path, threads), gguf_tokenizer(path, param), spec or DEFAULT_TARGET)
 
 
 def gguf_tokenizer(gguf: Path, param: str):

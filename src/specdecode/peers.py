@@ -1,8 +1,10 @@
 """The engines people already use, run by ``specdecode bench --compare`` on the same prompts in the
 same process: Hugging Face ``generate`` with its nearest assisted generation (``hf``), and llama.cpp
 through llama-cpp-python as its users run it (``llamacpp``: plain decoding and its prompt-lookup
-speculation), and, given its binary, llama.cpp's own server (``llama_server``: plain decoding and
-its n-gram speculation). Each peer turns prompt token ids into (generated token ids, seconds)."""
+speculation), ik_llama.cpp's plain decoding (``ik``), and, given its binary, llama.cpp's own server
+(``llama_server``: plain decoding and its n-gram speculation). ``--compare`` takes several,
+comma-separated (``ik,llamacpp``). Each peer turns prompt token ids into (generated token ids,
+seconds)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import time
 
 from .config import ConfigError, GenerationConfig
 
-COMPARE = ("hf", "llamacpp")
+COMPARE = ("hf", "llamacpp", "ik")
 PROMPT_LOOKUP_TOKENS = 10  # tokens proposed per prompt-lookup step, both peers' usual setting
 
 
@@ -122,6 +124,41 @@ class LlamaCppPeer(Peer):
         return out
 
 
+class IkPeer(Peer):
+    """ik_llama.cpp's plain decoding of the GGUF file (``ik``) as its own tools run it: the prompt
+    in calls of up to 512 tokens (its default micro-batch), then a 1-token pass per token, the
+    argmax taken from the logits in C order; flash attention off, as the wheel's own class runs
+    it on a CPU it does not know to have AVX-VNNI. Its own tools are C++, so this loop is ours, over
+    our declaration of its C API (``runners.ik_api``); it stops at the file's end token unless
+    told to ignore it."""
+
+    def __init__(self, gguf_path, threads: int, context: int):
+        import numpy as np
+
+        from .config import MAX_BLOCK
+        from .runners.ik import IkModel
+        from .runners.llamacpp import LlamaCppRunner
+
+        self.np = np
+        self.model = IkModel(gguf_path, threads, context, max_block=MAX_BLOCK)
+        self.runner = LlamaCppRunner(self.model)
+
+    def run(self, prompt_ids: list[int], config: GenerationConfig) -> dict[str, tuple[list[int], float]]:
+        if not config.greedy or config.stop:
+            raise ConfigError("compare", "ik is compared under greedy decoding without --stop")
+        eos, tokens = self.model.config.eos_token_id, []
+        self.runner.reset()
+        t = time.perf_counter()
+        logits = self.runner.forward(prompt_ids, 1)
+        while True:
+            token = int(self.np.argmax(logits[0].numpy()))
+            tokens.append(token)
+            if len(tokens) >= config.max_new_tokens or (not config.ignore_eos and token == eos):
+                break
+            logits = self.runner.forward([token], 1)
+        return {"ik": (tokens, time.perf_counter() - t)}
+
+
 class LlamaServerPeer(Peer):
     """llama.cpp's server (``llama-server``, C++) on the GGUF file, as its users run it with one
     slot: plain decoding (``llama_server``) and its n-gram speculation (``llama_server_ngram``,
@@ -190,26 +227,30 @@ class Peers(Peer):
 
 
 def make_peers(compare: str | None, target, drafter, threads: int | None, llama_server: str | None = None):
-    """The peers ``--compare`` names (None: none); ``llama_server``: the path of a llama-server
-    binary, run beside llama-cpp-python under ``--compare llamacpp``."""
-    if llama_server is not None and compare != "llamacpp":
+    """The peers ``--compare`` names, comma-separated (None: none); ``llama_server``: the path of a
+    llama-server binary, run beside llama-cpp-python under ``--compare llamacpp``."""
+    names = [name.strip() for name in compare.split(",")] if compare is not None else []
+    if llama_server is not None and "llamacpp" not in names:
         raise ConfigError("llama_server", "runs with --compare llamacpp")
     if compare is None:
         return None
-    if compare not in COMPARE:
-        raise ConfigError("compare", f"must be one of {', '.join(COMPARE)} (got {compare!r})")
-    if compare == "hf":
+    if not names or any(name not in COMPARE for name in names) or len(set(names)) < len(names):
+        raise ConfigError("compare", f"must be one or more of {', '.join(COMPARE)}, comma-separated (got {compare!r})")
+    if names == ["hf"]:
         return HFPeer(target.model, target.tokenizer, drafter)
+    if "hf" in names:
+        raise ConfigError("compare", "hf runs the torch model and the others a GGUF file: compare with hf alone")
     from .models import gguf_file
     from .runners.llamacpp import default_threads
 
     path = gguf_file(target.name, "target")
     if path is None:
-        raise ConfigError("compare", "llamacpp runs a GGUF file; the target is not one")
+        raise ConfigError("compare", f"{compare} runs a GGUF file; the target is not one")
     threads, context = threads or default_threads(), target.model.config.max_position_embeddings
-    peer = LlamaCppPeer(path, threads, context)
-    if llama_server is None:
-        return peer
-    if not os.path.isfile(llama_server) or not os.access(llama_server, os.X_OK):
-        raise ConfigError("llama_server", f"not an executable file: {llama_server}")
-    return Peers(peer, LlamaServerPeer(llama_server, path, threads, context))
+    peers = [IkPeer(path, threads, context) if name == "ik" else LlamaCppPeer(path, threads, context)
+             for name in names]
+    if llama_server is not None:
+        if not os.path.isfile(llama_server) or not os.access(llama_server, os.X_OK):
+            raise ConfigError("llama_server", f"not an executable file: {llama_server}")
+        peers.append(LlamaServerPeer(llama_server, path, threads, context))
+    return peers[0] if len(peers) == 1 else Peers(*peers)

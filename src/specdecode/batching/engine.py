@@ -124,7 +124,7 @@ class BatchEngine:
             raise ConfigError("slot_context", f"must be an integer >= 2 (got {slot_context!r})")
         context = min(context, decoder.max_context)
         if isinstance(decoder.model, LlamaCppModel):
-            runner = LlamaCppBatchRunner(decoder.model, slots, context, decoder.vocab_size)
+            runner = decoder.model.batch_runner(slots, context, decoder.vocab_size)
         elif isinstance(decoder.target, LeanRunner):
             runner = TorchBatchRunner(decoder.target.model, slots, context, decoder.vocab_size)
             runner.capture_layers(decoder.target.feature_layers)  # what the decoder's drafter reads

@@ -13,9 +13,10 @@ def register(sub) -> None:
     p.add_argument("--dataset", required=True, help="Spec-Bench-format question.jsonl")
     p.add_argument("--categories", default=None, help="comma-separated categories (default: all)")
     p.add_argument("--limit", type=int, default=None, help="at most N questions per category")
-    p.add_argument("--compare", default=None, choices=COMPARE,
-                   help="also run the engines people use on the same prompts: hf (Hugging Face generate with its "
-                        "nearest assisted generation) or llamacpp (llama.cpp plain decoding and its prompt lookup)")
+    p.add_argument("--compare", default=None,
+                   help="also run the engines people use on the same prompts, comma-separated: hf (Hugging Face "
+                        "generate with its nearest assisted generation), or llamacpp (llama.cpp plain decoding and "
+                        f"its prompt lookup) and ik (ik_llama.cpp plain decoding); one of {', '.join(COMPARE)}")
     p.add_argument("--llama-server", default=None, metavar="PATH",
                    help="with --compare llamacpp: also run this llama-server binary on the same file, plain and "
                         "with --spec-type ngram-simple")

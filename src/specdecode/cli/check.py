@@ -18,9 +18,9 @@ def register(sub) -> None:
     p.add_argument("--draws", type=int, default=DEFAULT_DRAWS, help="seeded generations per context (sampling)")
     p.add_argument("--contexts", type=int, default=DEFAULT_CONTEXTS, help="contexts for the sampling check")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="overall significance level (Bonferroni-split)")
-    p.add_argument("--compare", default=None, choices=["llamacpp"],
-                   help="also report whether llama.cpp's prompt lookup leaves its own plain decoding, and how both "
-                        "compare with ours (greedy)")
+    p.add_argument("--compare", default=None,
+                   help="llamacpp, ik or both (ik,llamacpp): also report how their plain decoding compares with "
+                        "ours, and whether llama.cpp's prompt lookup leaves its own plain decoding (greedy)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run, max_new_tokens=CHECK_MAX_NEW_TOKENS)
 

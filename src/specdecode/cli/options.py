@@ -27,9 +27,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(head+ngram on the default target, ngram on others), or a draft model / trained head path, "
                         "PATH+ngram to prefer n-gram matches with it (default: %(default)s)")
     p.add_argument("--backend", default=DEFAULT_BACKEND, choices=BACKENDS,
-                   help="torch, llamacpp (a GGUF file in its own quantization) or auto (default: llamacpp for a GGUF "
-                        "target, torch otherwise)")
-    p.add_argument("--threads", type=int, default=None, help="llama.cpp's threads (default: the machine's cores)")
+                   help="torch, llamacpp or ik (a GGUF file in its own quantization, through llama.cpp or "
+                        "ik_llama.cpp) or auto (default: for a GGUF target ik where it loads and passes a check "
+                        "pass here, else llamacpp; torch otherwise)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="llama.cpp's or ik_llama.cpp's threads (default: the machine's cores)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
 

@@ -44,6 +44,11 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def check_threads(threads) -> None:
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ConfigError("threads", f"must be an integer >= 1 (got {threads!r})")
+
+
 def _llama_cpp():
     try:
         import llama_cpp
@@ -118,11 +123,18 @@ class LlamaCppConfig:
 
 
 class LlamaCppModel:
-    """A GGUF file loaded by llama.cpp (weights memory-mapped, in their own quantization)."""
+    """A GGUF file loaded by llama.cpp (weights memory-mapped, in their own quantization).
+
+    The contexts and runners below call the library through ``lib`` for what llama.cpp and its
+    fork ik_llama.cpp share (batches, decode, logits) and through this object for what differs
+    (contexts, KV removal): ``runners.ik.IkModel`` is the fork's.
+    """
+
+    backend = "llamacpp"  # the --backend name that loads it
+    max_block = MAX_BLOCK  # tokens per llama_decode call; longer inputs (prefills) are cut
 
     def __init__(self, path: str | Path, threads: int | None = None, context: int | None = None):
-        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-            raise ConfigError("threads", f"must be an integer >= 1 (got {threads!r})")
+        check_threads(threads)
         lib = _llama_cpp()
         _start_backend(lib)
         self.lib, self.path = lib, Path(path)
@@ -135,12 +147,16 @@ class LlamaCppModel:
         if not self.model:
             raise ConfigError("target", f"llama.cpp could not load {self.path}")
         self.vocab = lib.llama_model_get_vocab(self.model)
-        n_vocab = lib.llama_vocab_n_tokens(self.vocab)
-        trained = lib.llama_model_n_ctx_train(self.model)
+        self.config = self._describe(context, trained=lib.llama_model_n_ctx_train(self.model),
+                                     layers=lib.llama_model_n_layer(self.model))
+
+    def _describe(self, context: int | None, trained: int, layers: int) -> LlamaCppConfig:
+        """The loaded file's ``LlamaCppConfig`` (``context``: KV cells per sequence, None: as trained)."""
+        lib = self.lib
         eos = lib.llama_vocab_eos(self.vocab)
-        self.config = LlamaCppConfig(
-            model_type=self._meta("general.architecture") or "llama", vocab_size=n_vocab,
-            hidden_size=lib.llama_model_n_embd(self.model), num_hidden_layers=lib.llama_model_n_layer(self.model),
+        return LlamaCppConfig(
+            model_type=self._meta("general.architecture") or "llama", vocab_size=lib.llama_vocab_n_tokens(self.vocab),
+            hidden_size=lib.llama_model_n_embd(self.model), num_hidden_layers=layers,
             max_position_embeddings=context or (trained if trained > 0 else FALLBACK_CONTEXT),
             eos_token_id=eos if eos >= 0 else None,
         )
@@ -171,10 +187,25 @@ class LlamaCppModel:
                                         f"in {streams} streams")
         return ctx
 
+    def batch_runner(self, slots: int, slot_context: int, vocab_size: int | None = None):
+        """Several sequences in one context (``runners.llamacpp_batch``), for the batch engine."""
+        from .llamacpp_batch import LlamaCppBatchRunner
+
+        return LlamaCppBatchRunner(self, slots, slot_context, vocab_size)
+
+    def kv_remove(self, ctx, seq: int, start: int, end: int = -1) -> None:
+        """Drop sequence ``seq``'s cached positions ``start..end-1`` (-1: from 0 / to the end)."""
+        self.lib.llama_memory_seq_rm(self.lib.llama_get_memory(ctx), seq, start, end)
+
+    def kv_clear(self, ctx) -> None:
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(ctx), True)
+
+    def _free_weights(self) -> None:
+        self.lib.llama_model_free(self.model)
+
     def __del__(self):
-        model = getattr(self, "model", None)
-        if model:
-            self.lib.llama_model_free(model)
+        if getattr(self, "model", None):
+            self._free_weights()
             self.model = None
 
 
@@ -187,7 +218,6 @@ class LlamaCppContext:
         self.vocab_size = vocab_size
         self.n_vocab = model.config.vocab_size
         self.ctx = model.new_context(cells, streams=streams)
-        self.memory = self.lib.llama_get_memory(self.ctx)
         self.batch = self.lib.llama_batch_init(MAX_BLOCK, 0, 1)
 
     def _logits(self, count: int) -> torch.Tensor:
@@ -215,18 +245,18 @@ class LlamaCppContext:
 class LlamaCppRunner(LlamaCppContext, Runner):
     """One llama.cpp context and the token ids its KV cache holds."""
 
-    def __init__(self, model: LlamaCppModel, vocab_size: int | None = None):
-        self.capacity = model.config.max_position_embeddings
+    def __init__(self, model: LlamaCppModel, vocab_size: int | None = None, capacity: int | None = None):
+        self.capacity = capacity or model.config.max_position_embeddings
         super().__init__(model, self.capacity, vocab_size=vocab_size)
         self.cached: list[int] = []
 
     def reset(self) -> None:
-        self.lib.llama_memory_clear(self.memory, True)
+        self.model.kv_clear(self.ctx)
         self.cached = []
 
     def truncate(self, length: int) -> None:
         if length < len(self.cached):
-            self.lib.llama_memory_seq_rm(self.memory, 0, length, -1)
+            self.model.kv_remove(self.ctx, 0, length)
             del self.cached[length:]
 
     def _decode(self, token_ids: list[int], start: int, logits_from: int) -> None:
@@ -249,9 +279,10 @@ class LlamaCppRunner(LlamaCppContext, Runner):
         if start + k > self.capacity:
             raise ValueError(f"context of {start + k} tokens exceeds this context's {self.capacity}")
         rows: list[torch.Tensor] = []
-        for at in range(0, k, MAX_BLOCK):  # long prefills in several calls; logits only from the last ones
-            block = token_ids[at:at + MAX_BLOCK]
-            first_wanted = max(0, (k - num_logits) - at) if num_logits else len(block)
+        step = self.model.max_block
+        for at in range(0, k, step):  # long prefills in several calls; logits only from the last ones
+            block = token_ids[at:at + step]
+            first_wanted = min(len(block), max(0, (k - num_logits) - at)) if num_logits else len(block)
             self._decode(block, start + at, first_wanted)
             rows.append(self._logits(len(block) - first_wanted))
         self.cached.extend(token_ids)

@@ -58,12 +58,12 @@ class LlamaCppBatchRunner(LlamaCppContext):
         self.cached: list[list[int]] = [[] for _ in range(slots)]
 
     def clear(self, slot: int) -> None:
-        self.lib.llama_memory_seq_rm(self.memory, slot, -1, -1)
+        self.model.kv_remove(self.ctx, slot, -1)
         self.cached[slot] = []
 
     def truncate(self, slot: int, length: int) -> None:
         if length < len(self.cached[slot]):
-            self.lib.llama_memory_seq_rm(self.memory, slot, length, -1)
+            self.model.kv_remove(self.ctx, slot, length)
             del self.cached[slot][length:]
 
     def pass_shape(self, blocks: dict[int, int]) -> tuple[int, int]:

@@ -1,0 +1,168 @@
+"""The C API of ik_llama.cpp that the ``ik`` backend calls, declared once.
+
+ik_llama.cpp is a fork of llama.cpp with faster CPU kernels (batched kernels for Q4_1 among them);
+the ``ik-llama-cpp-python`` wheel ships it as a shared library with a thin ctypes binding
+(``ik_llama_cpp._ctypes_api``: the library handle, the structs of its ``llama.h`` and a few
+functions). We take the handle and the structs from it and declare here, against the wheel's
+``include/llama.h``, every function we call that it does not: KV removal and copy by position,
+the logits buffer, the model's metadata, threads, embeddings, logging. Nothing reads the wheel's
+high-level ``IkLlama`` class. ``IK_LLAMA_CPP_LIB_PATH`` (the wheel's own loader) points it at
+another build of the same C API.
+
+Loading the library can fail (another Python, no wheel) and so can its first pass on a CPU the
+build does not fit (an illegal instruction kills the process): ``probe`` checks both in a child
+process before ``auto`` picks this backend (``models.resolve_backend``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+WHEEL = "ik-llama-cpp-python==0.1.5"  # the build this module is declared against (its include/llama.h)
+PROBE_TIMEOUT_S = 120.0  # loading the model and one pass take about a second; a hung child is a failure
+
+c_bool, c_int32, c_uint32, c_void_p, c_char_p, c_size_t = (
+    ctypes.c_bool, ctypes.c_int32, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t)
+c_float_p = ctypes.POINTER(ctypes.c_float)
+LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, c_char_p, c_void_p)  # ggml_log_callback
+
+# name -> (argument types, result type), as include/llama.h declares them
+DECLARED = {
+    "llama_kv_cache_seq_rm": ([c_void_p, c_int32, c_int32, c_int32], c_bool),  # ctx, seq, p0, p1
+    "llama_kv_cache_seq_cp": ([c_void_p, c_int32, c_int32, c_int32, c_int32], None),  # ctx, src, dst, p0, p1
+    "llama_kv_cache_seq_pos_max": ([c_void_p, c_int32], c_int32),
+    "llama_get_logits": ([c_void_p], c_float_p),  # [outputs, n_vocab], in batch order
+    "llama_get_embeddings": ([c_void_p], c_float_p),  # [outputs, n_embd]: the last layer's output, normed
+    "llama_n_layer": ([c_void_p], c_int32),
+    "llama_n_ctx_train": ([c_void_p], c_int32),
+    "llama_n_ctx": ([c_void_p], c_uint32),
+    "llama_model_meta_val_str": ([c_void_p, c_char_p, ctypes.c_char_p, c_size_t], c_int32),
+    "llama_vocab_eos": ([c_void_p], c_int32),
+    "llama_set_n_threads": ([c_void_p, c_uint32, c_uint32], None),
+    "llama_print_system_info": ([], c_char_p),
+    "llama_log_set": ([LOG_CALLBACK, c_void_p], None),
+}
+# taken from the wheel's binding as it declares them
+FROM_WHEEL = ("llama_backend_init", "llama_model_default_params", "llama_context_default_params",
+              "llama_model_load_from_file", "llama_free_model", "llama_model_n_embd", "llama_init_from_model",
+              "llama_free", "llama_model_get_vocab", "llama_vocab_n_tokens", "llama_batch_init", "llama_batch_free",
+              "llama_decode", "llama_kv_cache_clear", "llama_set_embeddings")
+
+
+class IkUnavailable(RuntimeError):
+    """ik_llama.cpp cannot run here; the message says why."""
+
+
+def _quiet_log(level, text, user_data):  # errors still reach the caller as return codes
+    pass
+
+
+_QUIET_LOG = LOG_CALLBACK(_quiet_log)  # kept alive for as long as the library may call it
+
+
+@functools.cache
+def load() -> SimpleNamespace:
+    """The library's functions we call, declared, with the backend started (IkUnavailable where the
+    wheel is missing or its library does not load)."""
+    try:
+        from ik_llama_cpp import _ctypes_api as wheel
+    except (ImportError, OSError) as exc:  # OSError: the shared library did not load
+        raise IkUnavailable(f"ik_llama.cpp is not installed or does not load ({exc}); "
+                            f"pip install {WHEEL}") from None
+    lib = wheel._lib
+    api = {name: getattr(wheel, name) for name in FROM_WHEEL}
+    for name, (argtypes, restype) in DECLARED.items():
+        func = getattr(lib, name)
+        func.argtypes, func.restype = argtypes, restype
+        api[name] = func
+    api["llama_log_set"](_QUIET_LOG, None)  # it logs every load to stderr otherwise
+    api["llama_backend_init"]()
+    return SimpleNamespace(**api, library=Path(lib._name))
+
+
+def library_path() -> Path | None:
+    """Where the library ``load`` would open is, without loading it (None: no wheel)."""
+    override = os.environ.get("IK_LLAMA_CPP_LIB_PATH")
+    if override:
+        return Path(override)
+    import importlib.util
+
+    spec = importlib.util.find_spec("ik_llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "lib" / "libllama.so"
+
+
+@dataclass(frozen=True)
+class Probe:
+    ok: bool
+    reason: str  # why not, when not ok
+    # the longest pass whose logits are bit-identical to 1-token passes here (``ik_probe``): the
+    # runner cuts every longer input into calls of at most this many tokens
+    exact_block: int = 0
+
+
+def probe(gguf: Path, cache: Path) -> Probe:
+    """Whether ik_llama.cpp loads ``gguf`` and scores blocks of it exactly here, checked in a child
+    process (a build that does not fit this CPU dies of an illegal instruction) and remembered in
+    ``cache`` by library, file and CPU (``ik_probe``)."""
+    lib = library_path()
+    if lib is None or not lib.is_file():
+        return Probe(False, f"ik_llama.cpp is not installed (pip install {WHEEL})")
+    key = _probe_key(lib, gguf)
+    try:
+        seen = json.loads(cache.read_text()).get(key)
+        if seen is not None:
+            return Probe(**seen)
+    except (OSError, ValueError, TypeError):
+        seen = None
+    try:
+        done = subprocess.run([sys.executable, "-m", "specdecode.runners.ik_probe", str(gguf)],
+                              capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+        result = Probe(**json.loads(done.stdout)) if done.returncode == 0 else Probe(False, _why(done))
+    except subprocess.TimeoutExpired:
+        result = Probe(False, f"ik_llama.cpp did not finish its check on {gguf.name} within {PROBE_TIMEOUT_S:.0f} s")
+    except (ValueError, TypeError) as exc:
+        result = Probe(False, f"ik_llama.cpp's check printed no result ({exc})")
+    try:
+        known = json.loads(cache.read_text()) if cache.is_file() else {}
+    except (OSError, ValueError):
+        known = {}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({**known, key: result.__dict__}))
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return result
+
+
+def _why(done: subprocess.CompletedProcess) -> str:
+    lines = [line for line in (done.stderr or "").strip().splitlines() if line.strip()]
+    if done.returncode < 0:
+        return f"ik_llama.cpp's check died of signal {-done.returncode} (a build for another CPU?)"
+    return f"ik_llama.cpp's check failed: {lines[-1] if lines else f'exit code {done.returncode}'}"
+
+
+def _probe_key(lib: Path, gguf: Path) -> str:
+    def stamp(path: Path) -> str:
+        st = path.stat()
+        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        cpu = ""
+    text = "\n".join((stamp(lib), stamp(gguf), cpu, sys.version))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
