@@ -311,15 +311,23 @@ def test_a_file_ik_cannot_load_gives_an_error_naming_it(tmp_path):
 
 
 # ---- the peer ----------------------------------------------------------------------------------
-def test_the_ik_peer_decodes_as_many_tokens_as_asked_beside_llamacpp(ik_target):
+def test_the_ik_peer_decodes_as_our_plain_decoding_on_ik_beside_llamacpp(ik_target):
+    """Its prompt read in calls of the checked length, ik's own plain decoding gives our plain
+    decoding's tokens (with 512-token calls it would not, where the check found a limit)."""
     pytest.importorskip("llama_cpp")
+    from specdecode.drafters.base import NoDrafter
     from specdecode.drafters.ngram import NgramDrafter
+    from specdecode.engine import SpeculativeDecoder
     from specdecode.peers import make_peers
 
+    prompt = ik_target.tokenizer(" ".join(PROMPTS) * 3).input_ids  # longer than a checked call
+    config = GenerationConfig(max_new_tokens=12, ignore_eos=True)
     peers = make_peers("ik,llamacpp", ik_target, NgramDrafter(), threads=None)
-    out = peers.run(ik_target.tokenizer(PROMPTS[0]).input_ids, GenerationConfig(max_new_tokens=12, ignore_eos=True))
+    out = peers.run(prompt, config)
     assert {"ik", "llamacpp", "llamacpp_lookup"} <= set(out)
     assert [len(tokens) for tokens, _ in out.values()] == [12] * len(out)
+    ours = SpeculativeDecoder(ik_target.model, ik_target.tokenizer, NoDrafter()).generate(prompt, config, chat=False)
+    assert out["ik"][0] == ours.token_ids
 
 
 @pytest.mark.parametrize("compare", ["ik,hf", "ik,ik", "vllm", ""])

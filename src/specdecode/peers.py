@@ -125,22 +125,23 @@ class LlamaCppPeer(Peer):
 
 
 class IkPeer(Peer):
-    """ik_llama.cpp's plain decoding of the GGUF file (``ik``) as its own tools run it: the prompt
-    in calls of up to 512 tokens (its default micro-batch), then a 1-token pass per token, the
-    argmax taken from the logits in C order; flash attention off, as the wheel's own class runs
-    it on a CPU it does not know to have AVX-VNNI. Its own tools are C++, so this loop is ours, over
-    our declaration of its C API (``runners.ik_api``); it stops at the file's end token unless
-    told to ignore it."""
+    """ik_llama.cpp's plain decoding of the GGUF file (``ik``): the prompt read, then a 1-token pass
+    per token, the argmax taken from the logits; flash attention off, as the wheel's own class runs
+    it on a CPU it does not know to have AVX-VNNI. Its own tools are C++ and the wheel ships none,
+    so the loop is ours, over our declaration of its C API (``runners.ik_api``), and stops at the
+    file's end token unless told to ignore it. The prompt is read in calls of the length its
+    start-up check found exact here (``runners.ik_probe``): its default of 512-token calls reads
+    faster, but where longer calls give other logits (docs/backends.md) it answers something
+    else than the model, and a speed of wrong answers is no baseline."""
 
     def __init__(self, gguf_path, threads: int, context: int):
         import numpy as np
 
-        from .config import MAX_BLOCK
         from .runners.ik import IkModel
         from .runners.llamacpp import LlamaCppRunner
 
         self.np = np
-        self.model = IkModel(gguf_path, threads, context, max_block=MAX_BLOCK)
+        self.model = IkModel(gguf_path, threads, context)
         self.runner = LlamaCppRunner(self.model)
 
     def run(self, prompt_ids: list[int], config: GenerationConfig) -> dict[str, tuple[list[int], float]]:
