@@ -97,12 +97,19 @@ def test_chat_stream_equals_non_stream_and_cli(client):
     assert json.loads(cli.stdout)["text"] == streamed
 
 
-def _metric(base: str, name: str, labels: str = "") -> float:
-    text = httpx.get(base + "/metrics").text
-    for line in text.splitlines():
-        if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):
-            return float(line.split()[-1])
-    return 0.0
+def _metric(base: str, name: str, absent: float | None = None, **labels: str) -> float:
+    """The value of the one series ``name`` with these labels and this server's ``model_name``;
+    a missing series fails the test unless ``absent`` says what it stands for (a labelled counter
+    not yet incremented), so that no assertion passes by finding nothing."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    want = {"model_name": MODEL, **labels}
+    found = [sample.value for family in text_string_to_metric_families(httpx.get(base + "/metrics").text)
+             for sample in family.samples if sample.name == name and sample.labels == want]
+    if not found and absent is not None:
+        return absent
+    assert len(found) == 1, f"{name}{want}: {len(found)} series"
+    return found[0]
 
 
 def test_metrics_move_by_exactly_the_requests_tokens(server, client):
@@ -110,7 +117,7 @@ def test_metrics_move_by_exactly_the_requests_tokens(server, client):
     names = ["vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total",
              "vllm:spec_decode_num_accepted_tokens_total"]
     before = {n: _metric(base, n) for n in names}
-    pos0 = _metric(base, "vllm:spec_decode_num_accepted_tokens_per_pos_total", '{position="0"}')
+    pos0 = _metric(base, "vllm:spec_decode_num_accepted_tokens_per_pos_total", absent=0.0, position="0")
     article = "Alice met Bob in Paris. Alice gave Bob a red book. Bob gave Alice a blue pen. "
     r = client.completions.create(
         model=MODEL, prompt="Repeat exactly: " + article * 3 + "\nRepeat: ", max_tokens=40, temperature=0,
@@ -123,7 +130,7 @@ def test_metrics_move_by_exactly_the_requests_tokens(server, client):
     assert after[names[2]] - before[names[2]] == spec["accepted_tokens"]
     assert after[names[0]] - before[names[0]] == spec["drafted_per_position"][0]
     assert (
-        _metric(base, "vllm:spec_decode_num_accepted_tokens_per_pos_total", '{position="0"}') - pos0
+        _metric(base, "vllm:spec_decode_num_accepted_tokens_per_pos_total", absent=0.0, position="0") - pos0
         == spec["accepted_per_position"][0]
     )
 
@@ -352,6 +359,84 @@ def test_malformed_bodies_get_a_json_400_and_keep_the_connection(server, raw):
         r = http.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["message"]
         assert http.get("/health").status_code == 200  # same client, the connection kept
+
+
+def test_an_integer_of_thousands_of_digits_is_refused_naming_its_field(server):
+    raw = b'{"model": "smollm2", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}"
+    r = httpx.post(server[0] + "/v1/completions", content=raw, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "max_tokens" and "5000 digits" in error["message"]
+    assert "set_int_max_str_digits" not in error["message"]
+
+
+def test_stream_options_without_streaming_is_refused_naming_it(server):
+    r = httpx.post(server[0] + "/v1/chat/completions", timeout=30, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream": False,
+        "stream_options": {"include_usage": True}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
+
+
+@pytest.mark.parametrize("path, field", [("/v1/completions", "prompt"), ("/v1/chat/completions", "messages")])
+def test_a_text_too_long_for_any_tokenizing_to_fit_is_refused_by_its_length(server, path, field):
+    word = "x" * 1_000_000  # one "word" of a megabyte: slow to tokenize, and longer than the context can hold
+    body = {"prompt": word} if field == "prompt" else {"messages": [{"role": "user", "content": word}]}
+    r = httpx.post(server[0] + path, json={"model": MODEL, "max_tokens": 1, **body}, timeout=60)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == field and "1000000 characters" in error["message"]
+
+
+def test_every_vllm_series_carries_the_model_name(server, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, temperature=0)
+    samples = [sample for family in text_string_to_metric_families(httpx.get(server[0] + "/metrics").text)
+               for sample in family.samples if sample.name.startswith("vllm:")]
+    assert len({sample.name for sample in samples}) >= 10
+    assert {sample.labels.get("model_name") for sample in samples} == {MODEL}
+
+
+def _raw_request(base: str, head: bytes, body: bytes = b""):
+    """A socket that sent ``head`` and ``body`` to the server (nothing more)."""
+    import socket
+
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=120)  # the bound of a wait on the server
+    sock.sendall(head + body)
+    return sock
+
+
+def _read_until_closed(sock) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_a_stalled_body_gets_408_and_its_socket_closed_while_others_are_served():
+    proc, base, _ = _start(8, None, "--body-timeout", "1", "--keep-alive-timeout", "1")
+    try:
+        body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2}).encode()
+        head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+        stalled = [_raw_request(base, head, body[:10]) for _ in range(20)]  # headers and part of the body
+        assert httpx.post(base + "/v1/completions", content=body, headers={"content-type": "application/json"},
+                          timeout=60).status_code == 200
+        for sock in stalled:
+            answer = _read_until_closed(sock)  # the server answers, then closes the socket
+            sock.close()
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+        assert _metric(base, "specdecode:request_failed_total", status="408") == 20
+        # an idle kept-alive connection is closed too
+        idle = _raw_request(base, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = _read_until_closed(idle)
+        idle.close()
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert _metric(base, "vllm:num_requests_running") == 0 and _metric(base, "vllm:num_requests_waiting") == 0
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_a_huge_body_is_refused_without_stalling_the_server(server):

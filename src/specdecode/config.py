@@ -23,6 +23,10 @@ DEFAULT_SLOT_CONTEXT = 4096  # tokens per request's KV stream (about 72 MB of ca
 DEFAULT_MAX_STEP_TOKENS = MAX_BLOCK  # tokens per batched pass, prompt chunks included: one llama.cpp micro-batch
 DEFAULT_MAX_QUEUE = 64  # requests that may wait for a slot when serving; past it: 429
 DEFAULT_QUEUE_TIMEOUT_S = 60.0  # a request not started within this gets 429 with Retry-After
+# a request body must have arrived this long after its headers, or it gets 408 and its connection
+# is closed (slow clients would hold sockets forever): a 2 MiB body (the most accepted) at 100 kB/s
+DEFAULT_BODY_TIMEOUT_S = 30.0
+DEFAULT_KEEP_ALIVE_S = 5.0  # an idle keep-alive connection is closed after this (uvicorn's default)
 DEFAULT_SHUTDOWN_GRACE_S = 5.0  # running requests may finish within this on shutdown; then they are cut
 DEFAULT_DRAWS = 1000  # seeded generations per context in check's sampling test
 DEFAULT_CONTEXTS = 2  # contexts check's sampling test tests

@@ -7,6 +7,8 @@ import os
 import sys
 
 from ..config import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_KEEP_ALIVE_S,
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_QUEUE,
     DEFAULT_MAX_STEP_TOKENS,
@@ -40,6 +42,11 @@ def register(sub) -> None:
                    help="tokens (prompt + output) one batched request may hold (default: %(default)s)")
     p.add_argument("--max-step-tokens", type=int, default=DEFAULT_MAX_STEP_TOKENS,
                    help="tokens per batched pass, prompt chunks included (default: %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                   help="seconds after its headers within which a request body must have arrived; a slower one gets "
+                        "408 and its connection is closed (default: %(default)s)")
+    p.add_argument("--keep-alive-timeout", type=float, default=DEFAULT_KEEP_ALIVE_S,
+                   help="seconds an idle keep-alive connection stays open (default: %(default)s)")
     p.add_argument("--shutdown-grace", type=float, default=DEFAULT_SHUTDOWN_GRACE_S,
                    help="seconds running requests may take to finish on shutdown (default: %(default)s)")
     ray = p.add_argument_group("Ray Serve (pip install specdecode[ray])")
@@ -89,7 +96,7 @@ def run(args) -> int:
         raise SpecDecodeError("max_batch", f"must be in [1, {MAX_BATCH_LIMIT}] (got {args.max_batch})")
     if args.slot_context < 16:
         raise SpecDecodeError("slot_context", f"must be >= 16 (got {args.slot_context})")
-    for name in ("queue_timeout", "shutdown_grace"):
+    for name in ("queue_timeout", "shutdown_grace", "body_timeout", "keep_alive_timeout"):
         if not getattr(args, name) > 0:
             raise SpecDecodeError(name, f"must be a number of seconds > 0 (got {getattr(args, name)})")
     ray_options = _ray_options(args)
@@ -98,7 +105,7 @@ def run(args) -> int:
     spec = ModelSpec(args.target, args.draft, args.dtype, args.device, args.backend, args.threads)
     options = dict(max_queue=args.max_queue, defaults=defaults, max_batch=args.max_batch,
                    slot_context=args.slot_context, max_step_tokens=args.max_step_tokens,
-                   queue_timeout=args.queue_timeout, shutdown_grace=args.shutdown_grace)
+                   queue_timeout=args.queue_timeout, shutdown_grace=args.shutdown_grace, body_timeout=args.body_timeout)
     if ray_options is not None:
         from ..server.ray_serve import serve_forever
 
@@ -107,5 +114,5 @@ def run(args) -> int:
     server = Server(spec.load, name, on_load_error=_exit_on_config_error, **options)
     print(f"specdecode: serving {name} (draft: {args.draft}) on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=int(args.shutdown_grace) + 2)
+                timeout_graceful_shutdown=int(args.shutdown_grace) + 2, timeout_keep_alive=args.keep_alive_timeout)
     return 0

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from ..batching import BatchEngine
 from ..config import (
     DEFAULT_BACKEND,
+    DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_DRAFT,
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_QUEUE,
@@ -33,7 +34,7 @@ from ..config import (
 from ..engine import SpeculativeDecoder
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
-from .requests import ParsedRequest, RequestError, parse_request
+from .requests import ParsedRequest, RequestError, max_token_chars, parse_int, parse_request
 from .worker import Job, SerialEngine, Worker
 
 SPEC_STATS_KEY = "speculative_decoding"  # extension field on responses
@@ -68,15 +69,20 @@ class Server:
     def __init__(self, loader, model_name: str, max_queue: int = DEFAULT_MAX_QUEUE,
                  defaults: GenerationConfig = DEFAULTS, max_batch: int | None = None, slot_context: int | None = None,
                  max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS, queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_S,
-                 shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S, on_load_error=None, replica: str | None = None):
+                 shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S, on_load_error=None, replica: str | None = None,
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT_S):
         self.loader, self.model_name, self.max_queue, self.defaults = loader, model_name, max_queue, defaults
         self.max_batch, self.slot_context, self.max_step_tokens = max_batch, slot_context, max_step_tokens
         self.queue_timeout, self.shutdown_grace = queue_timeout, shutdown_grace
+        if not (isinstance(body_timeout, (int, float)) and body_timeout > 0):
+            raise ConfigError("body_timeout", f"must be a number of seconds > 0 (got {body_timeout!r})")
+        self.body_timeout = body_timeout
         self.on_load_error = on_load_error  # called with the exception (the CLI exits with its message)
         self.decoder: SpeculativeDecoder | None = None
         self.worker: Worker | None = None
         self.max_context = 0
-        self.metrics = Metrics()
+        self.max_chars: int | None = None  # the longest prompt text that can fit, once loaded
+        self.metrics = Metrics(model_name)
         self.load_error: str | None = None
         self.created = int(time.time())
         self.replica = replica
@@ -109,6 +115,7 @@ class Server:
         self.decoder = self.loader()
         engine = make_engine(self.decoder, self.max_batch, self.slot_context, self.max_step_tokens)
         self.max_context = engine.max_context
+        self.max_chars = engine.max_context * max_token_chars(self.decoder.tokenizer)
         self.worker = Worker(engine, self.metrics, self.max_queue, self.queue_timeout)
 
     def start_loading(self) -> None:
@@ -128,7 +135,8 @@ class Server:
         return self.worker is not None
 
     def parse(self, body, chat: bool) -> ParsedRequest:
-        return parse_request(body, chat, self.decoder, self.model_name, self.defaults, self.max_context)
+        return parse_request(body, chat, self.decoder, self.model_name, self.defaults, self.max_context,
+                             self.max_chars)
 
 
 def make_engine(decoder: SpeculativeDecoder, max_batch: int | None, slot_context: int | None,
@@ -188,12 +196,17 @@ async def _read_body(request) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise RequestError(413, f"request body of {declared} bytes exceeds {MAX_BODY_BYTES}")
+    from starlette.requests import ClientDisconnect
+
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise RequestError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise RequestError(413, f"request body exceeds {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone, or told so by ``_with_body_timeout``: the answer goes nowhere
+        raise RequestError(408, "the request body did not arrive") from None
     return b"".join(chunks)
 
 
@@ -205,8 +218,8 @@ def _request_error(item) -> RequestError:
 
 def _json(raw: bytes):
     try:
-        return json.loads(raw)
-    except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, an integer of thousands of digits, deep nesting
+        return json.loads(raw, parse_int=parse_int)
+    except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, deep nesting
         reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
         raise RequestError(400, f"request body is not valid JSON: {reason}") from None
 
@@ -225,6 +238,48 @@ def _with_header(app, name: str, value: str):
             await send(message)
 
         await app(scope, receive, send_with_header)
+
+    return wrapped
+
+
+def _with_body_timeout(app, seconds: float):
+    """The ASGI app with a deadline on each request's body: one not complete ``seconds`` after
+    the request arrived gets 408 with ``connection: close`` (the server then closes the socket),
+    and the app is told the client left, so that nothing of it is held (``_read_body``)."""
+    body = json.dumps(RequestError(408, f"request body not received within {seconds:g} s").body()).encode()
+    start = {"type": "http.response.start", "status": 408,
+             "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]}
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        deadline, state = loop.time() + seconds, {"body": False, "started": False, "timed_out": False}
+
+        async def timed_receive():
+            if state["body"] or state["timed_out"]:  # after the body: waiting for a disconnect is the app's
+                return await receive() if not state["timed_out"] else {"type": "http.disconnect"}
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                state["timed_out"] = True
+                if not state["started"]:
+                    state["started"] = True
+                    await send(start)
+                    await send({"type": "http.response.body", "body": body})
+                return {"type": "http.disconnect"}
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                state["body"] = True
+            return message
+
+        async def guarded_send(message):
+            if state["timed_out"]:
+                return  # the 408 has been sent; what the app answers to a client that "left" goes nowhere
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            await send(message)
+
+        await app(scope, timed_receive, guarded_send)
 
     return wrapped
 
@@ -402,4 +457,5 @@ def create_app(server: Server):
     async def chat_completions(request: Request):
         return await handle(request, chat=True)
 
-    return app if server.replica is None else _with_header(app, REPLICA_HEADER, server.replica)
+    timed = _with_body_timeout(app, server.body_timeout)
+    return timed if server.replica is None else _with_header(timed, REPLICA_HEADER, server.replica)

@@ -68,6 +68,27 @@ def _number(body: dict, name: str, default, low=None, high=None, low_open=False,
     return value
 
 
+FALLBACK_TOKEN_CHARS = 256  # characters per token assumed for a tokenizer that lists no vocabulary
+MAX_INT_DIGITS = 64  # an integer in a request body longer than this is no count, seed or token id anyone means
+
+
+class HugeInt:
+    """An integer of more than ``MAX_INT_DIGITS`` digits in a request body, not converted: Python
+    refuses to convert one of thousands (``sys.set_int_max_str_digits``), and none is a value any
+    field allows, so the field that holds it gets the usual 400 naming it."""
+
+    def __init__(self, text: str):
+        self.digits = len(text.lstrip("-"))
+
+    def __repr__(self) -> str:
+        return f"an integer of {self.digits} digits"
+
+
+def parse_int(text: str):
+    """``json.loads``'s ``parse_int``: an int, or a ``HugeInt`` for one too long to be meant."""
+    return int(text) if len(text) <= MAX_INT_DIGITS else HugeInt(text)
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -152,11 +173,33 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     return _number(body, "logprobs", None, low=0, high=MAX_COMPLETION_LOGPROBS, integer=True)
 
 
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token of ``tokenizer`` decodes to (its longest vocabulary entry:
+    a byte-level or SentencePiece entry has a character per byte or more), so that a text of
+    more than ``context * max_token_chars`` characters is known to overflow the context before
+    it is tokenized."""
+    try:
+        return max(1, max(len(token) for token in tokenizer.get_vocab()))
+    except (AttributeError, TypeError, ValueError):
+        return FALLBACK_TOKEN_CHARS
+
+
+def _check_length(texts: list[str], limit: int | None, field: str) -> None:
+    """400 naming ``field`` where the texts are longer than ``limit`` characters (None: no limit),
+    before any tokenizing: a megabyte of one word would hold the tokenizer, and the GIL with it."""
+    chars = sum(len(text) for text in texts)
+    if limit is not None and chars > limit:
+        raise RequestError(400, f"'{field}' of {chars} characters cannot fit in this server's context "
+                                f"(at most {limit} characters)", field)
+
+
 def parse_request(body, chat: bool, decoder: SpeculativeDecoder, model_name: str,
-                  defaults: GenerationConfig = DEFAULTS, max_context: int | None = None) -> ParsedRequest:
+                  defaults: GenerationConfig = DEFAULTS, max_context: int | None = None,
+                  max_chars: int | None = None) -> ParsedRequest:
     """A completions (``chat`` false) or chat completions request body -> what to generate;
     RequestError (400) naming the field otherwise. ``max_context``: the tokens one request may
-    hold (the model's context, or a batch slot's)."""
+    hold (the model's context, or a batch slot's); ``max_chars``: the longest text that could fit
+    in it (``max_token_chars``), refused before it is tokenized."""
     if not isinstance(body, dict):
         raise RequestError(400, "request body must be a JSON object")
     _check_fields(body, chat)
@@ -170,7 +213,9 @@ def parse_request(body, chat: bool, decoder: SpeculativeDecoder, model_name: str
     context = max_context or dec.max_context
     try:
         if chat:
-            prompt_ids = dec.encode(_messages(body), chat=True)
+            messages = _messages(body)
+            _check_length([m["content"] for m in messages], max_chars, "messages")
+            prompt_ids = dec.encode(messages, chat=True)
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -180,6 +225,7 @@ def parse_request(body, chat: bool, decoder: SpeculativeDecoder, model_name: str
                     raise RequestError(400, f"'prompt' token ids must be in [0, {dec.vocab_size})", "prompt")
                 prompt_ids = list(prompt)
             elif isinstance(prompt, str) and prompt.strip():
+                _check_length([prompt], max_chars, "prompt")
                 prompt_ids = dec.encode(_text(prompt, "prompt"), chat=False)
             else:
                 raise RequestError(400, "'prompt' must be a non-empty string (or one string, or token ids)", "prompt")
@@ -216,6 +262,8 @@ def parse_request(body, chat: bool, decoder: SpeculativeDecoder, model_name: str
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool) \
             or set(options) - {"include_usage", "continuous_usage_stats"}:
         raise RequestError(400, "'stream_options' must be {\"include_usage\": true|false}", "stream_options")
+    if body.get("stream_options") is not None and not stream:
+        raise RequestError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
     include_usage = options.get("include_usage", False)
     ignore_eos = body.get("ignore_eos")
     if ignore_eos is None:
