@@ -509,6 +509,32 @@ def test_shutdown_ends_within_its_grace_period():
     assert time.perf_counter() - t < 2 + 4
 
 
+def test_sigterm_gives_queued_requests_503_and_cuts_running_streams_with_a_503_event():
+    proc, base, _ = _start(8, 1, "--shutdown-grace", "1")
+    try:
+        body = {"model": MODEL, "prompt": "Count to ten thousand:", "max_tokens": 3000, "temperature": 0,
+                "ignore_eos": True}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool, \
+                httpx.stream("POST", base + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+            lines = r.iter_lines()
+            next(lines)  # the running request has its first chunk
+            queued = pool.submit(httpx.post, base + "/v1/completions", json=body, timeout=120)
+            for _ in range(2400):  # until the second request waits for the one slot
+                if _metric(base, "vllm:num_requests_waiting") == 1:
+                    break
+                time.sleep(0.05)
+            proc.terminate()
+            refused = queued.result()
+            rest = list(lines)
+        assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+        errors = [json.loads(line[6:]) for line in rest if line.startswith('data: {"error"')]
+        assert errors and "cut short" in errors[0]["error"]["message"]
+        assert proc.wait(60) is not None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_loadtest_reports_every_load_and_writes_its_plot(server, tmp_path):
     from specdecode.loadtest import LoadSettings, run_loadtest, write_results
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import threading
 
 from ..config import (
     DEFAULT_BODY_TIMEOUT_S,
@@ -113,6 +114,23 @@ def run(args) -> int:
         return 0
     server = Server(spec.load, name, on_load_error=_exit_on_config_error, **options)
     print(f"specdecode: serving {name} (draft: {args.draft}) on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=int(args.shutdown_grace) + 2, timeout_keep_alive=args.keep_alive_timeout)
+    config = uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=int(args.shutdown_grace) + 2,
+                            timeout_keep_alive=args.keep_alive_timeout)
+    _run_uvicorn(config, server)
     return 0
+
+
+def _run_uvicorn(config, server) -> None:
+    """uvicorn's server, which on SIGTERM or SIGINT first stops the worker (queued requests get
+    503 at once, running ones the grace period, then 503 in their stream), so that the
+    connections uvicorn then waits for end within that period."""
+    import uvicorn
+
+    class StoppingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if server.worker is not None and not self.should_exit:
+                threading.Thread(target=server.worker.stop, args=(server.shutdown_grace,), daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    StoppingServer(config).run()

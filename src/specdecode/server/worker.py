@@ -21,6 +21,9 @@ from ..engine import SpeculativeDecoder, check_room
 from .metrics import Metrics
 from .requests import RequestError
 
+# what a running request gets when the shutdown grace period ends before it does
+CUT = RequestError(503, "the server is shutting down; the generation was cut short", kind="service_unavailable")
+
 
 @dataclass(eq=False)
 class Job:
@@ -163,9 +166,9 @@ class Worker:
                     self.lock.wait(0.25)
                     continue
             for handle, job in list(self.active.items()):
-                if job.cancel.is_set():  # client went away: its slot is free for the next step
+                if job.cancel.is_set():  # client went away, or the grace ran out: the slot is free
                     self.engine.cancel(handle)
-                    self._finish(handle, job)
+                    self._finish(handle, job, ("error", CUT) if self.stopping else None)
             if not self.active:
                 continue
             try:
