@@ -22,6 +22,12 @@ TINY_VOCAB = 1024  # the tiny tokenizer's size, and so the tiny models' vocabula
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 PROMPTS = ["The cat sat on the mat and the cat", "Write a list of fruits: apple, banana,"]
+# chat prompts for the default target on its GGUF backends: one to summarise, one to copy from, one open
+CHAT_PROMPTS = [
+    "Summarize in one sentence: The museum reopened after two years of work, with a new wing for modern art.",
+    "Repeat the following list exactly: red, green, blue, red, green, blue, yellow.",
+    "Write a short story about a lighthouse keeper.",
+]
 
 
 @pytest.fixture(scope="session")

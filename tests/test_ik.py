@@ -17,15 +17,14 @@ from specdecode.config import MAX_BLOCK, ConfigError
 from specdecode.models import cache_dir, default_gguf_path, load_model, resolve_backend
 from specdecode.runners import ik_api
 from specdecode.runners.base import Block
+from specdecode.runners.ik import PROBE_CACHE
 
-PROBE = ik_api.probe(default_gguf_path(), cache_dir() / "ik-probe.json")
+from conftest import CHAT_PROMPTS
+
+PROBE = ik_api.probe(default_gguf_path(), cache_dir() / PROBE_CACHE)
 pytestmark = pytest.mark.skipif(not PROBE.ok, reason=f"ik_llama.cpp does not run here: {PROBE.reason}")
 
-PROMPTS = [
-    "Summarize in one sentence: The museum reopened after two years of work, with a new wing for modern art.",
-    "Repeat the following list exactly: red, green, blue, red, green, blue, yellow.",
-    "Write a short story about a lighthouse keeper.",
-]
+PROMPTS = CHAT_PROMPTS
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,9 @@ from specdecode.engine import SpeculativeDecoder  # noqa: E402
 from specdecode.models import load_model  # noqa: E402
 from specdecode.runners import LlamaCppRunner, make_runner  # noqa: E402
 
-PROMPTS = [
-    "Summarize in one sentence: The museum reopened after two years of work, with a new wing for modern art.",
-    "Repeat the following list exactly: red, green, blue, red, green, blue, yellow.",
-    "Write a short story about a lighthouse keeper.",
-]
+from conftest import CHAT_PROMPTS  # noqa: E402
+
+PROMPTS = CHAT_PROMPTS
 
 
 @pytest.fixture(scope="module")
