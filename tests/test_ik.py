@@ -14,14 +14,13 @@ import torch
 
 from specdecode import GenerationConfig
 from specdecode.config import MAX_BLOCK, ConfigError
-from specdecode.models import cache_dir, default_gguf_path, load_model, resolve_backend
+from specdecode.models import default_gguf_path, load_model, resolve_backend
 from specdecode.runners import ik_api
 from specdecode.runners.base import Block
-from specdecode.runners.ik import PROBE_CACHE
 
 from conftest import CHAT_PROMPTS
 
-PROBE = ik_api.probe(default_gguf_path(), cache_dir() / PROBE_CACHE)
+PROBE = ik_api.probe(default_gguf_path())
 pytestmark = pytest.mark.skipif(not PROBE.ok, reason=f"ik_llama.cpp does not run here: {PROBE.reason}")
 
 PROMPTS = CHAT_PROMPTS
@@ -293,7 +292,7 @@ def test_auto_picks_ik_for_a_gguf_target_where_it_passes_its_check():
 
 
 def test_auto_falls_back_with_one_line_saying_why(monkeypatch, caplog):
-    monkeypatch.setattr(ik_api, "probe", lambda gguf, cache: ik_api.Probe(False, "a planted failure"))
+    monkeypatch.setattr(ik_api, "probe", lambda gguf, cache=None: ik_api.Probe(False, "a planted failure"))
     with caplog.at_level(logging.WARNING):
         chosen = resolve_backend("auto", None)
     assert chosen in ("llamacpp", "torch")

@@ -115,10 +115,9 @@ def resolve_backend(backend: str, spec: str | None) -> str:
     path = gguf_file(spec, "target")
     if path is None:
         return "torch"
-    from .runners.ik import PROBE_CACHE
-    from .runners.ik_api import probe
+    from .runners import ik_api
 
-    checked = probe(path, cache_dir() / PROBE_CACHE)
+    checked = ik_api.probe(path)
     if checked.ok:
         return "ik"
     llamacpp = importlib.util.find_spec("llama_cpp") is not None

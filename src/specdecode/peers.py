@@ -135,16 +135,15 @@ class IkPeer(Peer):
     else than the model, and a speed of wrong answers is no baseline."""
 
     def __init__(self, gguf_path, threads: int, context: int):
-        import numpy as np
-
         from .runners.ik import IkModel
         from .runners.llamacpp import LlamaCppRunner
 
-        self.np = np
         self.model = IkModel(gguf_path, threads, context)
         self.runner = LlamaCppRunner(self.model)
 
     def run(self, prompt_ids: list[int], config: GenerationConfig) -> dict[str, tuple[list[int], float]]:
+        from .sampling import argmax
+
         if not config.greedy or config.stop:
             raise ConfigError("compare", "ik is compared under greedy decoding without --stop")
         eos, tokens = self.model.config.eos_token_id, []
@@ -152,7 +151,7 @@ class IkPeer(Peer):
         t = time.perf_counter()
         logits = self.runner.forward(prompt_ids, 1)
         while True:
-            token = int(self.np.argmax(logits[0].numpy()))
+            token = int(argmax(logits[0]))
             tokens.append(token)
             if len(tokens) >= config.max_new_tokens or (not config.ignore_eos and token == eos):
                 break

@@ -23,13 +23,11 @@ from pathlib import Path
 import torch
 
 from ..config import MAX_BLOCK, ConfigError
-from ..models import cache_dir
 from .base import Block
 from .ik_api import IkUnavailable, load, probe
 from .llamacpp import LlamaCppModel, LlamaCppRunner, check_threads, default_threads
 
 FLASH_ATTENTION = False  # off: see the module docstring
-PROBE_CACHE = "ik-probe.json"  # under the cache directory: ik_api.probe's results
 
 
 class IkModel(LlamaCppModel):
@@ -46,7 +44,7 @@ class IkModel(LlamaCppModel):
         if not self.path.is_file():
             raise ConfigError("target", f"GGUF file not found: {self.path}")
         if max_block is None:
-            checked = probe(self.path, cache_dir() / PROBE_CACHE)
+            checked = probe(self.path)
             if not checked.ok:
                 raise ConfigError("backend", f"ik_llama.cpp cannot run {self.path.name} here: {checked.reason}")
             max_block = checked.exact_block
@@ -135,11 +133,6 @@ class IkBatchRunner:
         """slot -> ``[num_logits, vocab]`` logits for its block's last tokens."""
         if any(block.parents is not None for block in blocks):
             raise ValueError("ik_llama.cpp batches score chains, not token trees")
-        out = {}
-        for block in sorted(blocks, key=lambda block: block.slot):
-            runner = self.runners[block.slot]
-            if len(runner.cached) + len(block.tokens) > self.capacity:
-                raise ValueError(f"slot {block.slot}: {len(runner.cached) + len(block.tokens)} tokens exceed "
-                                 f"its {self.capacity}")
-            out[block.slot] = runner.forward(block.tokens, block.num_logits)  # [num_logits, vocab]
-        return out
+        # [num_logits, vocab] each; a slot's runner refuses a block past its capacity
+        return {block.slot: self.runners[block.slot].forward(block.tokens, block.num_logits)
+                for block in sorted(blocks, key=lambda block: block.slot)}

@@ -111,20 +111,32 @@ class Probe:
     exact_block: int = 0
 
 
-def probe(gguf: Path, cache: Path) -> Probe:
+PROBE_CACHE = "ik-probe.json"  # under the cache directory (``models.cache_dir``): ``probe``'s results
+_PROBED: dict[str, Probe] = {}  # this process's results by ``_probe_key``, whether or not the file could be written
+
+
+def probe(gguf: Path, cache: Path | None = None) -> Probe:
     """Whether ik_llama.cpp loads ``gguf`` and scores blocks of it exactly here, checked in a child
     process (a build that does not fit this CPU dies of an illegal instruction) and remembered in
-    ``cache`` by library, file and CPU (``ik_probe``)."""
+    ``cache`` (default: ``PROBE_CACHE`` in the cache directory) by library, file and CPU
+    (``ik_probe``)."""
     lib = library_path()
     if lib is None or not lib.is_file():
         return Probe(False, f"ik_llama.cpp is not installed (pip install {WHEEL})")
+    if cache is None:
+        from ..models import cache_dir
+
+        cache = cache_dir() / PROBE_CACHE
     key = _probe_key(lib, gguf)
+    if key in _PROBED:
+        return _PROBED[key]
     try:
-        seen = json.loads(cache.read_text()).get(key)
-        if seen is not None:
-            return Probe(**seen)
+        known = json.loads(cache.read_text()) if cache.is_file() else {}
+        if key in known:
+            _PROBED[key] = Probe(**known[key])
+            return _PROBED[key]
     except (OSError, ValueError, TypeError):
-        seen = None
+        known = {}
     try:
         done = subprocess.run([sys.executable, "-m", "specdecode.runners.ik_probe", str(gguf)],
                               capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
@@ -133,10 +145,7 @@ def probe(gguf: Path, cache: Path) -> Probe:
         result = Probe(False, f"ik_llama.cpp did not finish its check on {gguf.name} within {PROBE_TIMEOUT_S:.0f} s")
     except (ValueError, TypeError) as exc:
         result = Probe(False, f"ik_llama.cpp's check printed no result ({exc})")
-    try:
-        known = json.loads(cache.read_text()) if cache.is_file() else {}
-    except (OSError, ValueError):
-        known = {}
+    _PROBED[key] = result
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")

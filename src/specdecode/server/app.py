@@ -257,8 +257,10 @@ def _with_body_timeout(app, seconds: float):
         deadline, state = loop.time() + seconds, {"body": False, "started": False, "timed_out": False}
 
         async def timed_receive():
-            if state["body"] or state["timed_out"]:  # after the body: waiting for a disconnect is the app's
-                return await receive() if not state["timed_out"] else {"type": "http.disconnect"}
+            if state["timed_out"]:
+                return {"type": "http.disconnect"}
+            if state["body"]:  # after the body: waiting for a disconnect is the app's, unbounded
+                return await receive()
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:

@@ -25,7 +25,6 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         r = self.registry = CollectorRegistry()
-        self.model_name = model_name
 
         def named(kind, name, doc, labels=(), **kw):
             return _Named(kind(name, doc, ["model_name", *labels], registry=r, **kw), model_name, bool(labels))
