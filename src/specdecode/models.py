@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from .config import BACKENDS, DTYPE_NAMES, ConfigError
+from .config import BACKENDS, DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_TARGET_NAME, DTYPE_NAMES, ConfigError
 
 _log = logging.getLogger(__name__)
 GGUF_BACKENDS = ("llamacpp", "ik")  # backends that run a GGUF file in its own quantization
 DEFAULT_TARGET = "default"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_GGUF = f"{DEFAULT_TARGET_NAME}.Q4_1.gguf"
 DTYPES = dict(zip(DTYPE_NAMES, (None, torch.float32, torch.bfloat16, torch.float16)))
 
 
@@ -71,7 +71,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_model(spec: str | None, *, param: str = "target", dtype: str = "auto", device: str = "auto",
+def load_model(spec: str | None, *, param: str = "target", dtype: str = DEFAULT_DTYPE, device: str = DEFAULT_DEVICE,
                backend: str = "torch", threads: int | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer from a hub id, a local directory or a GGUF file.
 

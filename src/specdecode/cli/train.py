@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..config import DEFAULT_TARGET_NAME
 from ..train.options import DEFAULT_DRAFT_VOCAB, DEFAULT_FEATURE_LAYERS, TrainOptions
 
 D = TrainOptions  # its defaults are the options' defaults
@@ -10,7 +11,7 @@ D = TrainOptions  # its defaults are the options' defaults
 def register(sub) -> None:
     p = sub.add_parser("train-draft", help="train a feature draft head for a target (self-distillation)")
     p.add_argument(
-        "--target", default=D.target, help="hub id, local directory or .gguf (default: SmolLM2-135M-Instruct)"
+        "--target", default=D.target, help=f"hub id, local directory or .gguf (default: {DEFAULT_TARGET_NAME})"
     )
     p.add_argument("--out", required=True, help="output directory (resumable: rerun the same command to continue)")
     p.add_argument("--prompts", type=int, default=D.prompts, help="self-distillation prompts answered greedily")

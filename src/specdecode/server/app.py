@@ -21,7 +21,9 @@ from ..batching import BatchEngine
 from ..config import (
     DEFAULT_BACKEND,
     DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_DEVICE,
     DEFAULT_DRAFT,
+    DEFAULT_DTYPE,
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_QUEUE,
     DEFAULT_MAX_STEP_TOKENS,
@@ -30,6 +32,7 @@ from ..config import (
     DEFAULTS,
     ConfigError,
     GenerationConfig,
+    check_serving,
 )
 from ..engine import SpeculativeDecoder
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -49,8 +52,8 @@ class ModelSpec:
 
     target: str | None = None
     draft: str = DEFAULT_DRAFT
-    dtype: str = "auto"
-    device: str = "auto"
+    dtype: str = DEFAULT_DTYPE
+    device: str = DEFAULT_DEVICE
     backend: str = DEFAULT_BACKEND
     threads: int | None = None
 
@@ -74,8 +77,8 @@ class Server:
         self.loader, self.model_name, self.max_queue, self.defaults = loader, model_name, max_queue, defaults
         self.max_batch, self.slot_context, self.max_step_tokens = max_batch, slot_context, max_step_tokens
         self.queue_timeout, self.shutdown_grace = queue_timeout, shutdown_grace
-        if not (isinstance(body_timeout, (int, float)) and body_timeout > 0):
-            raise ConfigError("body_timeout", f"must be a number of seconds > 0 (got {body_timeout!r})")
+        check_serving(max_queue, max_batch, slot_context, queue_timeout=queue_timeout, shutdown_grace=shutdown_grace,
+                      body_timeout=body_timeout)
         self.body_timeout = body_timeout
         self.on_load_error = on_load_error  # called with the exception (the CLI exits with its message)
         self.decoder: SpeculativeDecoder | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ConfigError
+from ..config import DEFAULT_DEVICE, ConfigError
 
 # --draft-vocab, --inner and --feature-layers default to None so that --init can tell "not given"
 # from a conflicting value; a new head takes these
@@ -36,7 +36,7 @@ class TrainOptions:
     feature_noise: float = 0.0  # uniform noise on training features, as a fraction of each layer's spread
     feature_layers: str | None = None  # 'last', 'low-mid-last' or layer numbers (None: DEFAULT_FEATURE_LAYERS)
     seed: int = 0
-    device: str = "auto"
+    device: str = DEFAULT_DEVICE
 
     def validate(self) -> "TrainOptions":
         for name, low in (("prompts", 0), ("varied_prompts", 0), ("broad_prompts", 0), ("self_prompts", 0),
