@@ -81,6 +81,8 @@ def test_seeded_sampling_gives_the_same_tokens_alone_and_batched_with_any_drafte
         configs = [sampled if i == 1 else GenerationConfig(max_new_tokens=20 + i, temperature=0.7, seed=i)
                    for i in range(len(prompts))]
         assert _run(engine, prompts, configs)[1] == alone
+    for decoder in decoders:  # the single engine (generate, serve --max-batch 1) settles by the same rule
+        assert decoder.generate(prompts[1], sampled).token_ids == alone
     other_seed = _run(BatchEngine.for_decoder(decoders[0], 1, 512), prompts[1:2], [sampled.with_(seed=99)])[0]
     assert other_seed != alone  # the seed matters: the test could fail
 

@@ -1,14 +1,13 @@
 """check passes the correct engine and fails on planted faults."""
 
-import torch
-
 from specdecode import GenerationConfig
-from specdecode import engine as engine_mod
+from specdecode import sampling as sampling_mod
+from specdecode import step as step_mod
 from specdecode.check import run_check
 from specdecode.drafters.model import ModelDrafter
 from specdecode.engine import SpeculativeDecoder
-from specdecode.sampling import logits_to_probs
-from specdecode.verify import Verdict, verify
+from specdecode.sampling import logits_to_probs, position_noise
+from specdecode.verify import Verdict, verify_tree_coupled
 
 from conftest import PROMPTS
 
@@ -32,33 +31,25 @@ def test_correct_engine_passes(tiny_target, tiny_draft, tokenizer):
     assert report["contexts"][0]["accepted"] > 0
 
 
-class WrongDistribution(ModelDrafter):
-    """Reports a distribution other than the one it sampled from (no top-p on the reported one)."""
-
-    def propose(self, context, plan, config, generator):
-        draft = super().propose(context, plan, config, generator)
-        if draft.probs is not None:
-            draft.probs = torch.softmax(torch.log(draft.probs.clamp_min(1e-30)) * 0.3, -1)
-        return draft
+def test_fails_when_the_noise_is_not_standard_gumbel(tiny_target, tiny_draft, tokenizer, monkeypatch):
+    """Halved noise draws from the target's distribution squared (renormalised), not from it."""
+    monkeypatch.setattr(sampling_mod, "position_noise", lambda seed, at, vocab: 0.5 * position_noise(seed, at, vocab))
+    assert not sampling_check(make(tiny_target, tiny_draft, tokenizer))["passed"]
 
 
-def test_fails_when_draft_distribution_is_not_the_sampled_one(tiny_target, tiny_draft, tokenizer):
-    assert not sampling_check(make(tiny_target, tiny_draft, tokenizer, WrongDistribution))["passed"]
-
-
-def test_fails_when_top_p_is_applied_to_one_side_only(tiny_target, tiny_draft, tokenizer, monkeypatch):
-    monkeypatch.setattr(engine_mod, "logits_to_probs", lambda logits, t, k, p: logits_to_probs(logits, t, k, 1.0))
+def test_fails_when_top_p_is_left_out_of_the_targets_distribution(tiny_target, tiny_draft, tokenizer, monkeypatch):
+    monkeypatch.setattr(step_mod, "logits_to_probs", lambda logits, t, k, p: logits_to_probs(logits, t, k, 1.0))
     assert not sampling_check(make(tiny_target, tiny_draft, tokenizer))["passed"]
 
 
 def test_fails_on_wrong_bonus_token(tiny_target, tiny_draft, tokenizer, monkeypatch):
-    def wrong_bonus(tokens, draft_probs, target_probs, gen):
-        v = verify(tokens, draft_probs, target_probs, gen)
-        if v.num_accepted == len(tokens) and tokens:  # bonus drawn from the position before
-            return Verdict(v.num_accepted, v.tokens[:-1] + [int(target_probs[len(tokens) - 1].argmax())])
-        return v
+    def wrong_bonus(tokens, parents, target_probs, noise):
+        branch, v = verify_tree_coupled(tokens, parents, target_probs, noise)
+        if v.num_accepted == len(tokens) and tokens:  # bonus taken from the position before
+            return branch, Verdict(v.num_accepted, v.tokens[:-1] + [int(target_probs[len(tokens) - 1].argmax())])
+        return branch, v
 
-    monkeypatch.setattr(engine_mod, "verify", wrong_bonus)
+    monkeypatch.setattr(step_mod, "verify_tree_coupled", wrong_bonus)
     dec = SpeculativeDecoder(tiny_target, tokenizer, ModelDrafter(tiny_target, vocab_size=len(tokenizer)))
     assert not run_check(dec, GREEDY, PROMPTS, progress=False)["passed"]
 

@@ -152,6 +152,37 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(tiny_target, tiny_dr
     assert a != c
 
 
+@pytest.mark.parametrize("tau", [1, 3, 6])
+def test_seeded_sampling_emits_what_plain_seeded_decoding_emits_whatever_is_drafted(tiny_target, tiny_draft,
+                                                                                    tokenizer, tau):
+    """The one rule of both loops (``step.settle``): a seeded request's tokens are those of plain
+    decoding with its seed, whatever the drafter and the draft length."""
+    cfg = GenerationConfig(max_new_tokens=30, temperature=0.9, top_k=40, seed=5, ignore_eos=True, policy="fixed",
+                           draft_len=tau)
+    want = decoder(tiny_target, tokenizer, NoDrafter()).generate(PROMPTS[0], cfg, chat=False).token_ids
+    for drafter in (ModelDrafter(tiny_draft, vocab_size=len(tokenizer)), NgramDrafter()):
+        got = decoder(tiny_target, tokenizer, drafter).generate(PROMPTS[0], cfg, chat=False)
+        assert got.token_ids == want
+    assert got.stats.drafted > 0
+
+
+def test_a_sampling_drafter_drawing_with_the_targets_noise_proposes_the_targets_tokens(tiny_target, tokenizer,
+                                                                                       monkeypatch):
+    """A draft model equal to the target, sampling, draws each token with the noise the target's
+    token at that position is drawn with (``DraftPlan.noise``): every drafted token is accepted.
+    Negative control: drawing from its own generator instead, it is accepted only by chance."""
+    from specdecode import engine as engine_mod
+
+    dec = decoder(tiny_target, tokenizer, ModelDrafter(tiny_target, vocab_size=len(tokenizer)))
+    cfg = GenerationConfig(max_new_tokens=40, temperature=1.0, seed=3, ignore_eos=True, policy="fixed", draft_len=4)
+    coupled = dec.generate(PROMPTS[0], cfg, chat=False)
+    assert coupled.stats.acceptance_rate == 1.0
+    monkeypatch.setattr(engine_mod, "with_noise", lambda plan, noise, at: plan)
+    independent = dec.generate(PROMPTS[0], cfg, chat=False)
+    assert independent.token_ids == coupled.token_ids
+    assert independent.stats.acceptance_rate < 0.9
+
+
 def test_streaming_text_equals_result_text(tiny_target, tiny_draft, tokenizer):
     dec = decoder(tiny_target, tokenizer, NgramDrafter())
     cfg = GenerationConfig(max_new_tokens=40, ignore_eos=True)
@@ -240,12 +271,14 @@ def test_cost_policy_with_dynamic_drafter_offers_full_block_and_break_even_floor
     cost = CostModel(target_s={n: 0.05 + 0.004 * (n - 1) for n in range(1, 18)}, draft_token_s=0.005, smoothing=0.0)
     static = make_policy("cost", 8, cost)
     dynamic = make_policy("cost", 8, cost, dynamic=True)
-    assert static.path_floor() == 0.0
-    assert dynamic.choose() == 8 and static.choose() < 8
+    (tau, speedup), (static_tau, _) = dynamic.choose(), static.choose()
+    assert tau == 8 and static_tau < 8 and speedup > 1.0
+    assert static.path_floor(speedup) == 0.0
     # one more token pays while its chance exceeds rate x (draft + verification share) / T(1);
     # before anything is measured the drafter's confidence is taken at its word (bin edges of 0.1)
-    needed = max(1.0, dynamic.last_prediction) * (0.005 + 0.004) / 0.05
-    assert dynamic.path_floor() == pytest.approx(int(needed * 10) / 10)
+    needed = speedup * (0.005 + 0.004) / 0.05
+    assert dynamic.path_floor(speedup) == pytest.approx(int(needed * 10) / 10)
+    assert dynamic.plan(100).path_floor == dynamic.path_floor(speedup)  # what a step's plan carries
     # greedy output is still plain decoding's
     drafter = ModelDrafter(tiny_draft, vocab_size=len(tokenizer))
     dec = SpeculativeDecoder(tiny_target, tokenizer, drafter, cost=cost)

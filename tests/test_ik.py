@@ -268,22 +268,42 @@ def test_one_shared_context_for_all_slots_gives_other_logits(ik_target):
     assert not torch.equal(together, _alone(ik_target, prompt))
 
 
-def test_the_batch_engine_on_ik_answers_as_a_request_alone(ik_target):
-    """Greedy requests served together through the batch engine give what ``generate`` gives."""
+def _ngram_decoder(target):
     from specdecode.api import make_drafter
-    from specdecode.batching import BatchEngine
     from specdecode.engine import SpeculativeDecoder
 
-    dec = SpeculativeDecoder(ik_target.model, ik_target.tokenizer, make_drafter("ngram", ik_target))
-    config = GenerationConfig(max_new_tokens=40)
-    alone = [dec.generate(p, config).token_ids for p in PROMPTS]
+    return SpeculativeDecoder(target.model, target.tokenizer, make_drafter("ngram", target))
+
+
+def _together(dec, configs: list[GenerationConfig]) -> list[list[int]]:
+    """Each of ``PROMPTS`` with its config, served together by a batch engine of 3 slots."""
+    from specdecode.batching import BatchEngine
+
     engine = BatchEngine.for_decoder(dec, slots=3, slot_context=512)
-    seqs = {engine.add(dec.encode(p), config).id: i for i, p in enumerate(PROMPTS)}
-    together = [[] for _ in PROMPTS]
+    seqs = {engine.add(dec.encode(p), c).id: i for i, (p, c) in enumerate(zip(PROMPTS, configs))}
+    together = [[] for _ in configs]
     while engine.running:
         for seq, event in engine.step():
             together[seqs[seq.id]] += event.token_ids
-    assert together == alone
+    return together
+
+
+def test_the_batch_engine_on_ik_answers_as_a_request_alone(ik_target):
+    """Greedy requests served together through the batch engine give what ``generate`` gives."""
+    dec = _ngram_decoder(ik_target)
+    config = GenerationConfig(max_new_tokens=40)
+    alone = [dec.generate(p, config).token_ids for p in PROMPTS]
+    assert _together(dec, [config] * len(PROMPTS)) == alone
+
+
+def test_a_seeded_sampled_request_gets_the_same_tokens_from_generate_and_in_a_batch(ik_target):
+    dec = _ngram_decoder(ik_target)
+    sampled = GenerationConfig(max_new_tokens=32, temperature=0.8, seed=11, ignore_eos=True)
+    alone = dec.generate(PROMPTS[1], sampled).token_ids
+    configs = [GenerationConfig(max_new_tokens=20, temperature=0.7, seed=1), sampled,
+               GenerationConfig(max_new_tokens=24)]
+    assert _together(dec, configs)[1] == alone
+    assert dec.generate(PROMPTS[1], sampled.with_(seed=12)).token_ids != alone  # the seed matters
 
 
 # ---- choosing it -------------------------------------------------------------------------------

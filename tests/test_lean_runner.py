@@ -76,9 +76,10 @@ def test_layout_tuning_times_whole_passes_once_per_machine(tiny_target, tmp_path
     cache_file = tmp_path / "tuning.json"
     fast = LeanLlama(tiny_target, tuning_cache=cache_file)
     choice = fast.lm_head.use_wt
-    assert len(choice) == MAX_TUNED + 1 and all(isinstance(c, bool) for c in choice)
+    (timed,) = json.loads(cache_file.read_text()).values()  # one machine and model: one entry
+    assert len(choice) == MAX_TUNED + 1 and choice == timed["use_wt"]  # what was timed is what runs
+    assert fast.pad_to == pad_sizes(timed["ms"])
     assert all(lin.use_wt == choice for lin in fast.linears())
-    assert len(json.loads(cache_file.read_text())) == 1
 
     def must_not_time(*args, **kwargs):
         raise AssertionError("timed again although the cache holds this machine and model")

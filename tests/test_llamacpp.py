@@ -163,7 +163,8 @@ def test_sampling_on_llamacpp_keeps_the_targets_distribution():
     """Seeded sampling with n-gram drafts: the first two tokens' distribution is the target's own
     (chi-square at a Bonferroni-split 1e-3; the wrong rules that fail it are in test_check)."""
     spec = load(None, "ngram", backend="llamacpp")
-    config = GenerationConfig(temperature=0.8, top_p=0.95)
+    # fixed blocks: drafts are sent whatever the cost policy would decide on this machine's curve
+    config = GenerationConfig(temperature=0.8, top_p=0.95, policy="fixed", draft_len=4)
     prompt = ["Repeat the following list exactly: red, green, blue, red, green, blue, red, green,"]
     report = run_check(spec, config, prompt, draws=300, alpha=1e-3, progress=False)
     assert report["passed"], report

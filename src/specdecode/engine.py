@@ -2,16 +2,15 @@
 
 One step:
   1. the policy plans the step (``DraftPlan``: tau and where to stop early); the drafter proposes
-     up to tau tokens with their distributions;
+     up to tau tokens;
   2. the target scores ``[pending] + drafted`` in one forward pass -> tau + 1 distributions;
-  3-5. ``verify`` accepts a prefix and adds the target's recovered or bonus token;
+  3-5. ``step.settle`` accepts a prefix and adds the target's own token (the coupled rule: what
+     plain decoding with the request's seed emits, so the output does not depend on the drafts);
   6. the target's cache is cut back to the accepted context (the drafter syncs its own cache at
      its next proposal), stop conditions are applied, new text is streamed.
 
 A drafter may propose a tree instead of a chain (``Draft.parents``): the target scores all its
-branches in one pass, ``verify_tree`` walks down it (the target's argmax under greedy decoding,
-sequential rejection of one-hot candidates under sampling), and the target's cache keeps the
-accepted branch only.
+branches in one pass, the rule walks down it, and the target's cache keeps the accepted branch only.
 
 "pending" is the last token of the context: emitted but not yet fed to the target. Feeding it
 together with the drafted block is what lets one pass score every drafted position and the bonus.
@@ -19,7 +18,6 @@ together with the drafted block is what lets one pass score every drafted positi
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -31,10 +29,10 @@ from .costmodel import CostModel
 from .drafters.base import Draft, Drafter, DraftPlan
 from .policy import Calibration, judge_unsent, make_policy
 from .runners import TreeRunner, make_runner, output_rows
-from .sampling import TokenLogprob, logits_to_probs, token_logprobs
+from .sampling import TokenLogprob
 from .stats import RunStats, StepRecord
-from .text import Output, chat_token_ids, eos_token_ids
-from .verify import verify, verify_tree
+from .step import admit, draw_seed, emitted_logprobs, new_output, request_noise, settle, step_record, with_noise
+from .text import chat_token_ids, eos_token_ids
 
 
 @dataclass
@@ -66,14 +64,6 @@ class GenerationResult:
             "seed": self.seed,
             "stats": self.stats.to_json(),
         }
-
-
-def check_room(prompt_tokens: int, config: GenerationConfig, limit: int, holder: str) -> None:
-    """ConfigError naming max_new_tokens where the prompt and all the output do not fit in the
-    ``limit`` tokens of ``holder`` (0: no limit)."""
-    if limit and prompt_tokens + config.max_new_tokens > limit:
-        raise ConfigError("max_new_tokens", f"prompt ({prompt_tokens} tokens) plus max_new_tokens "
-                                            f"({config.max_new_tokens}) exceeds {holder} of {limit} tokens")
 
 
 class SpeculativeDecoder:
@@ -137,24 +127,19 @@ class SpeculativeDecoder:
         self, prompt, config: GenerationConfig | None = None, *, chat: bool = True, trace=None
     ) -> Iterator[StreamEvent]:
         """Yield text as it is accepted. The last event carries ``finish_reason`` and ``stats``."""
-        config = (config or GenerationConfig()).validate()
         prompt_ids = self.encode(prompt, chat)
-        check_room(len(prompt_ids), config, self.max_context, "the model's context")
-        seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little")
-        generator = torch.Generator().manual_seed(seed)
-        # Seeded sampling must not depend on timing noise or on earlier requests: plan with the
-        # fixed prior cost curve and a fresh calibration. (Greedy output does not depend on the
-        # draft lengths at all.)
-        seeded = config.seed is not None and not config.greedy
-        cost = CostModel.prior(self.drafter.cost_prior) if seeded else self.cost
-        calibration = Calibration() if seeded else self.calibration
+        config = admit(prompt_ids, config or GenerationConfig(), self.max_context, "the model's context")
+        seed = draw_seed(config)
+        noise = request_noise(config, seed, self.vocab_size)
+        generator = torch.Generator().manual_seed(seed)  # what a drafter draws from without noise
+        # the output does not depend on the plans (``step``): they are free to follow timings
         policy = make_policy(
-            config.policy, config.draft_len, cost, dynamic=self.drafter.dynamic, calibration=calibration,
+            config.policy, config.draft_len, self.cost, dynamic=self.drafter.dynamic, calibration=self.calibration,
             judges_unsent=self.drafter.judged_unsent,
         )
         unsent = None  # (context length, tokens) of a draft the policy did not send, to be judged
         stats = RunStats(drafter=self.drafter.name, policy=policy.name, prompt_tokens=len(prompt_ids))
-        output = Output(self.tokenizer, self.eos_ids, config.stop, config.max_new_tokens, config.ignore_eos)
+        output = new_output(self.tokenizer, self.eos_ids, config)
         if trace is not None:
             trace.header(
                 config=config, drafter=self.drafter.name, policy=policy.name, prompt_tokens=len(prompt_ids), seed=seed
@@ -170,27 +155,22 @@ class SpeculativeDecoder:
         while True:
             t0 = time.perf_counter()
             room = self.max_context - len(context) if self.max_context else None  # tree tokens that fit
-            plan = policy.plan(output.left, room)
+            at = len(output.tokens)  # the output position the pending token's row decides
+            plan = with_noise(policy.plan(output.left, room), noise, at)
             draft = self.drafter.propose(context, plan, config, generator) if plan.max_tokens else Draft([])
             t1 = time.perf_counter()
             if draft.parents is None:
                 logits = self.target.forward([context[-1]] + draft.tokens, num_logits=len(draft) + 1)  # [tau+1, V]
-                target_probs = logits_to_probs(logits, config.temperature, config.top_k, config.top_p)
-                verdict = verify(draft.tokens, draft.probs, target_probs, generator)
-                accepted = list(range(verdict.num_accepted))
-                rows = list(range(verdict.num_accepted + 1))  # the logits row each emitted token came from
-                # cache holds context + all drafted tokens; keep context + accepted ones
-                self.target.truncate(len(context) + verdict.num_accepted)
-            else:  # a tree of one-hot candidates: the pending token is its root
-                if draft.probs is not None or not isinstance(self.target, TreeRunner):
-                    raise RuntimeError(f"drafter {self.drafter.name} proposed a tree with draft distributions, "
-                                       "or for a target runner without tree passes")
-                start = len(context) - 1
+            elif isinstance(self.target, TreeRunner):  # a tree of one-hot candidates: the pending token is its root
                 logits = self.target.forward_tree([context[-1]] + draft.tokens, [-1] + [p + 1 for p in draft.parents])
-                target_probs = logits_to_probs(logits, config.temperature, config.top_k, config.top_p)
-                accepted, verdict = verify_tree(draft.tokens, draft.parents, target_probs, generator)
-                self.target.keep_branch(start, [0] + [i + 1 for i in accepted])
-                rows = [0] + [i + 1 for i in accepted]
+            else:
+                raise RuntimeError(f"drafter {self.drafter.name} proposed a tree for a target runner without tree "
+                                   "passes")
+            settled = settle(draft, logits, config, noise, at)
+            if draft.parents is None:  # the cache holds context + all drafted tokens: keep the accepted ones
+                self.target.truncate(len(context) + settled.verdict.num_accepted)
+            else:
+                self.target.keep_branch(len(context) - 1, settled.rows)
             t2 = time.perf_counter()
             if not plan.max_tokens and unsent is None and policy.judges_unsent:
                 # a draft it does not send, after the context this step started from, judged below by
@@ -199,30 +179,19 @@ class SpeculativeDecoder:
                 if room_left > 0:
                     tokens = self.drafter.propose(context, DraftPlan(room_left), config, generator).tokens
                     unsent = (len(context), tokens) if tokens else None
-            self.drafter.observe(draft, verdict.num_accepted)
-            hit = set(accepted)
+            self.drafter.observe(draft, settled.verdict.num_accepted)
+            hit = set(settled.branch)
             policy.observe_confidence(draft.path_scores(), [i in hit for i in range(len(draft))])
 
-            new, text_delta = output.add(verdict.tokens)
+            new, text_delta = output.add(settled.verdict.tokens)
             finish = output.finish
-            logprobs = [] if config.logprobs is None else token_logprobs(logits[rows[: len(new)]], new, config.logprobs)
+            logprobs = emitted_logprobs(logits, settled, new, config)
             context.extend(new)
             if unsent is not None and (judged := judge_unsent(context, *unsent)) is not None:
                 policy.observe_unsent(len(unsent[1]), judged)
                 unsent = None
-            t3 = time.perf_counter()
-            rec = StepRecord(
-                step,
-                plan.max_tokens,
-                len(draft),
-                verdict.num_accepted,
-                len(new),
-                t1 - t0,
-                t2 - t1,
-                t3 - t2,
-                len(draft) + 1,
-                None if draft.parents is None else draft.depth(),
-            )
+            rec = step_record(step, plan.max_tokens, draft, settled, len(new), t1 - t0, t2 - t1,
+                              time.perf_counter() - t2, len(draft) + 1)
             stats.add(rec)
             policy.observe(rec)
             if trace is not None:

@@ -136,15 +136,17 @@ class Policy:
         """The next proposal's plan: tau (``choose``), cut so that the step's tokens (drafted ones
         and the target's own) fit in ``tokens_left``, and trees cut to the ``room`` left in the
         model's context (None: unbounded)."""
-        tau = max(0, min(self.choose(), tokens_left - 1))
+        tau, speedup = self.choose()
         tree_size = self.tree_size if room is None else (lambda scores: min(self.tree_size(scores), room))
-        return DraftPlan(tau, self.path_floor(), tree_size)
+        return DraftPlan(max(0, min(tau, tokens_left - 1)), self.path_floor(speedup), tree_size)
 
-    def choose(self) -> int:
-        return self.max_tau
+    def choose(self) -> tuple[int, float]:
+        """tau for the next step, and the speedup over plain decoding it is expected to give."""
+        return self.max_tau, 1.0
 
-    def path_floor(self) -> float:
-        """Drafters that report confidences stop a block once their product falls below this."""
+    def path_floor(self, speedup: float) -> float:
+        """Drafters that report confidences stop a block once their product falls below this
+        (``speedup``: what ``choose`` expects of the step)."""
         return 0.0
 
     def tree_size(self, scores: list[float]) -> int:
@@ -169,8 +171,8 @@ class HeuristicPolicy(Policy):
         super().__init__(max_tau)
         self.tau = max_tau
 
-    def choose(self) -> int:
-        return self.tau
+    def choose(self) -> tuple[int, float]:
+        return self.tau, 1.0
 
     def observe(self, rec: StepRecord) -> None:
         if rec.drafted == 0:
@@ -202,23 +204,22 @@ class CostPolicy(Policy):
         self.estimate = PositionAcceptance(max_tau, prior, prior_weight, decay)
         self.probe_every = probe_every
         self.plain_steps = 0
-        self.last_prediction = 1.0
 
     def acceptance(self) -> list[float]:
         return self.estimate.rates()
 
-    def choose(self) -> int:
-        tau, self.last_prediction = best_draft_len(self.acceptance(), self.cost, self.max_tau)
+    def choose(self) -> tuple[int, float]:
+        tau, speedup = best_draft_len(self.acceptance(), self.cost, self.max_tau)
         if tau == 0 and self.max_tau > 0:
             self.plain_steps += 1
             if not self.judges_unsent and self.plain_steps % self.probe_every == 0:
-                return min(2, self.max_tau)
-            return 0
+                return min(2, self.max_tau), speedup
+            return 0, speedup
         if self.cost.baseline_stale():
-            return 0  # a plain step, to measure T(1) (``CostModel.baseline_stale``)
-        return self.max_tau if self.dynamic else tau
+            return 0, speedup  # a plain step, to measure T(1) (``CostModel.baseline_stale``)
+        return (self.max_tau if self.dynamic else tau), speedup
 
-    def path_floor(self) -> float:
+    def path_floor(self, speedup: float) -> float:
         """Break-even for one more drafted token: it adds (chance the block so far and it are all
         accepted) tokens for the time of drafting it plus its share of the verification pass, which
         pays while that chance exceeds the current rate (tokens per second) times that time."""
@@ -226,7 +227,7 @@ class CostPolicy(Policy):
             return 0.0
         t1 = self.cost.target(1)
         slope = max(0.0, (self.cost.target(self.max_tau + 1) - t1) / max(1, self.max_tau))
-        return self.calibration.threshold(max(1.0, self.last_prediction) * (self.cost.draft() + slope) / t1)
+        return self.calibration.threshold(max(1.0, speedup) * (self.cost.draft() + slope) / t1)
 
     def tree_size(self, scores: list[float]) -> int:
         """The number of candidates, best first, with the most expected tokens per second of

@@ -77,6 +77,37 @@ def position_noise(seed: int, position: int, vocab: int) -> torch.Tensor:
     return -torch.log(-torch.log(uniform))
 
 
+class PositionNoise:
+    """A seeded request's noise by output position (``position_noise``), each row drawn once: the
+    verifier reads the rows of the positions a block settles, and a sampling drafter the rows of
+    the positions it drafts for (``DraftPlan.noise``)."""
+
+    def __init__(self, seed: int, vocab: int):
+        self.seed, self.vocab = seed, vocab
+        self._rows: dict[int, torch.Tensor] = {}
+
+    def row(self, position: int) -> torch.Tensor:
+        """``[vocab]``: output position ``position``'s noise."""
+        if position not in self._rows:
+            self._rows[position] = position_noise(self.seed, position, self.vocab)
+        return self._rows[position]
+
+    def rows(self, start: int, n: int) -> torch.Tensor:
+        """``[n, vocab]``: positions ``start .. start + n - 1``; rows before ``start`` are settled and
+        are dropped."""
+        for settled in [p for p in self._rows if p < start]:
+            del self._rows[settled]
+        return torch.stack([self.row(start + i) for i in range(n)])
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None, noise: torch.Tensor | None = None) -> int:
+    """One token id from ``probs`` ``[vocab]``: its Gumbel-max under ``noise`` (standard Gumbel over
+    the same entries) when given, else a draw from ``generator``."""
+    if noise is None:
+        return sample(probs, generator)
+    return int(gumbel_argmax(probs, noise))
+
+
 def gumbel_argmax(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """The Gumbel-max trick: ``argmax(log probs + noise)`` over the last axis is an exact sample of
     ``probs`` when ``noise`` is standard Gumbel (and the argmax itself when ``probs`` is one-hot)."""

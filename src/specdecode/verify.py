@@ -18,6 +18,11 @@ accept drafted token x at position i with probability ``min(1, target_probs[i, x
 This makes every emitted token an exact sample of the target's distribution. Greedy decoding is the
 special case where both distributions are one-hot (see ``sampling.logits_to_probs``): then the test
 accepts exactly when the drafted token is the target's argmax.
+
+Both decoding loops settle by the coupled rule below (``verify_tree_coupled``, through
+``step.settle``): it emits what plain decoding with the request's seed emits, so a seeded request's
+tokens do not depend on its drafts or its batch. ``verify`` and ``verify_tree`` are the standard
+rules, kept as the reference the coupled one is measured against (``scripts/coupled_acceptance.py``).
 """
 
 from __future__ import annotations

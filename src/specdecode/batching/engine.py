@@ -18,18 +18,14 @@ One step:
 Determinism: greedy output is the target's argmax at every position, whatever the batch: on
 llama.cpp through the same kernels (``runners.llamacpp_batch``), so bit-identical to the request
 run alone; on torch the same function, up to the float rounding of products over more rows
-(``runners.torch_batch``), as between the single engine's 1-token and k-token passes. Sampled
-requests use the coupled rule (``verify.verify_tree_coupled``) with noise keyed by their seed and
-output position, so a seeded request gives the same tokens alone or in any batch, with any
-drafter and draft lengths: the target's token at a position is its Gumbel-max sample whatever was
-drafted, and drafts (chains, trees, sampled or not) only decide how many positions a pass settles.
-For one-hot drafts (n-gram lookup, trees) that costs no acceptance; a sampled chain of the head is
-accepted a token ``x`` with chance ``p(x)`` rather than ``min(1, p(x) / q(x))``.
+(``runners.torch_batch``), as between the single engine's 1-token and k-token passes. Every
+request is verified by the rule the single engine uses (``step.settle``), with noise keyed by its
+seed and output position, so a seeded request gives the same tokens from ``generate`` and from a
+batch of any size, with any drafter and draft lengths.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from itertools import count
@@ -42,17 +38,16 @@ from ..config import (
     MAX_BLOCK,
     ConfigError,
     GenerationConfig,
+    check_batching,
 )
 from ..drafters.base import Draft, Drafter, DraftPlan
-from ..engine import StreamEvent, check_room
+from ..engine import StreamEvent
 from ..policy import Calibration, PositionAcceptance, judge_unsent
-from ..runners.base import Block, common_prefix
-from ..runners.llamacpp_batch import LlamaCppBatchRunner
-from ..runners.torch_batch import TorchBatchRunner
-from ..sampling import logits_to_probs, position_noise, token_logprobs
-from ..stats import RunStats, StepRecord
+from ..runners.base import Batchable, BatchRunner, Block, TreeBatchRunner, common_prefix
+from ..sampling import PositionNoise
+from ..stats import RunStats
+from ..step import admit, draw_seed, emitted_logprobs, new_output, request_noise, settle, step_record, with_noise
 from ..text import Output
-from ..verify import verify_tree_coupled
 from .budget import PassCost, Request, allocate
 
 MAX_DRAFT = 7  # drafted tokens per request and step: a block of 8, where this CPU's passes stop paying
@@ -75,7 +70,8 @@ class Sequence:
     acceptance: PositionAcceptance
     prompt_tokens: int
     started: float
-    generator: torch.Generator  # what a sampling drafter draws from (the output does not depend on it)
+    generator: torch.Generator  # what a sampling drafter draws from without noise (the output does not depend on it)
+    noise: PositionNoise | None  # its noise by output position (``step.request_noise``); None: greedy
     read: int = 0  # prompt tokens in the slot's cache so far
     # a draft the budget did not send, checked against what the request then emits: (the context
     # length it was drafted at, its tokens)
@@ -89,9 +85,12 @@ class Sequence:
 class BatchEngine:
     """Requests in up to ``runner.slots`` slots of a batch runner; ``step`` advances all of them."""
 
-    def __init__(self, runner: LlamaCppBatchRunner | TorchBatchRunner, tokenizer, eos_ids: set[int], new_drafter,
-                 max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS, cost: PassCost | None = None):
+    def __init__(self, runner: BatchRunner, tokenizer, eos_ids: set[int], new_drafter,
+                 max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS, cost: PassCost | None = None,
+                 vocab_size: int | None = None):
+        """``vocab_size``: the logits' columns (None: the tokenizer's tokens)."""
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, eos_ids
+        self.vocab_size = vocab_size or len(tokenizer)
         self.new_drafter = new_drafter  # () -> a fresh drafter for one request
         if not runner.slots < max_step_tokens <= MAX_BLOCK:  # every running request's token, and a prompt's
             raise ConfigError("max_step_tokens", f"must be in [{runner.slots + 1}, {MAX_BLOCK}] with "
@@ -112,22 +111,13 @@ class BatchEngine:
     def for_decoder(cls, decoder, slots: int, slot_context: int | None = None,
                     max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS) -> "BatchEngine":
         """A batch engine over a loaded decoder's target, with a fresh copy of its drafter per
-        request (``Drafter.spawn``): a GGUF target on llama.cpp (chains: none or ngram), or a torch
-        target the lean runner computes (also the trained head and its trees)."""
-        from ..runners.lean import LeanRunner
-        from ..runners.llamacpp import LlamaCppModel
-
-        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
-            raise ConfigError("max_batch", f"must be an integer >= 1 (got {slots!r})")
-        context = slot_context or DEFAULT_SLOT_CONTEXT
-        if not isinstance(context, int) or context < 2:
-            raise ConfigError("slot_context", f"must be an integer >= 2 (got {slot_context!r})")
-        context = min(context, decoder.max_context)
-        if isinstance(decoder.model, LlamaCppModel):
-            runner = decoder.model.batch_runner(slots, context, decoder.vocab_size)
-        elif isinstance(decoder.target, LeanRunner):
-            runner = TorchBatchRunner(decoder.target.model, slots, context, decoder.vocab_size)
-            runner.capture_layers(decoder.target.feature_layers)  # what the decoder's drafter reads
+        request (``Drafter.spawn``), where its target runner can batch (``runners.base.Batchable``): a
+        GGUF target on llama.cpp or ik_llama.cpp (chains: none or ngram), or a torch target the
+        lean runner computes (also the trained head and its trees)."""
+        check_batching(slots, slot_context)
+        context = min(slot_context or DEFAULT_SLOT_CONTEXT, decoder.max_context)
+        if isinstance(decoder.target, Batchable):
+            runner = decoder.target.batch_runner(slots, context)
         else:
             raise ConfigError("max_batch", "batching several requests needs a GGUF target on llama.cpp or a "
                                            "Llama-family torch target on the lean runner; use --max-batch 1 here")
@@ -135,7 +125,8 @@ class BatchEngine:
         if template.spawn() is None:
             raise ConfigError("max_batch", f"batching several requests cannot give each its own copy of drafter "
                                            f"{template.name}; use --max-batch 1 for it")
-        return cls(runner, decoder.tokenizer, decoder.eos_ids, template.spawn, max_step_tokens)
+        return cls(runner, decoder.tokenizer, decoder.eos_ids, template.spawn, max_step_tokens,
+                   vocab_size=decoder.vocab_size)
 
     @property
     def free_slots(self) -> int:
@@ -151,26 +142,24 @@ class BatchEngine:
 
     def add(self, prompt_ids: list[int], config: GenerationConfig) -> Sequence:
         """Start a request in a free slot (ConfigError when it cannot run here)."""
-        config = config.validate()
+        config = admit(prompt_ids, config, self.max_context, "a slot's context")
         if config.policy not in BATCH_POLICIES:
             raise ConfigError("policy", f"the batched engine plans with {' or '.join(BATCH_POLICIES)} "
                                         f"(got {config.policy!r})")
-        if not prompt_ids:
-            raise ConfigError("prompt", "must not be empty")
-        check_room(len(prompt_ids), config, self.max_context, "a slot's context")
         if not self.free_slots:
             raise RuntimeError("no free slot")
         slot, reused = self._slot_for(prompt_ids)
         self.runner.truncate(slot, reused)
         drafter = self.new_drafter()
         drafter.attach(self.runner.slot_runner(slot))
-        seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little")
+        seed = draw_seed(config)
         seq = Sequence(next(self._ids), slot, config, list(prompt_ids), drafter,
-                       Output(self.tokenizer, self.eos_ids, config.stop, config.max_new_tokens, config.ignore_eos),
+                       new_output(self.tokenizer, self.eos_ids, config),
                        seed, RunStats(drafter=drafter.name, policy=f"batch-{config.policy}",
                                       prompt_tokens=len(prompt_ids)),
                        PositionAcceptance(MAX_DRAFT), len(prompt_ids), time.perf_counter(),
-                       torch.Generator().manual_seed(seed), read=reused)
+                       torch.Generator().manual_seed(seed), request_noise(config, seed, self.vocab_size),
+                       read=reused)
         self.running[slot] = seq
         return seq
 
@@ -214,6 +203,12 @@ class BatchEngine:
                 room -= fixed[s.slot] - 1
         chunks = self._prompt_chunks([s for s in seqs if s.reading_prompt], room)
         lengths = self._block_lengths(decoding, drafts, chunks, fixed)
+        for s in decoding:
+            if (s.slot not in fixed and lengths[s.slot] == 1 and len(drafts[s.slot]) and drafts[s.slot].parents is None
+                    and s.unsent is None):
+                # its acceptance estimate only moves when its drafts are judged: judge this one by
+                # the tokens the request emits next, at no cost to the pass
+                s.unsent = (len(s.context), drafts[s.slot].tokens)
         sent = {s.slot: drafts[s.slot].prune(lengths[s.slot] - 1) for s in decoding}
         blocks = [Block(s.slot, [s.context[-1]] + sent[s.slot].tokens, lengths[s.slot],
                         None if sent[s.slot].parents is None else [-1] + [p + 1 for p in sent[s.slot].parents])
@@ -257,7 +252,8 @@ class BatchEngine:
     def _draft(self, s: Sequence, room: int) -> Draft:
         if room <= 0:
             return Draft([])
-        return s.drafter.propose(s.context, DraftPlan(room), s.config, s.generator)
+        plan = with_noise(DraftPlan(room), s.noise, len(s.output.tokens))
+        return s.drafter.propose(s.context, plan, s.config, s.generator)
 
     def _survival(self, s: Sequence, draft: Draft) -> list[float]:
         """The budget's chance for each drafted token, best first: by the drafter's path probability
@@ -299,11 +295,6 @@ class BatchEngine:
         requests = [Request(s.slot, self._survival(s, drafts[s.slot])) for s in budgeted]
         other = {**{s.slot: n for s, (n, _) in chunks.items()}, **fixed}
         lengths = allocate(requests, other, self.cost, self.max_step_tokens, self.runner.pass_shape)
-        for s in budgeted:
-            if lengths[s.slot] == 1 and len(drafts[s.slot]) and drafts[s.slot].parents is None and s.unsent is None:
-                # its acceptance estimate only moves when its drafts are judged: judge this one by
-                # the tokens the request emits next, at no cost to the pass
-                s.unsent = (len(s.context), drafts[s.slot].tokens)
         return {**lengths, **fixed}
 
     def _judge_unsent(self, s: Sequence) -> None:
@@ -318,33 +309,27 @@ class BatchEngine:
         """Verify one request's rows, cut its slot back, emit its new tokens."""
         t2 = time.perf_counter()
         config = s.config
-        target_probs = logits_to_probs(logits, config.temperature, config.top_k, config.top_p)  # [tau+1, V]
-        depth = draft.depth()
-        noise = None
-        if not config.greedy:
-            at = len(s.output.tokens)
-            noise = torch.stack([position_noise(s.seed, at + i, target_probs.shape[-1]) for i in range(depth + 1)])
-        parents = list(range(-1, len(draft) - 1)) if draft.parents is None else draft.parents
-        branch, verdict = verify_tree_coupled(draft.tokens, parents, target_probs, noise)
-        rows = [0] + [i + 1 for i in branch]  # the logits row each emitted token came from
+        settled = settle(draft, logits, config, s.noise, len(s.output.tokens))
+        verdict = settled.verdict
         if draft.parents is None:  # the slot holds context[:-1] + [pending] + drafted: keep the accepted ones
             self.runner.truncate(s.slot, len(s.context) + verdict.num_accepted)
-        else:  # ... + [pending] + the tree: keep the accepted branch
-            self.runner.keep_branch(s.slot, len(s.context) - 1, rows)
+        elif isinstance(self.runner, TreeBatchRunner):  # ... + [pending] + the tree: keep the accepted branch
+            self.runner.keep_branch(s.slot, len(s.context) - 1, settled.rows)
+        else:
+            raise RuntimeError(f"{type(self.runner).__name__} cannot keep a branch of a tree")
         s.drafter.observe(draft, verdict.num_accepted)
         if len(draft):
-            s.acceptance.observe(depth, verdict.num_accepted)
+            s.acceptance.observe(draft.depth(), verdict.num_accepted)
         if draft.confidence:
-            kept = set(branch)
+            kept = set(settled.branch)
             self.calibration.observe(draft.path_scores(), [i in kept for i in range(len(draft))])
         new, text = s.output.add(verdict.tokens)
         s.context.extend(new)
         if s.unsent is not None:
             self._judge_unsent(s)
-        logprobs = [] if config.logprobs is None else token_logprobs(logits[rows[: len(new)]], new, config.logprobs)
-        rec = StepRecord(s.stats.steps, min(config.draft_len, MAX_DRAFT), len(draft), verdict.num_accepted, len(new),
-                         draft_s, pass_s, time.perf_counter() - t2, target_tokens,
-                         None if draft.parents is None else depth)
+        logprobs = emitted_logprobs(logits, settled, new, config)
+        rec = step_record(s.stats.steps, min(config.draft_len, MAX_DRAFT), draft, settled, len(new), draft_s, pass_s,
+                          time.perf_counter() - t2, target_tokens)
         s.stats.add(rec)
         finish = s.output.finish
         if finish is not None:

@@ -30,6 +30,13 @@ class DraftPlan:
     path_floor: float = 0.0
     # how many of a tree's candidates to send to verification, given their path probabilities best first
     tree_size: Callable[[list[float]], int] = verify_all
+    # sampling only: drafted token i -> the Gumbel noise ``[vocab]`` of its output position, the
+    # noise the target's own token there is drawn with (``verify.verify_tree_coupled``). A sampling
+    # drafter draws its token i as that noise's Gumbel-max of its own distribution
+    # (``sampling.draw``), so where its distribution is close to the target's it proposes the very
+    # token the target will draw (drafter-invariant speculative decoding, Daliri et al. 2024).
+    # None: draw from the generator
+    noise: Callable[[int], torch.Tensor] | None = None
 
 
 @dataclass
@@ -112,8 +119,8 @@ class Drafter:
     def propose(self, context: list[int], plan: DraftPlan, config: GenerationConfig,
                 generator: torch.Generator) -> Draft:
         """Draft after ``context`` (token ids, the last one pending: emitted, not yet scored by the
-        target) within ``plan``; sampled drafts draw from ``generator`` and carry the distribution
-        each token was drawn from."""
+        target) within ``plan``; sampled drafts draw with ``plan.noise`` where it is given, else
+        from ``generator``, and carry the distribution each token was drawn from."""
         raise NotImplementedError
 
     def observe(self, draft: Draft, num_accepted: int) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from ..config import ConfigError, GenerationConfig
 from ..runners import FeatureRunner, common_prefix
-from ..sampling import logits_to_probs, sample
+from ..sampling import draw, logits_to_probs
 from .base import Draft, Drafter, DraftPlan
 from .head import FeatureHead, TargetParts
 
@@ -76,7 +76,7 @@ class FeatureDrafter(Drafter):
             logits = self.parts.logits(g[0]).float().cpu()  # [V']; sampling and the engine's arithmetic run on the CPU
             dist = logits_to_probs(logits, config.temperature, config.top_k, config.top_p)
             top = float(torch.softmax(logits, -1).max()) if config.greedy else float(dist.max())
-            pick = int(dist.argmax()) if config.greedy else sample(dist, generator)
+            pick = int(dist.argmax()) if config.greedy else draw(dist, generator, plan.noise and plan.noise(i)[ids])
             tokens.append(int(ids[pick]))
             confidence.append(top)
             if not config.greedy:

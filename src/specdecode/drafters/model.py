@@ -11,7 +11,7 @@ import torch
 
 from ..config import ConfigError
 from ..runners import make_runner
-from ..sampling import logits_to_probs, sample
+from ..sampling import draw, logits_to_probs
 from .base import Draft, Drafter
 
 
@@ -51,7 +51,7 @@ class ModelDrafter(Drafter):
         path = 1.0
         for i in range(max_tokens):
             dist = logits_to_probs(logits, config.temperature, config.top_k, config.top_p)  # [vocab]
-            token = int(dist.argmax()) if config.greedy else sample(dist, generator)
+            token = int(dist.argmax()) if config.greedy else draw(dist, generator, plan.noise and plan.noise(i))
             if config.greedy:
                 top = float(torch.softmax(logits, dim=-1).max())
             else:

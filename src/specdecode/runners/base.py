@@ -5,12 +5,14 @@ tokens appends to the cache; cutting back after a rejection is ``truncate``, wit
 ``sync`` keeps the longest common prefix of the cache and a new context, so a drafter or a second
 request that shares a prompt prefix pays only for the new suffix.
 
-Two optional capabilities are protocols of their own, which a runner declares by subclassing them
-and a drafter asks for with ``isinstance``:
+Optional capabilities are protocols of their own, which a runner declares by subclassing them
+and a drafter or the engine asks for with ``isinstance``:
 
 * ``TreeRunner``: score a token tree in one pass and keep one branch (tree verification);
 * ``FeatureRunner``: keep the outputs of chosen decoder layers at every cached position (what a
-  trained draft head reads).
+  trained draft head reads);
+* ``Batchable``: run the same model as a ``BatchRunner``, many sequences in one pass (continuous
+  batching), whose tree blocks are the ``TreeBatchRunner`` capability.
 
 A new backend is a new module beside ``hf.py`` and ``lean.py`` whose runner subclasses ``Runner``
 (and the capabilities it has), and one more branch in ``runners.make_runner``.
@@ -94,6 +96,60 @@ class TreeRunner(Protocol):
     def keep_branch(self, start: int, nodes: list[int]) -> None:
         """After ``forward_tree`` at cache length ``start``: keep the nodes ``nodes`` (block
         indices of one branch, root first) as the sequence continuing the cache, drop the rest."""
+        ...
+
+
+@runtime_checkable
+class BatchRunner(Protocol):
+    """Several sequences (slots) of one model, each with its own KV cache, scored together in one
+    pass: what continuous batching runs on (``batching.BatchEngine``). A slot's logits must not
+    depend on what else shares its pass (each implementation says how far it holds that)."""
+
+    slots: int  # sequences it holds
+    capacity: int  # tokens one slot may hold
+    cached: list[list[int]]  # per slot, the token ids its cache holds, in order
+
+    def forward(self, blocks: list[Block]) -> dict[int, torch.Tensor]:
+        """One pass over every block (at most one per slot); slot -> float32 CPU logits
+        ``[num_logits, vocab]`` for its block's last tokens (a tree: every node)."""
+        ...
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Cut slot ``slot``'s cache back to its first ``length`` tokens."""
+        ...
+
+    def clear(self, slot: int) -> None:
+        """Empty slot ``slot``'s cache."""
+        ...
+
+    def pass_shape(self, blocks: dict[int, int]) -> tuple[int, int]:
+        """How many micro-batches a pass of these blocks (slot -> tokens) runs as, and how many of
+        them hold one token (``batching.budget.PassCost`` prices those apart)."""
+        ...
+
+    def slot_runner(self, slot: int) -> Runner | None:
+        """Slot ``slot`` as a ``Runner`` of its own, for a drafter that reads the target (features);
+        None where a slot is not one."""
+        ...
+
+
+@runtime_checkable
+class TreeBatchRunner(Protocol):
+    """A batch runner whose blocks may be token trees (``Block.parents``)."""
+
+    def keep_branch(self, slot: int, start: int, nodes: list[int]) -> None:
+        """After a tree block at cache length ``start``: keep the nodes ``nodes`` (block indices of
+        one branch, root first) as the slot's continuation, drop the rest."""
+        ...
+
+
+@runtime_checkable
+class Batchable(Protocol):
+    """A runner whose model can also run as a ``BatchRunner`` (the batch engine's target)."""
+
+    def batch_runner(self, slots: int, slot_context: int) -> BatchRunner:
+        """``slots`` sequences of up to ``slot_context`` tokens each over this runner's model, with
+        its vocabulary cut and the features it captures."""
         ...
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..config import MAX_BLOCK, ConfigError
-from .base import Block
+from .base import BatchRunner, Block
 from .ik_api import IkUnavailable, load, probe
 from .llamacpp import LlamaCppModel, LlamaCppRunner, check_threads, default_threads
 
@@ -94,7 +94,7 @@ class IkModel(LlamaCppModel):
         self.lib.llama_free_model(self.model)
 
 
-class IkBatchRunner:
+class IkBatchRunner(BatchRunner):
     """``slots`` sequences of up to ``slot_context`` tokens each, a context of its own per slot,
     behind the batch runner methods of ``LlamaCppBatchRunner``; a pass is one llama_decode call
     per slot with tokens in it.

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from .base import FeatureRunner, Runner, TreeRunner
+from .base import Batchable, FeatureRunner, Runner, TreeRunner
 from .llama import LeanLlama, Segment
 from .tree import TreeLayout
 
 INITIAL_CAPACITY = 256  # cache slots allocated up front; doubled (up to the model's positions) as needed
 
 
-class LeanRunner(Runner, TreeRunner, FeatureRunner):
+class LeanRunner(Runner, TreeRunner, FeatureRunner, Batchable):
     def __init__(self, model: LeanLlama, vocab_size: int | None = None, capacity: int = INITIAL_CAPACITY):
         self.model = model
         self.vocab_size = vocab_size
@@ -35,6 +35,14 @@ class LeanRunner(Runner, TreeRunner, FeatureRunner):
         self.feature_layers = layers
         self._features = self._features.new_empty(self._features.shape[0], len(layers) * self.model.hidden)
         self.reset()
+
+    def batch_runner(self, slots: int, slot_context: int):
+        """Slots of this runner's model that capture the same features (``torch_batch``)."""
+        from .torch_batch import TorchBatchRunner
+
+        runner = TorchBatchRunner(self.model, slots, slot_context, self.vocab_size)
+        runner.capture_layers(self.feature_layers)
+        return runner
 
     def reset(self) -> None:
         self.cached = []

@@ -106,7 +106,9 @@ class LeanLlama:
         self.device = self.embed.device
         self.cos, self.sin = cos.to(self.device, self.embed.dtype), sin.to(self.device, self.embed.dtype)
         if tune and self.device.type == "cpu":  # on a GPU: one layout, nothing to choose
-            tune_layouts(self, tuning_cache)
+            layouts = tune_layouts(self, tuning_cache)
+            self.use_wt[:] = layouts.use_wt  # in place: the list every product reads
+            self.pad_to = layouts.pad_to
 
     def linears(self):
         for _, qkv, o, _, gate_up, down in self.layers:

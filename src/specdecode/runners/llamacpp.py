@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..config import MAX_BLOCK, ConfigError
-from .base import Runner
+from .base import Batchable, Runner
 
 FALLBACK_CONTEXT = 4096  # KV cache cells per context for a file that does not say its trained context
 KEY_TYPE = "GGML_TYPE_Q8_0"  # the cached keys' type: one attention path for every pass (module docstring)
@@ -242,13 +242,17 @@ class LlamaCppContext:
             self.ctx = None
 
 
-class LlamaCppRunner(LlamaCppContext, Runner):
+class LlamaCppRunner(LlamaCppContext, Runner, Batchable):
     """One llama.cpp context and the token ids its KV cache holds."""
 
     def __init__(self, model: LlamaCppModel, vocab_size: int | None = None, capacity: int | None = None):
         self.capacity = capacity or model.config.max_position_embeddings
         super().__init__(model, self.capacity, vocab_size=vocab_size)
         self.cached: list[int] = []
+
+    def batch_runner(self, slots: int, slot_context: int):
+        """Slots over this runner's model, as its backend batches them (``LlamaCppModel.batch_runner``)."""
+        return self.model.batch_runner(slots, slot_context, self.vocab_size)
 
     def reset(self) -> None:
         self.model.kv_clear(self.ctx)

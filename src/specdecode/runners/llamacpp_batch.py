@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Block
+from .base import BatchRunner, Block
 from .llamacpp import MAX_BLOCK, LlamaCppContext, LlamaCppModel
 
 
@@ -46,7 +46,7 @@ def pass_shape(blocks: dict[int, int]) -> tuple[int, int]:
     return len(sizes), sizes.count(1)
 
 
-class LlamaCppBatchRunner(LlamaCppContext):
+class LlamaCppBatchRunner(LlamaCppContext, BatchRunner):
     """``slots`` sequences of up to ``slot_context`` tokens each, and the token ids each holds."""
 
     def __init__(self, model: LlamaCppModel, slots: int, slot_context: int, vocab_size: int | None = None):

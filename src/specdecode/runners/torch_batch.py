@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import Block, one_batch
+from .base import BatchRunner, Block, TreeBatchRunner, one_batch
 from .lean import LeanRunner
 from .llama import LeanLlama
 from .tree import TreeLayout
 
 
-class TorchBatchRunner:
+class TorchBatchRunner(BatchRunner, TreeBatchRunner):
     """``slots`` sequences of up to ``slot_context`` tokens each over one ``LeanLlama``."""
 
     def __init__(self, model: LeanLlama, slots: int, slot_context: int, vocab_size: int | None = None):

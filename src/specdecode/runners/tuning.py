@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,9 +27,17 @@ MAX_TUNED = 16  # block sizes up to this get their own layout choice; larger one
 PAD_MARGIN = 0.95  # pad to a larger block only when its pass was measured at least 5% cheaper
 
 
-def tune_layouts(model: LeanLlama, cache_file: Path | None = None) -> None:
-    """Set ``model.use_wt`` (per block size: ``x @ w.T`` by the stored transpose, else
-    ``(w @ x.T).T``) and ``model.pad_to`` (``pad_sizes``) from timed passes, cached in ``cache_file``."""
+@dataclass(frozen=True)
+class Layouts:
+    """What tuning chose for a model on this machine, by block size."""
+
+    use_wt: list[bool]  # ``x @ w.T`` by the stored transpose, else ``(w @ x.T).T``
+    pad_to: list[int]  # the block size a block is run as (``pad_sizes``)
+
+
+def tune_layouts(model: LeanLlama, cache_file: Path | None = None) -> Layouts:
+    """The model's ``Layouts`` from timed passes (which try each layout on it), cached in
+    ``cache_file``; the model applies them."""
     shapes = sorted({tuple(lin.w.shape) for lin in model.linears()})
     key = (f"pass|{platform.processor() or platform.machine()}|{_cpu_name()}|torch{torch.__version__}|"
            f"threads{torch.get_num_threads()}|{len(model.layers)} layers|{shapes}|{model.embed.dtype}")
@@ -42,8 +51,7 @@ def tune_layouts(model: LeanLlama, cache_file: Path | None = None) -> None:
         table[key] = _time_layouts(model)
         if cache_file is not None:
             _write_atomically(cache_file, json.dumps(table))
-    model.use_wt[:] = table[key]["use_wt"]  # in place: the list every product reads
-    model.pad_to = pad_sizes(table[key]["ms"])
+    return Layouts(list(table[key]["use_wt"]), pad_sizes(table[key]["ms"]))
 
 
 def pad_sizes(ms: list[float], margin: float = PAD_MARGIN) -> list[int]:

@@ -15,9 +15,11 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ..config import DEFAULT_QUEUE_TIMEOUT_S, DEFAULT_SHUTDOWN_GRACE_S, GenerationConfig, SpecDecodeError
-from ..engine import SpeculativeDecoder, check_room
+from ..engine import SpeculativeDecoder
+from ..step import admit
 from .metrics import Metrics
 from .requests import RequestError
 
@@ -39,7 +41,27 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
-class SerialEngine:
+class ServingEngine(Protocol):
+    """What the worker drives: requests added into free slots, stepped together, cancelled."""
+
+    max_context: int  # tokens (prompt + output) one request may hold
+    running: dict  # slot -> the running request's handle
+
+    @property
+    def free_slots(self) -> int: ...
+
+    def add(self, prompt_ids: list[int], config: GenerationConfig):
+        """Start a request in a free slot; its handle (ConfigError when it cannot run here)."""
+        ...
+
+    def cancel(self, handle) -> None: ...
+
+    def step(self) -> list[tuple[object, object]]:
+        """Advance every running request; (handle, ``engine.StreamEvent``) for each that moved."""
+        ...
+
+
+class SerialEngine(ServingEngine):
     """One generation at a time (the decoder's caches are shared state), a step per event."""
 
     def __init__(self, decoder: SpeculativeDecoder):
@@ -52,7 +74,7 @@ class SerialEngine:
         return 0 if self.running else 1
 
     def add(self, prompt_ids: list[int], config: GenerationConfig):
-        check_room(len(prompt_ids), config.validate(), self.max_context, "the model's context")
+        admit(prompt_ids, config, self.max_context, "the model's context")
         handle = self.decoder.stream(prompt_ids, config)
         self.running[0] = handle
         return handle
@@ -73,7 +95,8 @@ class SerialEngine:
 class Worker:
     """Runs the engine on a thread; admits queued jobs into free slots between steps."""
 
-    def __init__(self, engine, metrics: Metrics, max_queue: int, queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_S):
+    def __init__(self, engine: ServingEngine, metrics: Metrics, max_queue: int,
+                 queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_S):
         self.engine, self.metrics = engine, metrics
         self.max_queue, self.queue_timeout = max_queue, queue_timeout
         self.queue: deque[Job] = deque()

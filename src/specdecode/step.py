@@ -1,0 +1,100 @@
+"""One request's side of a decoding step, written once for both loops (``engine``: one request at a
+time; ``batching.engine``: many in one pass): its seed and output, the acceptance rule applied to
+its scored block, and the step's record.
+
+The rule is the coupled one (``verify.verify_tree_coupled``) for every request, greedy or sampled,
+chain or tree: the target's token at each output position is its Gumbel-max sample under noise
+keyed by the request's seed and that position (``sampling.PositionNoise``), and a drafted token is
+accepted exactly when it is that token. Every emitted token is therefore the token plain decoding
+with the same seed emits, whatever was drafted, however long the blocks and whatever shared the
+pass: a seeded request gives the same text from ``generate``, ``serve`` alone and ``serve`` in any
+batch. Under greedy decoding it is the argmax rule. For one-hot drafts (n-gram lookup, trees) it
+accepts a token x with chance ``target(x)``, as the standard rule does; a sampled chain accepts x
+with chance ``target(x)`` where the standard rule's is ``min(1, target(x) / draft(x))``, unless the
+drafter draws with the same noise (``DraftPlan.noise``), which it does here: then it proposes the
+target's own token wherever the two distributions agree.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+from .config import ConfigError, GenerationConfig
+from .drafters.base import Draft, DraftPlan
+from .sampling import PositionNoise, TokenLogprob, logits_to_probs, token_logprobs
+from .stats import StepRecord
+from .text import Output
+from .verify import Verdict, verify_tree_coupled
+
+
+def admit(prompt_ids: list[int], config: GenerationConfig, limit: int, holder: str) -> GenerationConfig:
+    """The request's config, validated; ConfigError naming the parameter where it is out of range,
+    the prompt is empty, or the prompt and all the output do not fit in the ``limit`` tokens of
+    ``holder`` (0: no limit)."""
+    config = config.validate()
+    if not prompt_ids:
+        raise ConfigError("prompt", "must not be empty")
+    if limit and len(prompt_ids) + config.max_new_tokens > limit:
+        raise ConfigError("max_new_tokens", f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens "
+                                            f"({config.max_new_tokens}) exceeds {holder} of {limit} tokens")
+    return config
+
+
+def draw_seed(config: GenerationConfig) -> int:
+    """The request's seed: the configured one, else a fresh one (reported back, to reproduce it)."""
+    return config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little")
+
+
+def new_output(tokenizer, eos_ids: set[int], config: GenerationConfig) -> Output:
+    return Output(tokenizer, eos_ids, config.stop, config.max_new_tokens, config.ignore_eos)
+
+
+def request_noise(config: GenerationConfig, seed: int, vocab: int) -> PositionNoise | None:
+    """A sampled request's noise by output position; None under greedy decoding (no noise)."""
+    return None if config.greedy else PositionNoise(seed, vocab)
+
+
+def with_noise(plan: DraftPlan, noise: PositionNoise | None, at: int) -> DraftPlan:
+    """``plan`` with the noise of the output positions its drafted tokens would take (``at``: the
+    position of the first), for a sampling drafter to draw with (``DraftPlan.noise``)."""
+    if noise is None:
+        return plan
+    return replace(plan, noise=lambda i: noise.row(at + i))
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A scored block after the acceptance rule."""
+
+    verdict: Verdict  # accepted drafted tokens, then the target's recovered or bonus token
+    branch: list[int]  # the drafted indices accepted, root first (a chain: 0 .. accepted - 1)
+    rows: list[int]  # the logits row each emitted token came from: 0, then each accepted index + 1
+
+
+def settle(draft: Draft, logits: torch.Tensor, config: GenerationConfig, noise: PositionNoise | None,
+           at: int) -> Settled:
+    """Apply the coupled rule to one request's scored block. logits: ``[len(draft) + 1, vocab]``,
+    row 0 at the pending token, row i + 1 at drafted token i; ``at``: the output position the
+    pending token's row decides."""
+    target_probs = logits_to_probs(logits, config.temperature, config.top_k, config.top_p)  # [len(draft) + 1, V]
+    parents = list(range(-1, len(draft) - 1)) if draft.parents is None else draft.parents
+    rows_noise = None if noise is None else noise.rows(at, draft.depth() + 1)  # [depth + 1, V]
+    branch, verdict = verify_tree_coupled(draft.tokens, parents, target_probs, rows_noise)
+    return Settled(verdict, branch, [0] + [i + 1 for i in branch])
+
+
+def emitted_logprobs(logits: torch.Tensor, settled: Settled, new: list[int],
+                     config: GenerationConfig) -> list[TokenLogprob]:
+    """The log-probabilities of the tokens a step kept (``new``), when the request asks for them."""
+    if config.logprobs is None:
+        return []
+    return token_logprobs(logits[settled.rows[: len(new)]], new, config.logprobs)
+
+
+def step_record(step: int, allowed: int, draft: Draft, settled: Settled, emitted: int, draft_s: float,
+                verify_s: float, overhead_s: float, target_tokens: int) -> StepRecord:
+    return StepRecord(step, allowed, len(draft), settled.verdict.num_accepted, emitted, draft_s, verify_s,
+                      overhead_s, target_tokens, None if draft.parents is None else draft.depth())
