@@ -5,6 +5,7 @@ wheel), loaded once per session for the tests that are about it."""
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -134,3 +135,14 @@ def random_head_drafter(model, seed=3, layers=None):
         if head.fuse is not None:
             head.fuse.weight.normal_(0, 0.05)
     return FeatureDrafter(head, TargetParts(model, torch.arange(model.config.vocab_size)), model.config.vocab_size)
+
+
+def until(condition, what: str, polls: int = 1200) -> None:
+    """Wait until ``condition`` (a reading of what a server exposes: a gauge, a counter) holds.
+    The bound (two minutes of polls) only keeps a broken server from hanging the suite; what a test
+    asserts is the condition, never how long it took."""
+    for _ in range(polls):
+        if condition():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"never happened: {what}")

@@ -33,6 +33,7 @@ APP_NAME = "specdecode"  # the Serve application
 DEPLOYMENT = "specdecode"  # its one deployment; a replica's actor is SERVE_REPLICA::APP#DEPLOYMENT#<id>
 BOARD_NAMESPACE = "specdecode"
 METRICS_PUSH_S = 1.0  # how often a replica sends its metrics to the board
+SNAPSHOT_METRIC = "specdecode:metrics_snapshot_time_seconds"  # when a replica read what it pushed
 METRICS_STALE_S = 5.0  # a replica silent for this long (gone) leaves /metrics
 HEALTH_CHECK_PERIOD_S = 2.0  # Serve asks each replica this often; a dead one is replaced
 HEALTH_CHECK_TIMEOUT_S = 10.0
@@ -201,6 +202,12 @@ class Replica:
         self.server = Server(spec.load, model_name, replica=self.name, **server_options)
         self.server.load()
         self.board = _board(context.app_name)
+        from prometheus_client import Gauge
+
+        # when the families a push carries were read (Unix time): a reader of the board can wait for
+        # every replica's snapshot taken after some moment instead of for push periods
+        self.snapshot_time = Gauge(SNAPSHOT_METRIC, "When this replica read the metrics it last pushed (Unix time)",
+                                   registry=self.server.metrics.registry)
         threading.Thread(target=self._push_metrics, name="specdecode-metrics", daemon=True).start()
 
     def __serve_build_asgi_app__(self):
@@ -213,6 +220,7 @@ class Replica:
             raise RuntimeError("the engine's worker thread has stopped")
 
     def _families(self) -> list:
+        self.snapshot_time.set(time.time())
         return list(self.server.metrics.registry.collect())
 
     def _push_metrics(self) -> None:
