@@ -137,6 +137,15 @@ def random_head_drafter(model, seed=3, layers=None):
     return FeatureDrafter(head, TargetParts(model, torch.arange(model.config.vocab_size)), model.config.vocab_size)
 
 
+def assert_drawn(png) -> None:
+    """``png`` is a picture with something drawn on it: a decodable image, not one flat colour."""
+    import matplotlib.image
+
+    image = matplotlib.image.imread(png)  # [height, width, channels]
+    assert image.ndim == 3 and min(image.shape[:2]) >= 100, image.shape
+    assert float(image.std()) > 0.01, "a blank picture"
+
+
 def until(condition, what: str, polls: int = 1200) -> None:
     """Wait until ``condition`` (a reading of what a server exposes: a gauge, a counter) holds.
     The bound (two minutes of polls) only keeps a broken server from hanging the suite; what a test
