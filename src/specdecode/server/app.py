@@ -38,6 +38,7 @@ from ..engine import SpeculativeDecoder
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .requests import ParsedRequest, RequestError, max_token_chars, parse_int, parse_request
+from .schema import chat_body, completion_body, openapi_body
 from .worker import Job, SerialEngine, Worker
 
 SPEC_STATS_KEY = "speculative_decoding"  # extension field on responses
@@ -454,11 +455,11 @@ def create_app(server: Server):
         finally:
             job.cancel.set()  # normal end, or the client disconnected and this generator was closed
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=openapi_body(completion_body()))
     async def completions(request: Request):
         return await handle(request, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openapi_body(chat_body()))
     async def chat_completions(request: Request):
         return await handle(request, chat=True)
 

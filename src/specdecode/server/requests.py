@@ -53,6 +53,8 @@ def _number(body: dict, name: str, default, low=None, high=None, low_open=False,
     value = body.get(name, default)
     if value is None:
         value = default
+    if integer and isinstance(value, float) and value.is_integer():
+        value = int(value)  # 8.0 is the integer 8 (JSON Schema's integer; pydantic's ints, as vLLM reads them)
     kind = "an integer" if integer else "a number"
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     ok = ok and not isinstance(value, bool)
@@ -278,6 +280,8 @@ def parse_request(body, chat: bool, decoder: SpeculativeDecoder, model_name: str
         spec = {}
     if not isinstance(spec, dict) or set(spec) - {"draft_len", "policy", "tree"}:
         raise RequestError(400, "'speculative' must be an object with draft_len, policy and/or tree", "speculative")
+    if "draft_len" in spec:
+        spec = {**spec, "draft_len": _number(spec, "draft_len", defaults.draft_len, low=0, integer=True)}
     try:
         config = GenerationConfig(
             max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
