@@ -37,8 +37,9 @@ scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.flo
 values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                       st.dictionaries(st.text(max_size=8), inner, max_size=4)),
                       max_leaves=12)
-messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", 3]),
-                                           "content": st.one_of(st.text(max_size=30), values)}), max_size=3)
+roles = st.one_of(st.sampled_from(["user", "system", "assistant", "tool", 3]), values)
+messages = st.lists(st.fixed_dictionaries({"role": roles, "content": st.one_of(st.text(max_size=30), values)}),
+                    max_size=3)
 
 
 def bodies(fields: set[str]):
@@ -72,3 +73,10 @@ def test_any_generated_body_is_a_request_or_a_400_naming_a_field(chat, fields):
 def test_a_well_formed_body_among_them_parses():
     parsed = _parse({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}, True)
     assert not isinstance(parsed, RequestError) and parsed.config.max_new_tokens == 3
+
+
+@pytest.mark.parametrize("role", [[], {}, ["user"]])
+def test_a_role_that_is_no_string_is_a_400_naming_messages(role):
+    """Found by the schema fuzz: a list as a role was looked up in a dict (TypeError, a 500)."""
+    error = _parse({"messages": [{"role": role, "content": "Hi"}]}, True)
+    assert isinstance(error, RequestError) and error.param == "messages"

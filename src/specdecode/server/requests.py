@@ -148,7 +148,7 @@ def _messages(body: dict) -> list[dict]:
         raise RequestError(400, "'messages' must be a non-empty list of {role, content}", "messages")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES:
             raise RequestError(400, f"messages[{i}] needs a role: system, developer, user or assistant", "messages")
         if m.get("tool_calls") or m.get("function_call"):
             raise RequestError(400, f"messages[{i}]: tool calls are not supported by this server", "messages")
