@@ -60,25 +60,19 @@ MAX_BATCH_LIMIT = 64  # slots per pass; every running request puts a token into 
 MIN_SLOT_CONTEXT = 16  # tokens a slot holds at least: a chat template's turn and a few tokens of answer
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_batching(max_batch, slot_context) -> None:
     """ConfigError naming the parameter unless ``max_batch`` (requests per pass) and ``slot_context``
     (tokens one request may hold; None: the default) are in range."""
-    if not (_is_int(max_batch) and 1 <= max_batch <= MAX_BATCH_LIMIT):
-        raise ConfigError("max_batch", f"must be an integer in [1, {MAX_BATCH_LIMIT}] (got {max_batch!r})")
-    if slot_context is not None and not (_is_int(slot_context) and slot_context >= MIN_SLOT_CONTEXT):
-        raise ConfigError("slot_context", f"must be an integer >= {MIN_SLOT_CONTEXT} (got {slot_context!r})")
+    _check_int("max_batch", max_batch, 1, MAX_BATCH_LIMIT)
+    if slot_context is not None:
+        _check_int("slot_context", slot_context, MIN_SLOT_CONTEXT)
 
 
 def check_serving(max_queue, max_batch, slot_context, **seconds) -> None:
     """ConfigError naming the parameter unless the server's limits are in range: ``max_queue``,
     ``max_batch`` (None: chosen by the target), ``slot_context`` and each of ``seconds`` (timeouts
     and grace periods, by name) a number > 0."""
-    if not (_is_int(max_queue) and 1 <= max_queue <= MAX_QUEUE_LIMIT):
-        raise ConfigError("max_queue", f"must be an integer in [1, {MAX_QUEUE_LIMIT}] (got {max_queue!r})")
+    _check_int("max_queue", max_queue, 1, MAX_QUEUE_LIMIT)
     check_batching(DEFAULT_MAX_BATCH if max_batch is None else max_batch, slot_context)
     for name, value in seconds.items():
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):

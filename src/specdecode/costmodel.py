@@ -34,8 +34,7 @@ class CostModel:
     target_s: dict[int, float] = field(default_factory=dict)  # n tokens -> seconds
     draft_token_s: float | None = None
     smoothing: float = 0.2
-    # A frozen model ignores observed timings. Seeded sampling plans with one, so that the draft
-    # lengths - and with them the random draws - do not depend on machine noise.
+    # A frozen model ignores observed timings: plans made with it do not depend on machine noise.
     frozen: bool = False
     # T(1), plain decoding's cost per token, is what every choice is weighed against. Unless it was
     # given, it is not known until a 1-token pass is observed, and inferring it from a larger pass

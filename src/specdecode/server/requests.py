@@ -281,7 +281,7 @@ def parse_request(body, chat: bool, decoder: SpeculativeDecoder, model_name: str
     if not isinstance(spec, dict) or set(spec) - {"draft_len", "policy", "tree"}:
         raise RequestError(400, "'speculative' must be an object with draft_len, policy and/or tree", "speculative")
     if "draft_len" in spec:
-        spec = {**spec, "draft_len": _number(spec, "draft_len", defaults.draft_len, low=0, integer=True)}
+        spec = {**spec, "draft_len": _number(spec, "draft_len", defaults.draft_len, integer=True)}  # range: config
     try:
         config = GenerationConfig(
             max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
