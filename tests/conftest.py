@@ -155,3 +155,29 @@ def until(condition, what: str, polls: int = 1200) -> None:
             return
         time.sleep(0.1)
     pytest.fail(f"never happened: {what}")
+
+
+def json_post_head(path: str, body: bytes) -> bytes:
+    """The request line and headers of an HTTP/1.1 POST of the JSON ``body`` to ``path``."""
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+
+
+def raw_request(base: str, data: bytes, timeout: float = 120):
+    """A socket that sent ``data`` to the server at ``base`` (nothing more). ``timeout`` bounds
+    each wait on the server."""
+    import socket
+
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    sock.sendall(data)
+    return sock
+
+
+def read_until_closed(sock) -> bytes:
+    """All the server sends on ``sock`` until it closes the connection (then ``sock`` is closed too)."""
+    data = b""
+    with sock:
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data

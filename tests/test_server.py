@@ -14,7 +14,7 @@ import pytest
 
 from specdecode.procs import free_port
 
-from conftest import until
+from conftest import json_post_head, raw_request, read_until_closed, until
 
 openai = pytest.importorskip("openai")
 
@@ -405,41 +405,20 @@ def test_every_vllm_series_carries_the_model_name(server, client):
     assert {sample.labels.get("model_name") for sample in samples} == {MODEL}
 
 
-def _raw_request(base: str, head: bytes, body: bytes = b""):
-    """A socket that sent ``head`` and ``body`` to the server (nothing more)."""
-    import socket
-
-    host, port = base.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=120)  # the bound of a wait on the server
-    sock.sendall(head + body)
-    return sock
-
-
-def _read_until_closed(sock) -> bytes:
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    return data
-
-
 def test_a_stalled_body_gets_408_and_its_socket_closed_while_others_are_served():
     proc, base, _ = _start(8, None, "--body-timeout", "1", "--keep-alive-timeout", "1")
     try:
         body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2}).encode()
-        head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
-        stalled = [_raw_request(base, head, body[:10]) for _ in range(20)]  # headers and part of the body
+        stalled = [raw_request(base, json_post_head("/v1/completions", body) + body[:10])
+                   for _ in range(20)]  # headers and part of the body
         assert httpx.post(base + "/v1/completions", content=body, headers={"content-type": "application/json"},
                           timeout=60).status_code == 200
         for sock in stalled:
-            answer = _read_until_closed(sock)  # the server answers, then closes the socket
-            sock.close()
+            answer = read_until_closed(sock)  # the server answers, then closes the socket
             assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
         assert _metric(base, "specdecode:request_failed_total", status="408") == 20
         # an idle kept-alive connection is closed too
-        idle = _raw_request(base, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        answer = _read_until_closed(idle)
-        idle.close()
+        answer = read_until_closed(raw_request(base, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"))
         assert answer.startswith(b"HTTP/1.1 200")
         assert _metric(base, "vllm:num_requests_running") == 0 and _metric(base, "vllm:num_requests_waiting") == 0
     finally:

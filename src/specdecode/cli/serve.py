@@ -46,7 +46,8 @@ def register(sub) -> None:
                    help="seconds after its headers within which a request body must have arrived; a slower one gets "
                         "408 and its connection is closed (default: %(default)s)")
     p.add_argument("--keep-alive-timeout", type=float, default=DEFAULT_KEEP_ALIVE_S,
-                   help="seconds an idle keep-alive connection stays open (default: %(default)s)")
+                   help="seconds an idle keep-alive connection stays open; under --ray rounded up to whole "
+                        "seconds, Serve's proxy takes no fraction (default: %(default)s)")
     p.add_argument("--shutdown-grace", type=float, default=DEFAULT_SHUTDOWN_GRACE_S,
                    help="seconds running requests may take to finish on shutdown (default: %(default)s)")
     ray = p.add_argument_group("Ray Serve (pip install specdecode[ray])")
@@ -103,7 +104,7 @@ def run(args) -> int:
     if ray_options is not None:
         from ..server.ray_serve import serve_forever
 
-        serve_forever(spec, name, options, ray_options, args.host, args.port)
+        serve_forever(spec, name, options, ray_options, args.host, args.port, keep_alive=args.keep_alive_timeout)
         return 0
     server = Server(spec.load, name, on_load_error=_exit_on_config_error, **options)
     print(f"specdecode: serving {name} (draft: {args.draft}) on http://{args.host}:{args.port}", flush=True)

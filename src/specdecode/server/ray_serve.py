@@ -4,11 +4,16 @@ Each replica loads its own decoder, engine and worker (``app.Server``), on ``thr
 threads and as many Ray CPUs, so replicas on one machine do not fight over cores. Ray Serve's
 proxy routes each request to the less busy of two replicas (power of two choices) and, between
 ``min_replicas`` and ``max_replicas``, adds or removes replicas to keep about ``max_batch``
-requests in flight on each. The router sends a replica no more requests than its batch holds
-(``max_ongoing_requests``); the others wait in the router, in one queue for all replicas (each goes
-to the first replica with a free slot), and past ``max_queue`` of them the router answers 429 with
-Retry-After. Serve cancels the request inside the replica
-when its client disconnects, which frees the slot as direct serving does.
+requests in flight on each. The proxy hands a request to a replica as soon as its headers have
+arrived, and the body follows from there; so a replica takes its batch and its queue
+(``max_ongoing_requests`` = ``max_batch + max_queue``), and requests wait in the replica's own
+queue, as direct serving does (``queue_timeout``, then 429). A client that stalls its body then
+holds a place in a queue, never a slot, and gets 408 after ``body_timeout`` as it would without
+Ray. The router (``ray_router``) sends each request to the less busy of two replicas drawn from
+all of them, wherever they run, and holds at most ``max_queue`` more, while every replica is full or none has started
+yet (autoscaling from zero), and past them answers 429 with Retry-After. Serve cancels the
+request inside the replica when its client disconnects, which frees the slot as direct serving
+does. Idle keep-alive connections are closed by the proxy after ``keep_alive`` seconds.
 
 /health and /metrics are answered by small deployments of their own (``Probe``), so that a
 probe never waits behind generations for a slot. Every replica pushes its metric samples each
@@ -19,13 +24,14 @@ after ``METRICS_STALE_S``.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
 import time
 from dataclasses import dataclass, replace
 
-from ..config import DEFAULT_SHUTDOWN_GRACE_S, SpecDecodeError
+from ..config import DEFAULT_KEEP_ALIVE_S, DEFAULT_SHUTDOWN_GRACE_S, SpecDecodeError
 from .app import ModelSpec, Server, create_app
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
@@ -39,6 +45,7 @@ HEALTH_CHECK_PERIOD_S = 2.0  # Serve asks each replica this often; a dead one is
 HEALTH_CHECK_TIMEOUT_S = 10.0
 PROBES = ("health", "metrics")  # paths answered beside the replicas, never queued behind generations
 RETRY_AFTER_S = 5  # what a client refused by the router is told (Serve's setting is one fixed number)
+ROUTER = "specdecode.server.ray_router.LeastLoadedOfTwo"  # the proxy's router: any node's replica
 LOCAL_IP = "127.0.0.1"  # a local Ray instance listens on and talks to loopback only
 
 
@@ -110,10 +117,13 @@ def deployment_options(options: RayOptions, threads: int, max_batch: int, max_qu
     return {
         **scaling,
         "ray_actor_options": {"num_cpus": threads},
-        # a replica takes no more than its batch; the rest wait in the router, which hands each to
-        # the first replica with a free slot, and past max_queue answers 429 with Retry-After
-        "max_ongoing_requests": max_batch,
+        # a replica takes its batch and its queue: the proxy routes a request when its headers have
+        # come, so a request still sending its body must not hold one of the batch's places (a few
+        # stalled clients would stall every other); the router holds max_queue more while every
+        # replica is full or starting, and past them answers 429 with Retry-After
+        "max_ongoing_requests": max_batch + max_queue,
         "max_queued_requests": max_queue,
+        "request_router_config": {"request_router_class": ROUTER},
         "backpressure_config": {"status_code": 429, "retry_after_s": RETRY_AFTER_S},
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
@@ -280,10 +290,16 @@ def application(spec: ModelSpec, model_name: str, server_options: dict, options:
     return deployment(serve.ingress()(Replica)).bind(replace(spec, threads=threads), model_name, server_options)
 
 
+def http_options(host: str, port: int, keep_alive: float) -> dict:
+    """Serve's proxy settings (``serve.start(http_options=...)``); its keep-alive takes whole seconds."""
+    return {"host": host, "port": port, "keep_alive_timeout_s": max(1, math.ceil(keep_alive))}
+
+
 def start(spec: ModelSpec, model_name: str, server_options: dict, options: RayOptions, host: str, port: int,
-          app_name: str = APP_NAME) -> int:
-    """Start (or join) Ray, deploy the application behind Serve's proxy on ``host:port`` and wait
-    for every replica to load; returns the threads each replica runs on."""
+          app_name: str = APP_NAME, keep_alive: float = DEFAULT_KEEP_ALIVE_S) -> int:
+    """Start (or join) Ray, deploy the application behind Serve's proxy on ``host:port`` (idle
+    connections closed after ``keep_alive`` seconds) and wait for every replica to load; returns
+    the threads each replica runs on."""
     if options.address is None:
         local_only_environment()
     else:
@@ -309,7 +325,7 @@ def start(spec: ModelSpec, model_name: str, server_options: dict, options: RayOp
     if options.address is None and options.fewest_replicas * threads > sum(node_cpus):
         raise SpecDecodeError("threads", f"{options.fewest_replicas} replica(s) x {threads} thread(s) need "
                                          f"{options.fewest_replicas * threads} CPUs; Ray has {sum(node_cpus)}")
-    serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+    serve.start(http_options=http_options(host, port, keep_alive), proxy_location="HeadOnly")
     # the probes first: /health says ok once the replicas run, and by then no probe's process is
     # still starting (each takes seconds of a core, which the first requests would pay for)
     for kind in PROBES:  # Serve routes by the longest prefix: these paths go to the probes
@@ -350,14 +366,14 @@ def stop(options: RayOptions, grace: float, app_name: str = APP_NAME) -> None:
 
 
 def serve_forever(spec: ModelSpec, model_name: str, server_options: dict, options: RayOptions, host: str,
-                  port: int) -> None:
+                  port: int, keep_alive: float = DEFAULT_KEEP_ALIVE_S) -> None:
     """``specdecode serve --ray``: start, then serve until SIGINT or SIGTERM, then stop."""
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     try:
         try:
-            threads = start(spec, model_name, server_options, options, host, port)
+            threads = start(spec, model_name, server_options, options, host, port, keep_alive=keep_alive)
         except SpecDecodeError:
             raise
         except Exception as exc:  # a replica that cannot load: Serve's report ends with the replica's error
