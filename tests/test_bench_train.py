@@ -9,7 +9,7 @@ import torch
 
 from specdecode import GenerationConfig
 from specdecode.api import SHIPPED_HEAD, make_drafter
-from specdecode.bench import BenchSettings, format_table, run_bench, write_plots
+from specdecode.bench import BenchSettings, PromptResult, format_table, run_bench, summarize, write_plots
 from specdecode.cli import main
 from specdecode.config import ConfigError
 from specdecode.drafters.base import NoDrafter
@@ -463,3 +463,20 @@ def test_train_draft_further_from_a_head(tiny_dir, tmp_path, capsys):
     alone = ["--out", str(tmp_path / "alone"), *none, "--passage-prompts", "5"]
     assert main(base[:3] + alone) == 2
     assert "--prompts: the rounds together must have at least 2 prompts" in capsys.readouterr().err
+
+
+def test_summary_counts_the_prompts_where_a_peer_decoded_as_our_plain_decoding():
+    from specdecode.costmodel import CostModel
+
+    def result(category: str, same: bool | None, peer_s: float) -> PromptResult:
+        return PromptResult(0, category, 10, 1.0, 10, 0.5, True, [], {
+            "drafted": 0, "accepted": 0, "steps": 1, "draft_s": 0.0, "drafted_at": [], "reached_at": [],
+            "accepted_at": []}, peers={"peer": (10, peer_s, same)})
+
+    results = [result("a", True, 1.0), result("a", False, 2.0), result("b", True, 1.0)]
+    summary = summarize(results, CostModel(target_s={1: 0.01}))
+    assert summary["overall"]["peer_identical_to_plain"] == 2
+    assert summary["categories"]["a"]["peer_identical_to_plain"] == 1
+    assert summary["overall"]["ratio_vs_peer"] == pytest.approx((30 / 1.5) / (30 / 4.0))
+    unchecked = summarize([result("a", None, 1.0)], CostModel(target_s={1: 0.01}))
+    assert unchecked["overall"]["peer_identical_to_plain"] is None  # no greedy comparison was made

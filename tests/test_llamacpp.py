@@ -156,7 +156,8 @@ def test_generate_and_bench_on_llamacpp_from_the_command_line(capsys, tmp_path):
     assert "vs llamacpp" in table and "vs llamacpp_lookup" in table
     overall = json.loads((out / "results.json").read_text())["overall"]
     assert overall["greedy_match"] is True and overall["ratio_vs_llamacpp"] > 0
-    assert overall["llamacpp_identical_to_plain"] in (0, 1)
+    # whether llama.cpp's own decoding matched ours is counted (summarize's test checks the count)
+    assert isinstance(overall["llamacpp_identical_to_plain"], int)
 
 
 def test_sampling_on_llamacpp_keeps_the_targets_distribution():

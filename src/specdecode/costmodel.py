@@ -34,8 +34,6 @@ class CostModel:
     target_s: dict[int, float] = field(default_factory=dict)  # n tokens -> seconds
     draft_token_s: float | None = None
     smoothing: float = 0.2
-    # A frozen model ignores observed timings: plans made with it do not depend on machine noise.
-    frozen: bool = False
     # T(1), plain decoding's cost per token, is what every choice is weighed against. Unless it was
     # given, it is not known until a 1-token pass is observed, and inferring it from a larger pass
     # by the prior's shape can be far off (this CPU has read T(2)/T(1) as 1.05 one day and 1.5 on
@@ -46,13 +44,6 @@ class CostModel:
 
     def __post_init__(self) -> None:
         self._since_baseline = 0 if 1 in self.target_s else self.refresh_every
-
-    @classmethod
-    def prior(cls, draft_ratio: float = 0.0) -> "CostModel":
-        """The fixed prior curve (``prior_pass_ratio``) in units of 0.05 s per 1-token pass; a drafted
-        token costs ``draft_ratio`` 1-token passes."""
-        curve = {n: 0.05 * prior_pass_ratio(n) for n in range(1, 66)}
-        return cls(curve, 0.05 * draft_ratio, frozen=True)
 
     def target(self, n: int) -> float:
         if n in self.target_s:
@@ -67,19 +58,16 @@ class CostModel:
         return self.draft_token_s or 0.0
 
     def observe_target(self, n: int, seconds: float) -> None:
-        if self.frozen:
-            return
         self._since_baseline = 0 if n == 1 else self._since_baseline + 1
         old = self.target_s.get(n)
         self.target_s[n] = seconds if old is None else old + self.smoothing * (seconds - old)
 
     def baseline_stale(self) -> bool:
-        """Whether the next step should be a plain one, to measure T(1) (never for a frozen model,
-        which would not take the measurement)."""
-        return not self.frozen and self._since_baseline >= self.refresh_every
+        """Whether the next step should be a plain one, to measure T(1)."""
+        return self._since_baseline >= self.refresh_every
 
     def observe_draft(self, tokens: int, seconds: float) -> None:
-        if tokens <= 0 or self.frozen:
+        if tokens <= 0:
             return
         per = seconds / tokens
         old = self.draft_token_s

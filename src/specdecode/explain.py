@@ -57,7 +57,7 @@ def cost_from_steps(steps: list[dict]) -> CostModel:
     curve = {n: _median(v) for n, v in by_n.items()}
     drafted = sum(s["drafted"] for s in steps)
     draft_s = sum(s["draft_s"] for s in steps if s["drafted"])
-    return CostModel(target_s=curve, draft_token_s=draft_s / drafted if drafted else 0.0, frozen=True)
+    return CostModel(target_s=curve, draft_token_s=draft_s / drafted if drafted else 0.0)
 
 
 def _positions(step: dict) -> int:
