@@ -307,13 +307,13 @@ def test_metrics_cover_every_replica_under_vllms_names(cluster):
 
 def test_past_every_replicas_slots_and_queue_clients_get_429_with_retry_after(cluster):
     with concurrent.futures.ThreadPoolExecutor(48) as pool:
-        burst = [pool.submit(_answered, cluster, 48) for _ in range(48)]
+        burst = [pool.submit(_answered, cluster, 96) for _ in range(48)]
         until(lambda: sum(_metrics(cluster, "vllm:num_requests_running").values()) == 4, "every slot is busy")
         health = httpx.get(cluster + "/health", timeout=10)  # every slot is busy: probes do not queue
         health_at = time.perf_counter()
         assert health.status_code == 200 and health.json() == {"status": "ok", "replicas": 2}
         answers, done_at = zip(*[f.result() for f in burst])
-    # answered before any of the requests it would have queued behind had its 48 tokens
+    # answered before any of the requests it would have queued behind had its 96 tokens
     assert health_at < min(at for r, at in zip(answers, done_at) if r.status_code == 200)
     codes = [r.status_code for r in answers]
     assert set(codes) == {200, 429}, codes
@@ -354,7 +354,9 @@ def test_a_killed_replica_fails_its_requests_at_once_and_is_replaced(cluster):
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(request, i % 2 == 0) for i in range(4)]
-        until(lambda: sum(_metrics(cluster, "vllm:num_requests_running").values()) == 4, "all four run")
+        # all four inside the replicas (a replica queues what its two slots cannot take yet)
+        until(lambda: sum(_metrics(cluster, "vllm:num_requests_running").values())
+              + sum(_metrics(cluster, "vllm:num_requests_waiting").values()) == 4, "all four in the replicas")
         ray.kill(ray.get_actor(f"SERVE_REPLICA::specdecode#{DEPLOYMENT}#{victim}", namespace="serve"),
                  no_restart=True)
         outcomes = [f.result(timeout=120) for f in futures]  # none hangs

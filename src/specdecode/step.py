@@ -1,6 +1,6 @@
-"""One request's side of a decoding step, written once for both loops (``engine``: one request at a
-time; ``batching.engine``: many in one pass): its seed and output, the acceptance rule applied to
-its scored block, and the step's record.
+"""One request's side of a decoding step (``batching.engine``, the one loop): its admission (the
+config checked, its seed, output and noise), the acceptance rule applied to its scored block, and
+the step's record.
 
 The rule is the coupled one (``verify.verify_tree_coupled``) for every request, greedy or sampled,
 chain or tree: the target's token at each output position is its Gumbel-max sample under noise
@@ -18,43 +18,53 @@ target's own token wherever the two distributions agree.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .config import ConfigError, GenerationConfig
 from .drafters.base import Draft, DraftPlan
 from .sampling import PositionNoise, TokenLogprob, logits_to_probs, token_logprobs
-from .stats import StepRecord
+from .stats import RunStats, StepRecord
 from .text import Output
 from .verify import Verdict, verify_tree_coupled
 
 
-def admit(prompt_ids: list[int], config: GenerationConfig, limit: int, holder: str) -> GenerationConfig:
-    """The request's config, validated; ConfigError naming the parameter where it is out of range,
-    the prompt is empty, or the prompt and all the output do not fit in the ``limit`` tokens of
-    ``holder`` (0: no limit)."""
+@dataclass
+class StreamEvent:
+    text: str  # new text since the previous event (may be empty while a stop string is pending)
+    token_ids: list[int]  # new token ids
+    step: StepRecord | None = None
+    finish_reason: str | None = None  # "stop" or "length" on the last event
+    stats: RunStats | None = None  # on the last event
+    seed: int | None = None  # the seed the generation ran with (drawn when none was given), for reproducing it
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, when asked for
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A request let in: its config validated, its output, its seed and its noise."""
+
+    config: GenerationConfig
+    output: Output
+    seed: int  # the configured one, else a fresh one (reported back, to reproduce it)
+    noise: PositionNoise | None  # by output position; None under greedy decoding (no noise)
+
+
+def admit(prompt_ids: list[int], config: GenerationConfig, limit: int, holder: str, tokenizer,
+          eos_ids: set[int], vocab: int) -> Admitted:
+    """Let a request in: ConfigError naming the parameter where the config is out of range, the
+    prompt is empty, or the prompt and all the output do not fit in the ``limit`` tokens of
+    ``holder`` (0: no limit). ``vocab``: the logits' columns its noise covers."""
     config = config.validate()
     if not prompt_ids:
         raise ConfigError("prompt", "must not be empty")
     if limit and len(prompt_ids) + config.max_new_tokens > limit:
         raise ConfigError("max_new_tokens", f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens "
                                             f"({config.max_new_tokens}) exceeds {holder} of {limit} tokens")
-    return config
-
-
-def draw_seed(config: GenerationConfig) -> int:
-    """The request's seed: the configured one, else a fresh one (reported back, to reproduce it)."""
-    return config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little")
-
-
-def new_output(tokenizer, eos_ids: set[int], config: GenerationConfig) -> Output:
-    return Output(tokenizer, eos_ids, config.stop, config.max_new_tokens, config.ignore_eos)
-
-
-def request_noise(config: GenerationConfig, seed: int, vocab: int) -> PositionNoise | None:
-    """A sampled request's noise by output position; None under greedy decoding (no noise)."""
-    return None if config.greedy else PositionNoise(seed, vocab)
+    seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "little")
+    output = Output(tokenizer, eos_ids, config.stop, config.max_new_tokens, config.ignore_eos)
+    return Admitted(config, output, seed, None if config.greedy else PositionNoise(seed, vocab))
 
 
 def with_noise(plan: DraftPlan, noise: PositionNoise | None, at: int) -> DraftPlan:

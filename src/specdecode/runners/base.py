@@ -153,6 +153,44 @@ class Batchable(Protocol):
         ...
 
 
+class OneSlot(BatchRunner, TreeBatchRunner):
+    """Any ``Runner`` as a batch runner of one slot: the engine's one loop runs a lone request (and
+    every backend that cannot batch) as a batch of one. Trees go to the runner's ``TreeRunner``
+    passes; ``capacity`` 0 means no limit but the model's."""
+
+    slots = 1
+
+    def __init__(self, runner: Runner, capacity: int):
+        self.runner, self.capacity = runner, capacity
+
+    @property
+    def cached(self) -> list[list[int]]:
+        return [self.runner.cached]
+
+    def forward(self, blocks: list[Block]) -> dict[int, torch.Tensor]:
+        (block,) = blocks
+        if block.parents is None:
+            return {block.slot: self.runner.forward(block.tokens, num_logits=block.num_logits)}
+        if not isinstance(self.runner, TreeRunner):
+            raise RuntimeError(f"{type(self.runner).__name__} cannot score a token tree")
+        return {block.slot: self.runner.forward_tree(block.tokens, block.parents)}
+
+    def truncate(self, slot: int, length: int) -> None:
+        self.runner.truncate(length)
+
+    def clear(self, slot: int) -> None:
+        self.runner.reset()
+
+    def pass_shape(self, blocks: dict[int, int]) -> tuple[int, int]:
+        return one_batch(blocks)
+
+    def slot_runner(self, slot: int) -> Runner:
+        return self.runner
+
+    def keep_branch(self, slot: int, start: int, nodes: list[int]) -> None:
+        self.runner.keep_branch(start, nodes)
+
+
 @runtime_checkable
 class FeatureRunner(Protocol):
     """A runner that keeps decoder-layer outputs at every cached position (EAGLE's features)."""

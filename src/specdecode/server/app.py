@@ -1,8 +1,8 @@
 """The OpenAI-compatible app (FastAPI): routes, responses, server-sent events.
 
 The worker thread runs the engine off the event loop: up to ``max_batch`` requests in one pass
-each step (``batching.BatchEngine``), or one at a time (``SerialEngine``) where the target cannot
-batch. Requests wait in a bounded queue; past it, or past the queue's wait limit, the server
+each step (``batching.BatchEngine``), or one at a time (the decoder's one-slot engine) where the
+target cannot batch. Requests wait in a bounded queue; past it, or past the queue's wait limit, the server
 answers 429 with ``Retry-After``. A client that disconnects, queued or running, frees its place at
 once (its generation stops at the next step). Bodies are size-limited and parsed (tokenised) off
 the event loop. Metrics follow vLLM's names so existing dashboards work.
@@ -39,7 +39,7 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .requests import ParsedRequest, RequestError, max_token_chars, parse_int, parse_request
 from .schema import chat_body, completion_body, openapi_body
-from .worker import Job, SerialEngine, Worker
+from .worker import Job, Worker
 
 SPEC_STATS_KEY = "speculative_decoding"  # extension field on responses
 REPLICA_HEADER = "x-specdecode-replica"  # which Ray Serve replica answered
@@ -145,15 +145,16 @@ class Server:
 
 def make_engine(decoder: SpeculativeDecoder, max_batch: int | None, slot_context: int | None,
                 max_step_tokens: int):
-    """The batch engine where the decoder can batch (None: ``DEFAULT_MAX_BATCH`` there), else one
-    request at a time; ``max_batch`` 1 is always one at a time, through the single-request engine."""
+    """The engine over ``max_batch`` slots where the decoder can batch (None: ``DEFAULT_MAX_BATCH``
+    there), else one request at a time; ``max_batch`` 1 is always one at a time: the decoder's
+    one-slot engine, as ``generate`` runs it."""
     if max_batch is None:
         try:
             return BatchEngine.for_decoder(decoder, DEFAULT_MAX_BATCH, slot_context, max_step_tokens)
         except ConfigError:
-            return SerialEngine(decoder)
+            return decoder.engine()
     if max_batch == 1:
-        return SerialEngine(decoder)
+        return decoder.engine()
     return BatchEngine.for_decoder(decoder, max_batch, slot_context, max_step_tokens)
 
 

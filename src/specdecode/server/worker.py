@@ -1,10 +1,9 @@
 """The worker: one thread that runs the engine's steps and moves requests from a bounded queue
 into free slots between steps.
 
-Two engines behind one interface (``add``, ``cancel``, ``step``, ``free_slots``):
-``batching.BatchEngine`` (many requests in one pass) and ``SerialEngine`` (one
-request at a time through ``SpeculativeDecoder.stream``: draft models, targets off the lean runner,
-``--max-batch 1``).
+The engine (``add``, ``cancel``, ``step``, ``free_slots``) is ``batching.BatchEngine``: many
+requests in one pass, or the decoder's one-slot engine (``SpeculativeDecoder.engine``: draft
+models, targets off the lean runner, ``--max-batch 1``).
 """
 
 from __future__ import annotations
@@ -18,8 +17,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..config import DEFAULT_QUEUE_TIMEOUT_S, DEFAULT_SHUTDOWN_GRACE_S, GenerationConfig, SpecDecodeError
-from ..engine import SpeculativeDecoder
-from ..step import admit
 from .metrics import Metrics
 from .requests import RequestError
 
@@ -59,37 +56,6 @@ class ServingEngine(Protocol):
     def step(self) -> list[tuple[object, object]]:
         """Advance every running request; (handle, ``engine.StreamEvent``) for each that moved."""
         ...
-
-
-class SerialEngine(ServingEngine):
-    """One generation at a time (the decoder's caches are shared state), a step per event."""
-
-    def __init__(self, decoder: SpeculativeDecoder):
-        self.decoder = decoder
-        self.max_context = decoder.max_context
-        self.running: dict[int, object] = {}  # 0 -> the generation's event iterator
-
-    @property
-    def free_slots(self) -> int:
-        return 0 if self.running else 1
-
-    def add(self, prompt_ids: list[int], config: GenerationConfig):
-        admit(prompt_ids, config, self.max_context, "the model's context")
-        handle = self.decoder.stream(prompt_ids, config)
-        self.running[0] = handle
-        return handle
-
-    def cancel(self, handle) -> None:
-        if self.running.get(0) is handle:
-            del self.running[0]
-            handle.close()
-
-    def step(self) -> list[tuple[object, object]]:
-        handle = self.running[0]
-        event = next(handle)
-        if event.finish_reason is not None:
-            del self.running[0]
-        return [(handle, event)]
 
 
 class Worker:
