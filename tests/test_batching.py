@@ -15,6 +15,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 from specdecode.api import load  # noqa: E402
 from specdecode.batching import BatchEngine  # noqa: E402
+from specdecode.batching.plan import prompt_chunks  # noqa: E402
 from specdecode.runners.llamacpp_batch import Block, LlamaCppBatchRunner, micro_batches, pass_shape  # noqa: E402
 
 QUESTIONS = [
@@ -254,7 +255,7 @@ def test_a_short_prompt_is_read_before_a_long_one_that_still_moves(decoders):
     engine = BatchEngine.for_decoder(dec, 3, 1024, max_step_tokens=32)
     long = engine.add(dec.encode(LONG), GenerationConfig(max_new_tokens=4))
     short = engine.add(dec.encode(QUESTIONS[0]), GenerationConfig(max_new_tokens=4))
-    chunks = engine._prompt_chunks([long, short], 32)
+    chunks = prompt_chunks([long, short], 32, with_pending=True)
     assert chunks[long][0] == 32 // 4 and not chunks[long][1]  # the oldest's share
     assert chunks[short][0] == 24 and not chunks[short][1]
     first_token_steps = {}
@@ -277,17 +278,18 @@ def test_an_unsent_draft_is_judged_by_the_tokens_then_emitted(decoders):
     send is scored against the tokens it emits next, as verification would have scored it."""
     engine = BatchEngine.for_decoder(decoders[1], 2, 256, max_step_tokens=16)
     s = engine.add(decoders[1].encode(QUESTIONS[0]), GenerationConfig(max_new_tokens=8))
+    judge = engine.planner.emitted  # after each step: the tokens emitted so far judge the unsent draft
     s.unsent = (len(s.context), [7, 8, 9])
     s.context.append(7)
-    engine._judge_unsent(s)
+    judge(s, None)
     assert s.unsent is not None and s.acceptance.tried == [0.0] * len(s.acceptance.tried)  # not settled
     s.context.append(5)  # the second drafted token would have been rejected
-    engine._judge_unsent(s)
+    judge(s, None)
     assert s.unsent is None
     assert s.acceptance.tried[:3] == [1.0, 1.0, 0.0] and s.acceptance.passed[:2] == [1.0, 0.0]
     s.unsent = (len(s.context), [4, 4])
     s.context += [4, 4]
-    engine._judge_unsent(s)
+    judge(s, None)
     assert s.unsent is None and s.acceptance.passed[:2] == [1.0 * 0.95 + 1, 1.0]
 
 

@@ -171,13 +171,13 @@ def test_a_sampling_drafter_drawing_with_the_targets_noise_proposes_the_targets_
     """A draft model equal to the target, sampling, draws each token with the noise the target's
     token at that position is drawn with (``DraftPlan.noise``): every drafted token is accepted.
     Negative control: drawing from its own generator instead, it is accepted only by chance."""
-    from specdecode.batching import engine as engine_mod
+    from specdecode.batching import plan as planning
 
     dec = decoder(tiny_target, tokenizer, ModelDrafter(tiny_target, vocab_size=len(tokenizer)))
     cfg = GenerationConfig(max_new_tokens=40, temperature=1.0, seed=3, ignore_eos=True, policy="fixed", draft_len=4)
     coupled = dec.generate(PROMPTS[0], cfg, chat=False)
     assert coupled.stats.acceptance_rate == 1.0
-    monkeypatch.setattr(engine_mod, "with_noise", lambda plan, noise, at: plan)
+    monkeypatch.setattr(planning, "with_noise", lambda plan, noise, at: plan)
     independent = dec.generate(PROMPTS[0], cfg, chat=False)
     assert independent.token_ids == coupled.token_ids
     assert independent.stats.acceptance_rate < 0.9

@@ -215,6 +215,6 @@ def test_the_head_drafts_only_while_its_drafting_time_pays(tiny_target, tokenize
         for p in prompts:
             engine.add(p, GenerationConfig(max_new_tokens=12, ignore_eos=True))
         engine.step()  # reads the prompts: both requests now decode
-        engine.draft_s_per_token = per_token
-        rooms[per_token] = engine._draft_rooms(list(engine.running.values()))
+        engine.planner.draft_s_per_token = per_token
+        rooms[per_token] = engine.planner._draft_rooms(list(engine.running.values()))
     assert all(n > 0 for n in rooms[0.0].values()) and all(n == 0 for n in rooms[1.0].values())

@@ -138,7 +138,7 @@ class SpeculativeDecoder:
 
             self._engine = BatchEngine(OneSlot(self.target, self.max_context), self.tokenizer, self.eos_ids,
                                        lambda: self.drafter, vocab_size=self.vocab_size, policy_for=self.policy,
-                                       calibration=self.calibration, holder="the model's context")
+                                       holder="the model's context")
         return self._engine
 
     def policy(self, config: GenerationConfig, drafter: Drafter) -> Policy:

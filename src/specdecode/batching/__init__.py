@@ -1,7 +1,9 @@
-"""Serving many requests at once: continuous batching with speculation under a verification
-budget (``engine``: the step; ``budget``: how many drafted tokens each request sends)."""
+"""The decoding loop, for one request or many: continuous batching with speculation
+(``engine``: the step; ``plan``: what each request sends, by its policy when alone, else by the
+verification budget; ``budget``: the budget's pass prices and allocation)."""
 
 from .budget import PassCost, allocate
-from .engine import BatchEngine, Sequence
+from .engine import BatchEngine
+from .plan import Sequence
 
 __all__ = ["BatchEngine", "PassCost", "Sequence", "allocate"]
