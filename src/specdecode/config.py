@@ -57,6 +57,7 @@ class ConfigError(SpecDecodeError, ValueError):
 
 MAX_QUEUE_LIMIT = 10000  # requests that may wait for a slot
 MAX_BATCH_LIMIT = 64  # slots per pass; every running request puts a token into each pass
+MAX_DRAFT_LEN = 64  # the largest draft_len a request may ask for
 MIN_SLOT_CONTEXT = 16  # tokens a slot holds at least: a chat template's turn and a few tokens of answer
 
 
@@ -126,7 +127,7 @@ class GenerationConfig:
             _check_int("seed", self.seed, 0)
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise ConfigError("stop", "must be a list of non-empty strings")
-        _check_int("draft_len", self.draft_len, 0, 64)
+        _check_int("draft_len", self.draft_len, 0, MAX_DRAFT_LEN)
         if self.policy not in POLICIES:
             raise ConfigError("policy", f"must be one of {', '.join(POLICIES)} (got {self.policy!r})")
         if not (isinstance(self.tree, bool) or self.tree == "auto"):

@@ -22,6 +22,7 @@ from typing import Iterator
 
 import torch
 
+from .batching.engine import BatchEngine
 from .config import ConfigError, GenerationConfig
 from .costmodel import CostModel
 from .drafters.base import Drafter
@@ -74,7 +75,7 @@ class SpeculativeDecoder:
         self.cost = cost or CostModel()  # shared across calls: what was measured stays measured
         self.calibration = Calibration()  # how far the drafter's confidence is to be trusted, likewise
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
-        self._engine = None  # the one-slot engine, made at the first request
+        self._engine: BatchEngine | None = None  # the one-slot engine, made at the first request
 
     # ---- prompts -------------------------------------------------------------------------
     def encode(self, prompt, chat: bool = True) -> list[int]:
@@ -129,13 +130,11 @@ class SpeculativeDecoder:
         finally:
             engine.cancel(seq)  # a stream closed early leaves its slot (and keeps its cache)
 
-    def engine(self):
+    def engine(self) -> BatchEngine:
         """The decoding loop over this decoder's target as one slot (``runners.base.OneSlot``),
         each request planned by its own policy; made once, so what a request left in the cache
         serves the next one that shares its prefix."""
         if self._engine is None:
-            from .batching.engine import BatchEngine
-
             self._engine = BatchEngine(OneSlot(self.target, self.max_context), self.tokenizer, self.eos_ids,
                                        lambda: self.drafter, vocab_size=self.vocab_size, policy_for=self.policy,
                                        holder="the model's context")

@@ -8,8 +8,8 @@ and is what schema-driven fuzzing (schemathesis) generates requests from."""
 
 from __future__ import annotations
 
-from ..config import MAX_LOGPROBS, POLICIES
-from .requests import INERT_FIELDS, MAX_COMPLETION_LOGPROBS, MAX_STOP_STRINGS, OFF_VALUES, SEED_RANGE
+from ..config import MAX_DRAFT_LEN, MAX_LOGPROBS, POLICIES
+from .requests import INERT_FIELDS, MAX_COMPLETION_LOGPROBS, MAX_STOP_STRINGS, OFF_VALUES, ROLES, SEED_RANGE
 
 TEXT = {"type": "string", "minLength": 1}
 
@@ -38,7 +38,7 @@ def _common(max_tokens: int | None) -> dict:
         "speculative": _nullable({
             "type": "object", "additionalProperties": False,
             "description": "this server's extension: how requests are drafted",
-            "properties": {"draft_len": {"type": "integer", "minimum": 0, "maximum": 64},
+            "properties": {"draft_len": {"type": "integer", "minimum": 0, "maximum": MAX_DRAFT_LEN},
                            "policy": {"type": "string", "enum": list(POLICIES),
                                       "description": "batched (--max-batch > 1): cost or fixed"},
                            "tree": {"anyOf": [{"type": "boolean"}, {"type": "string", "enum": ["auto"]}]}}}),
@@ -66,7 +66,7 @@ def chat_body(max_tokens: int | None = None) -> dict:
     part = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
             "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}
     message = {"type": "object", "required": ["role", "content"], "properties": {
-        "role": {"enum": ["system", "developer", "user", "assistant"]},
+        "role": {"enum": list(ROLES)},
         "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": part, "minItems": 1},
                               {"type": "null", "description": "an assistant turn only"}]}}}
     fields["messages"] = {"type": "array", "items": message, "minItems": 1}
