@@ -10,12 +10,15 @@ import torch
 from specdecode import GenerationConfig
 from specdecode.batching.budget import PassCost, Request, allocate
 from specdecode.config import ConfigError
+from specdecode.costmodel import CostModel
+from specdecode.policy import policy_maker
+from specdecode.stats import StepRecord
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from specdecode.api import load  # noqa: E402
 from specdecode.batching import BatchEngine  # noqa: E402
-from specdecode.batching.plan import prompt_chunks  # noqa: E402
+from specdecode.batching.plan import StepPlan, prompt_chunks  # noqa: E402
 from specdecode.runners.llamacpp_batch import Block, LlamaCppBatchRunner, micro_batches, pass_shape  # noqa: E402
 
 QUESTIONS = [
@@ -245,9 +248,6 @@ def test_batching_refuses_what_it_cannot_do():
     with pytest.raises(ConfigError) as err:
         engine.add(dec.encode("hi"), GenerationConfig(max_new_tokens=300))
     assert err.value.param == "max_new_tokens"
-    with pytest.raises(ConfigError) as err:
-        engine.add(dec.encode("hi"), GenerationConfig(policy="heuristic"))
-    assert err.value.param == "policy"
 
 
 def test_a_short_prompt_is_read_before_a_long_one_that_still_moves(decoders):
@@ -255,7 +255,7 @@ def test_a_short_prompt_is_read_before_a_long_one_that_still_moves(decoders):
     engine = BatchEngine.for_decoder(dec, 3, 1024, max_step_tokens=32)
     long = engine.add(dec.encode(LONG), GenerationConfig(max_new_tokens=4))
     short = engine.add(dec.encode(QUESTIONS[0]), GenerationConfig(max_new_tokens=4))
-    chunks = prompt_chunks([long, short], 32, with_pending=True)
+    chunks = prompt_chunks([long, short], 32)
     assert chunks[long][0] == 32 // 4 and not chunks[long][1]  # the oldest's share
     assert chunks[short][0] == 24 and not chunks[short][1]
     first_token_steps = {}
@@ -278,19 +278,77 @@ def test_an_unsent_draft_is_judged_by_the_tokens_then_emitted(decoders):
     send is scored against the tokens it emits next, as verification would have scored it."""
     engine = BatchEngine.for_decoder(decoders[1], 2, 256, max_step_tokens=16)
     s = engine.add(decoders[1].encode(QUESTIONS[0]), GenerationConfig(max_new_tokens=8))
-    judge = engine.planner.emitted  # after each step: the tokens emitted so far judge the unsent draft
+    plain = StepRecord(0, 0, 0, 0, 1, 0.0, 0.0, 0.0, 1)  # a step that sent no draft: only the judging moves
+
+    def judge(s):  # after each step: the tokens emitted so far judge the unsent draft
+        engine.planner.emitted(s, plain, StepPlan({}, {}, {}))
+
+    acceptance = s.policy.estimate
     s.unsent = (len(s.context), [7, 8, 9])
     s.context.append(7)
-    judge(s, None)
-    assert s.unsent is not None and s.acceptance.tried == [0.0] * len(s.acceptance.tried)  # not settled
+    judge(s)
+    assert s.unsent is not None and acceptance.tried == [0.0] * len(acceptance.tried)  # not settled
     s.context.append(5)  # the second drafted token would have been rejected
-    judge(s, None)
+    judge(s)
     assert s.unsent is None
-    assert s.acceptance.tried[:3] == [1.0, 1.0, 0.0] and s.acceptance.passed[:2] == [1.0, 0.0]
+    assert acceptance.tried[:3] == [1.0, 1.0, 0.0] and acceptance.passed[:2] == [1.0, 0.0]
     s.unsent = (len(s.context), [4, 4])
     s.context += [4, 4]
-    judge(s, None)
-    assert s.unsent is None and s.acceptance.passed[:2] == [1.0 * 0.95 + 1, 1.0]
+    judge(s)
+    assert s.unsent is None and acceptance.passed[:2] == [1.0 * 0.95 + 1, 1.0]
+
+
+def test_every_policy_plans_its_own_requests_in_a_batch(decoders):
+    """heuristic and confidence run beside budgeted requests: each gets the tokens it gets alone,
+    and the heuristic's draft lengths follow its own schedule (+2 after a fully accepted block, -1
+    otherwise), not the budget's."""
+    dec = decoders[1]
+    policies = ["heuristic", "cost", "confidence", "fixed"]
+    prompts = [dec.encode(QUESTIONS[1]), dec.encode(QUESTIONS[0]), dec.encode(QUESTIONS[2]), dec.encode(QUESTIONS[3])]
+    configs = [GenerationConfig(max_new_tokens=40, ignore_eos=True, policy=p, draft_len=4) for p in policies]
+    want = [dec.generate(p, c).token_ids for p, c in zip(prompts, configs)]
+    engine = BatchEngine.for_decoder(dec, 4, 512)
+    seqs = [engine.add(p, c) for p, c in zip(prompts, configs)]
+    got, records = {s.id: [] for s in seqs}, {s.id: [] for s in seqs}
+    while engine.running:
+        for seq, event in engine.step():
+            got[seq.id] += event.token_ids
+            records[seq.id].append(event.step)
+    assert [got[s.id] for s in seqs] == want
+    assert [s.stats.policy for s in seqs] == policies
+    tau, changed = 4, 0
+    for rec in records[seqs[0].id][1:]:  # the first step's token came with the prompt, drafting nothing
+        assert rec.draft_len == tau
+        if rec.drafted:
+            new = min(tau + 2, 4) if rec.accepted == rec.drafted else max(1, tau - 1)
+            changed += new != tau
+            tau = new
+    assert changed  # the schedule moved, so the check above could catch the budget's lengths
+
+
+def test_a_request_alone_in_a_batch_engine_is_timed_for_its_policy(decoders):
+    """A request's cost curve learns only from passes it had to itself: alone in a 4-slot engine
+    its steps are timed; beside another request, none are."""
+    dec = decoders[1]
+
+    class Counted(CostModel):
+        def observe_target(self, n, seconds):
+            timed.append(n)
+            super().observe_target(n, seconds)
+
+    timed = []
+    runner = BatchEngine.for_decoder(dec, 4, 512).runner
+    engine = BatchEngine(runner, dec.tokenizer, dec.eos_ids, dec.drafter.spawn, 64, COST,
+                         vocab_size=dec.vocab_size, policy_for=policy_maker(Counted()))
+    first = engine.add(dec.encode(QUESTIONS[1]), GenerationConfig(max_new_tokens=60, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    assert len(timed) == 3  # the step that read the prompt is not the request's own cost
+    engine.add(dec.encode(QUESTIONS[0]), GenerationConfig(max_new_tokens=60, ignore_eos=True))
+    del timed[:]
+    for _ in range(4):
+        engine.step()
+    assert timed == [] and len(first.output.tokens) < 60
 
 
 def test_fixed_blocks_and_prompt_chunks_stay_within_the_step(decoders):

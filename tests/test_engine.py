@@ -342,9 +342,10 @@ def test_cost_policy_measures_the_one_token_pass_before_and_while_speculating(ti
     writer.close()
     assert got.token_ids == plain(tiny_target, tokenizer, PROMPTS[0], n=120).token_ids
     steps = [r for r in read_trace(tmp_path / "t.jsonl") if r["type"] == "step"]
+    assert steps[0]["prompt_tokens"] > 0  # the pass that read the prompt gave the first token
     # the last step has room for one token only, so it is plain whatever the policy wants
-    plain_at = [r["step"] for r in steps[:-1] if r["draft_len"] == 0]
-    assert plain_at == [0, 33]  # before the first draft, then after 32 speculative passes
+    plain_at = [r["step"] for r in steps[1:-1] if r["draft_len"] == 0]
+    assert plain_at == [1, 34]  # before the first draft, then after 32 speculative passes
     assert all(r["accepted"] == 2 for r in steps if r["draft_len"])
     assert 1 in dec.cost.target_s
     # the cost model is the decoder's, shared by its calls: no new measurement is due at the start

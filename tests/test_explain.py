@@ -113,3 +113,15 @@ def test_acceptance_by_position_is_conditional_wherever_it_is_reported():
     tree = RunStats()
     tree.add(StepRecord(0, 5, 5, 1, 2, 0.001, T1, 0.0, 6, depth=2))
     assert (tree.drafted_at, tree.reached_at, tree.accepted_at) == ([1, 1], [1, 1], [1, 0])
+
+
+def test_the_step_that_read_the_prompt_is_left_out(tmp_path):
+    """The first token comes from the pass that read the prompt's end: that pass is prefill, and a
+    1-token pass priced at its time would make every decoding step look cheap."""
+    prefill = {**step(0, 0, 0, 0, 0.0, 50 * T1), "target_tokens": 200, "prompt_tokens": 200}
+    decoding = trace("verification_cost")
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(s) for s in [prefill] + decoding) + "\n")
+    steps, _ = load_steps(str(path))
+    assert steps == decoding
+    assert analyse(steps)["bottleneck"] == "verification_cost"

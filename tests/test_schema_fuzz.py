@@ -99,8 +99,6 @@ def test_a_generated_request_gets_an_answer_or_a_400_naming_its_field(api, serve
 def _refused_by_range(response) -> bool:
     """A 400 the schema cannot express: values allowed one by one that do not go together (a
     prompt longer than the slot, top_logprobs without logprobs, stream_options without stream, an
-    empty chat, a token id past the vocabulary, another model's name), or a policy the batched
-    engine does not plan with (heuristic and confidence run with --max-batch 1 only)."""
+    empty chat, a token id past the vocabulary, another model's name)."""
     return response.status_code == 400 and response.json()["error"]["param"] in {
-        "max_tokens", "max_completion_tokens", "top_logprobs", "stream_options", "messages", "prompt", "model",
-        "policy"}
+        "max_tokens", "max_completion_tokens", "top_logprobs", "stream_options", "messages", "prompt", "model"}

@@ -1,7 +1,8 @@
 """``SpeculativeDecoder``: a loaded target, its tokenizer and a drafter, generating one request at
 a time through the one decoding loop (``batching.engine.BatchEngine``) as a batch of one slot.
 
-One step (written once, in ``BatchEngine.step``):
+The prompt is read in chunks; the pass that reads its last one gives the first token. Then each
+step (written once, in ``BatchEngine.step``):
   1. the request's policy plans the step (``DraftPlan``: tau and where to stop early); the drafter
      proposes up to tau tokens, a chain or a tree (``Draft.parents``);
   2. the target scores ``[pending] + drafted`` in one forward pass -> tau + 1 distributions (a
@@ -26,7 +27,7 @@ from .batching.engine import BatchEngine
 from .config import ConfigError, GenerationConfig
 from .costmodel import CostModel
 from .drafters.base import Drafter
-from .policy import Calibration, Policy, make_policy
+from .policy import Calibration, policy_maker
 from .runners import make_runner, output_rows
 from .runners.base import OneSlot
 from .stats import RunStats
@@ -74,6 +75,9 @@ class SpeculativeDecoder:
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.cost = cost or CostModel()  # shared across calls: what was measured stays measured
         self.calibration = Calibration()  # how far the drafter's confidence is to be trusted, likewise
+        # (config, drafter) -> what plans a request's steps, over that cost curve and calibration,
+        # here and in a batch engine over this target (the output does not depend on the plans)
+        self.policy = policy_maker(self.cost, self.calibration)
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         self._engine: BatchEngine | None = None  # the one-slot engine, made at the first request
 
@@ -139,10 +143,3 @@ class SpeculativeDecoder:
                                        lambda: self.drafter, vocab_size=self.vocab_size, policy_for=self.policy,
                                        holder="the model's context")
         return self._engine
-
-    def policy(self, config: GenerationConfig, drafter: Drafter) -> Policy:
-        """What plans a request's steps: ``config.policy`` over this decoder's cost curve and
-        calibration (shared across requests: what was measured stays measured). The output does
-        not depend on the plans (``step``): they are free to follow timings."""
-        return make_policy(config.policy, config.draft_len, self.cost, dynamic=drafter.dynamic,
-                           calibration=self.calibration, judges_unsent=drafter.judged_unsent)

@@ -22,6 +22,7 @@ from .stats import rates_by_position, tally_positions
 
 
 def load_steps(path: str) -> tuple[list[dict], list[dict]]:
+    """A trace's decoding steps (not the step whose pass read the prompt's end: prefill) and its runs."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError("trace", f"no such file: {path}")
@@ -34,12 +35,12 @@ def load_steps(path: str) -> tuple[list[dict], list[dict]]:
                 obj = json.loads(line)
             except json.JSONDecodeError:
                 raise ConfigError("trace", f"line {n} of {path} is not JSON: is this a specdecode trace?") from None
-            if obj.get("type") == "step":
+            if obj.get("type") == "step" and not obj.get("prompt_tokens"):
                 steps.append(obj)
             elif obj.get("type") == "run":
                 runs.append(obj)
     if not steps:
-        raise ConfigError("trace", f"{path} holds no steps (write one with specdecode generate --trace FILE)")
+        raise ConfigError("trace", f"{path} holds no decoding steps (write one with specdecode generate --trace FILE)")
     return steps, runs
 
 

@@ -155,13 +155,22 @@ class Policy:
         return min(len(scores), self.max_tau)
 
     def observe_confidence(self, paths: list[float], accepted: list[bool]) -> None:
-        pass
+        """A verified block's drafted tokens: each one's path probability (``Draft.path_scores``;
+        empty where the drafter gives none) and whether it was accepted."""
 
-    def observe(self, rec: StepRecord) -> None:
-        pass
+    def observe(self, rec: StepRecord, timed: bool = True) -> None:
+        """A step of the request it plans; ``timed``: its pass was this request's alone, so its
+        times are this request's costs (a pass shared with others says nothing of them)."""
 
     def observe_unsent(self, drafted: int, accepted: int) -> None:
         pass
+
+
+class ConfidencePolicy(Policy):
+    """The configured tau; the drafter stops early once its top probability falls below
+    ``GenerationConfig.confidence``."""
+
+    name = "confidence"
 
 
 class HeuristicPolicy(Policy):
@@ -174,7 +183,7 @@ class HeuristicPolicy(Policy):
     def choose(self) -> tuple[int, float]:
         return self.tau, 1.0
 
-    def observe(self, rec: StepRecord) -> None:
+    def observe(self, rec: StepRecord, timed: bool = True) -> None:
         if rec.drafted == 0:
             return
         if rec.accepted == rec.drafted:
@@ -244,12 +253,12 @@ class CostPolicy(Policy):
         return best
 
     def observe_confidence(self, paths: list[float], accepted: list[bool]) -> None:
-        if self.dynamic:
-            self.calibration.observe(paths, accepted)
+        self.calibration.observe(paths, accepted)  # also what the verification budget reads (``batching.plan``)
 
-    def observe(self, rec: StepRecord) -> None:
-        self.cost.observe_target(rec.target_tokens, rec.verify_s)
-        self.cost.observe_draft(rec.drafted, rec.draft_s)
+    def observe(self, rec: StepRecord, timed: bool = True) -> None:
+        if timed:
+            self.cost.observe_target(rec.target_tokens, rec.verify_s)
+            self.cost.observe_draft(rec.drafted, rec.draft_s)
         if rec.drafted:
             self.estimate.observe(rec.positions, rec.accepted)
 
@@ -258,10 +267,25 @@ class CostPolicy(Policy):
         self.estimate.observe(drafted, accepted)
 
 
+def policy_maker(cost: CostModel | None = None, calibration: Calibration | None = None):
+    """(config, drafter) -> the policy that plans a request's steps (``config.policy``), every one
+    over the same cost curve and calibration: the same target and drafter throughout, so what was
+    measured for one request stays measured for the next."""
+    cost, calibration = cost or CostModel(), calibration or Calibration()
+
+    def policy_for(config, drafter) -> Policy:
+        return make_policy(config.policy, config.draft_len, cost, dynamic=drafter.dynamic, calibration=calibration,
+                           judges_unsent=drafter.judged_unsent)
+
+    return policy_for
+
+
 def make_policy(name: str, max_tau: int, cost: CostModel | None = None, dynamic: bool = False,
                 calibration: Calibration | None = None, judges_unsent: bool = False) -> Policy:
     if name == "cost":
         return CostPolicy(max_tau, cost, dynamic=dynamic, calibration=calibration, judges_unsent=judges_unsent)
     if name == "heuristic":
         return HeuristicPolicy(max_tau)
-    return Policy(max_tau)  # "fixed" and "confidence" (the drafter stops early itself)
+    if name == "confidence":
+        return ConfidencePolicy(max_tau)
+    return Policy(max_tau)

@@ -31,8 +31,11 @@ class StepRecord:
     draft_s: float
     verify_s: float
     overhead_s: float
-    target_tokens: int  # tokens in the verification pass (drafted + 1)
+    target_tokens: int  # this request's tokens in the pass (drafted + 1, or the prompt's last chunk)
     depth: int | None = None  # a tree's depth when the drafted tokens formed one (None: a chain)
+    # prompt tokens read in the pass: the step whose pass finished reading the prompt and gave the
+    # first token (its time is the prefill's, not verification); 0 for a decoding step
+    prompt_tokens: int = 0
 
     @property
     def positions(self) -> int:
@@ -49,7 +52,7 @@ class RunStats:
     policy: str = ""
     prompt_tokens: int = 0
     new_tokens: int = 0
-    steps: int = 0  # target forward passes after the prefill
+    steps: int = 0  # target passes that emitted tokens (the first: the prompt's last chunk)
     drafted: int = 0
     accepted: int = 0
     prefill_s: float = 0.0
@@ -67,7 +70,8 @@ class RunStats:
         self.accepted += rec.accepted
         self.new_tokens += rec.emitted
         self.draft_s += rec.draft_s
-        self.verify_s += rec.verify_s
+        if not rec.prompt_tokens:  # a prompt chunk's pass is counted in ``prefill_s``
+            self.verify_s += rec.verify_s
         self.overhead_s += rec.overhead_s
         tally_positions(self.drafted_at, self.reached_at, self.accepted_at, rec.positions, rec.accepted)
 

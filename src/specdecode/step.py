@@ -105,6 +105,9 @@ def emitted_logprobs(logits: torch.Tensor, settled: Settled, new: list[int],
 
 
 def step_record(step: int, allowed: int, draft: Draft, settled: Settled, emitted: int, draft_s: float,
-                verify_s: float, overhead_s: float, target_tokens: int) -> StepRecord:
+                verify_s: float, overhead_s: float, prompt_tokens: int = 0) -> StepRecord:
+    """``prompt_tokens``: the prompt's last chunk where the step's pass read it (its block then
+    holds those tokens, the pending one last, and no draft)."""
     return StepRecord(step, allowed, len(draft), settled.verdict.num_accepted, emitted, draft_s, verify_s,
-                      overhead_s, target_tokens, None if draft.parents is None else draft.depth())
+                      overhead_s, prompt_tokens or len(draft) + 1, None if draft.parents is None else draft.depth(),
+                      prompt_tokens)

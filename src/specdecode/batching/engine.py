@@ -1,23 +1,22 @@
 """The decoding loop: requests in the slots of a batch runner, one target pass per step. A lone
 request (``SpeculativeDecoder.stream``: ``generate``, ``bench``, ``check``, ``serve --max-batch 1``)
-is a batch of one slot over any runner (``runners.base.OneSlot``), planned by its own policy
-(``policy``: tau, trees and where a confident drafter stops; cost, heuristic, confidence or fixed);
-many requests share a verification budget instead.
+is a batch of one slot over any runner (``runners.base.OneSlot``); the server's requests share the
+slots of a runner that batches. Each request is planned by its own policy (``plan.Planner``).
 
-One step (the planning in ``plan``: ``PolicyPlanner`` for a lone request, ``BudgetPlanner`` for many):
-  1. every running request drafts after its context (its own drafter and state; a drafter that
-     costs, the trained head, only as deep as the budget may send; a lone request as deep as its
-     policy plans);
+One step:
+  1. every decoding request drafts after its context (its own drafter and state): as its policy
+     plans while it has the pass to itself (tau, trees, where a confident drafter stops); beside
+     others, under the ``cost`` policy, as deep as its draft length (a drafter that costs, the
+     trained head, only as deep as the verification budget may send);
   2. requests still reading their prompt get a chunk of it, from what the step's token budget
-     leaves (``max_step_tokens``; ``plan.prompt_chunks``), so a long prompt never stalls the others and
-     can be cancelled between chunks; under the budget the chunk that finishes a prompt carries
-     the pending token, and so the request's first token comes from the same pass (a lone
-     request's pending token waits for its first drafts instead);
-  3. the verification budget (``budget.allocate``) decides how many drafted tokens each request
-     sends (a chain's first ones, a tree's likeliest candidates; a lone request sends its whole
-     draft); the target scores every
-     request's ``[pending] + drafted`` block in one pass (ragged lengths and ragged cache lengths:
-     each request in its own slot; chains beside trees on the torch runner);
+     leaves (``max_step_tokens``; ``plan.prompt_chunks``), so a long prompt never stalls the others
+     and can be cancelled between chunks; the chunk that finishes a prompt carries the pending
+     token, and so the request's first token comes from the same pass;
+  3. a request alone sends its whole draft; beside others the verification budget
+     (``budget.allocate``) decides how many drafted tokens each ``cost`` request sends (a chain's
+     first ones, a tree's likeliest candidates); the target scores every request's ``[pending] +
+     drafted`` block in one pass (ragged lengths and ragged cache lengths: each request in its own
+     slot; chains beside trees on the torch runner);
   4. each request is verified on its own rows (ragged acceptance), its slot cut back to its own
      accepted context or branch, stop conditions applied; finished requests leave and their slots
      take new requests at the next step.
@@ -47,7 +46,7 @@ from ..config import (
     check_batching,
 )
 from ..drafters.base import Draft
-from ..policy import PositionAcceptance
+from ..policy import policy_maker
 from ..runners.base import Batchable, BatchRunner, Block, TreeBatchRunner, common_prefix
 from ..stats import RunStats
 from ..step import (
@@ -58,7 +57,7 @@ from ..step import (
     step_record,
 )
 from .budget import PassCost
-from .plan import MAX_DRAFT, BudgetPlanner, Planner, PolicyPlanner, Sequence
+from .plan import Planner, Sequence, StepPlan
 
 
 class BatchEngine:
@@ -68,10 +67,10 @@ class BatchEngine:
                  max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS, cost: PassCost | None = None,
                  vocab_size: int | None = None, policy_for=None, holder: str = "a slot's context"):
         """``vocab_size``: the logits' columns (None: the tokenizer's tokens). ``policy_for``:
-        (config, drafter) -> the ``Policy`` that plans a lone request's steps
-        (``plan.PolicyPlanner``); None: the verification budget plans every step, its pass prices
-        ``cost`` (None: timed now). ``holder``: what a request's tokens must fit in, as errors
-        name it."""
+        (config, drafter) -> the ``Policy`` that plans a request's steps (None: policies over a
+        cost curve of this engine's own, ``policy.policy_maker``). ``cost``: the prices of a pass
+        shared by several requests (None: timed now, where there are several slots).
+        ``holder``: what a request's tokens must fit in, as errors name it."""
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, eos_ids
         self.vocab_size = vocab_size or len(tokenizer)
         self.new_drafter = new_drafter  # () -> a fresh drafter for one request
@@ -83,9 +82,10 @@ class BatchEngine:
         self.holder = holder
         self.running: dict[int, Sequence] = {}  # slot -> sequence
         self._ids = count()
-        self.planner: Planner = (PolicyPlanner(policy_for, self.max_context) if policy_for is not None else
-                                 BudgetPlanner(cost or PassCost.measure(self._time_pass), runner.pass_shape,
-                                               max_step_tokens, self.max_context))
+        if cost is None and runner.slots > 1:
+            cost = PassCost.measure(self._time_pass)
+        self.policy_for = policy_for or policy_maker()
+        self.planner = Planner(cost, runner.pass_shape, max_step_tokens, self.max_context)
 
     @classmethod
     def for_decoder(cls, decoder, slots: int, slot_context: int | None = None,
@@ -106,7 +106,7 @@ class BatchEngine:
             raise ConfigError("max_batch", f"batching several requests cannot give each its own copy of drafter "
                                            f"{template.name}; use --max-batch 1 for it")
         return cls(runner, decoder.tokenizer, decoder.eos_ids, template.spawn, max_step_tokens,
-                   vocab_size=decoder.vocab_size)
+                   vocab_size=decoder.vocab_size, policy_for=decoder.policy)
 
     @property
     def free_slots(self) -> int:
@@ -130,15 +130,15 @@ class BatchEngine:
         slot, reused = self._slot_for(prompt_ids)
         self.runner.truncate(slot, reused)
         drafter = self.new_drafter()
-        seq = Sequence(next(self._ids), slot, let_in.config, list(prompt_ids), drafter, let_in.output, let_in.seed,
-                       RunStats(drafter=drafter.name, prompt_tokens=len(prompt_ids)),
-                       PositionAcceptance(MAX_DRAFT), len(prompt_ids), time.perf_counter(),
-                       torch.Generator().manual_seed(let_in.seed), let_in.noise, trace=trace, read=reused)
+        policy = self.policy_for(let_in.config, drafter)
+        seq = Sequence(next(self._ids), slot, let_in.config, list(prompt_ids), drafter, policy, let_in.output,
+                       let_in.seed, RunStats(drafter=drafter.name, policy=policy.name, prompt_tokens=len(prompt_ids)),
+                       len(prompt_ids), time.perf_counter(), torch.Generator().manual_seed(let_in.seed), let_in.noise,
+                       trace=trace, read=reused)
         drafter.attach(self.runner.slot_runner(slot))
-        name = seq.stats.policy = self.planner.join(seq)  # ConfigError where it cannot plan this request
         if trace is not None:
-            trace.header(config=let_in.config, drafter=drafter.name, policy=name, prompt_tokens=len(prompt_ids),
-                         seed=let_in.seed)
+            trace.header(config=let_in.config, drafter=drafter.name, policy=policy.name,
+                         prompt_tokens=len(prompt_ids), seed=let_in.seed)
         self.running[slot] = seq
         return seq
 
@@ -185,17 +185,17 @@ class BatchEngine:
             s.read += n
             if carries_pending:  # the last chunk held the pending token too: its logits give the first token
                 s.stats.prefill_s = time.perf_counter() - s.started
-                events.append(self._advance(s, Draft([]), logits[s.slot], t1 - t0, pass_s, 1, 0))
+                events.append(self._advance(s, Draft([]), logits[s.slot], plan, t1 - t0, pass_s, prompt=n))
             elif not s.reading_prompt:
                 s.stats.prefill_s = time.perf_counter() - s.started
         for s in decoding:
-            events.append(self._advance(s, sent[s.slot], logits[s.slot], t1 - t0, pass_s, len(sent[s.slot]) + 1,
-                                        plan.allowed[s.slot]))
+            events.append(self._advance(s, sent[s.slot], logits[s.slot], plan, t1 - t0, pass_s))
         return events
 
-    def _advance(self, s: Sequence, draft: Draft, logits: torch.Tensor, draft_s: float, pass_s: float,
-                 target_tokens: int, allowed: int) -> tuple[Sequence, StreamEvent]:
-        """Verify one request's rows, cut its slot back, emit its new tokens."""
+    def _advance(self, s: Sequence, draft: Draft, logits: torch.Tensor, plan: StepPlan, draft_s: float,
+                 pass_s: float, prompt: int = 0) -> tuple[Sequence, StreamEvent]:
+        """Verify one request's rows, cut its slot back, emit its new tokens (``prompt``: the
+        prompt tokens its block read, where it finished reading the prompt)."""
         t2 = time.perf_counter()
         config = s.config
         settled = settle(draft, logits, config, s.noise, len(s.output.tokens))
@@ -206,15 +206,15 @@ class BatchEngine:
             self.runner.keep_branch(s.slot, len(s.context) - 1, settled.rows)
         else:
             raise RuntimeError(f"{type(self.runner).__name__} cannot keep a branch of a tree")
-        self.planner.settled(s, draft, settled, allowed)
+        self.planner.settled(s, draft, settled, plan)
         s.drafter.observe(draft, verdict.num_accepted)
         new, text = s.output.add(verdict.tokens)
         s.context.extend(new)
         logprobs = emitted_logprobs(logits, settled, new, config)
-        rec = step_record(s.stats.steps, allowed, draft, settled, len(new), draft_s, pass_s,
-                          time.perf_counter() - t2, target_tokens)
+        rec = step_record(s.stats.steps, plan.allowed.get(s.slot, 0), draft, settled, len(new), draft_s, pass_s,
+                          time.perf_counter() - t2, prompt)
         s.stats.add(rec)
-        self.planner.emitted(s, rec)
+        self.planner.emitted(s, rec, plan)
         if s.trace is not None:
             s.trace.step(rec)
         finish = s.output.finish
