@@ -357,7 +357,8 @@ def test_fixed_blocks_and_prompt_chunks_stay_within_the_step(decoders):
     sizes, forward = [], engine.runner.forward
     engine.runner.forward = lambda blocks: sizes.append(sum(len(b.tokens) for b in blocks)) or forward(blocks)
     prompts = [dec.encode(q) for q in (QUESTIONS[1], QUESTIONS[1], LONG)]
-    configs = [GenerationConfig(max_new_tokens=24, ignore_eos=True, policy="fixed", draft_len=7)] * 3
+    # the long prompt's request decodes alone at the end, where its policy plans blocks of 17
+    configs = [GenerationConfig(max_new_tokens=n, ignore_eos=True, policy="fixed", draft_len=16) for n in (24, 24, 64)]
     got = _run(engine, prompts, configs)
     assert max(sizes) <= 12 and len(sizes) > 10
     assert [got[i] for i in range(3)] == [dec.generate(p, c).token_ids for p, c in zip(prompts, configs)]

@@ -125,3 +125,12 @@ def test_the_step_that_read_the_prompt_is_left_out(tmp_path):
     steps, _ = load_steps(str(path))
     assert steps == decoding
     assert analyse(steps)["bottleneck"] == "verification_cost"
+
+
+def test_the_predicted_speedup_leaves_the_prompt_step_out():
+    from specdecode.costmodel import CostModel, predicted_speedup_of_steps
+
+    cost = CostModel(target_s={1: T1, 5: 1.05 * T1, 200: 50 * T1})
+    decoding = trace("verification_cost")
+    prefill = {**step(0, 0, 0, 0, 0.0, 50 * T1), "target_tokens": 200, "prompt_tokens": 200}
+    assert predicted_speedup_of_steps([prefill] + decoding, cost) == predicted_speedup_of_steps(decoding, cost)

@@ -119,7 +119,7 @@ class Planner:
         if len(decoding) == 1 and not reading:
             (s,) = decoding
             draft, allowed = self._by_policy(s)
-            return StepPlan({s.slot: draft}, {s.slot: allowed}, {}, alone=s)
+            return StepPlan({s.slot: draft.prune(room)}, {s.slot: allowed}, {}, alone=s)
         budgeted = [s for s in decoding if isinstance(s.policy, CostPolicy)]
         drafts, allowed = self._budget_drafts(budgeted), {}
         whole = {}  # slot -> block length of a request its own policy plans: all it drafted, while there is room
