@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from specdecode.config import POLICIES
 from specdecode.procs import free_port
 
 from conftest import json_post_head, raw_request, read_until_closed, until
@@ -135,6 +136,17 @@ def test_metrics_move_by_exactly_the_requests_tokens(server, client):
         _metric(base, "vllm:spec_decode_num_accepted_tokens_per_pos_total", absent=0.0, position="0") - pos0
         == spec["accepted_per_position"][0]
     )
+
+
+def test_every_policy_is_served_by_name_and_gives_the_greedy_answer(client):
+    prompt = "Repeat exactly: red, green, blue, red, green, blue, yellow, red, green, blue."
+    answers = {}
+    for policy in POLICIES:
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                      extra_body={"speculative": {"policy": policy}})
+        assert r.model_extra["speculative_decoding"]["policy"] == policy
+        answers[policy] = r.choices[0].text
+    assert len(set(answers.values())) == 1 and answers["cost"]
 
 
 @pytest.mark.parametrize(
