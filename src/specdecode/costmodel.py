@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from .stats import decoding_steps
+
 # Prior cost of a target pass over n tokens relative to a 1-token pass, before anything is measured:
 # a straight line, the shape of a small model's passes on a CPU (docs/results.md has measured curves);
 # the cost model replaces it with live timings as soon as it has them.
@@ -125,8 +127,8 @@ def predicted_speedup_of_steps(steps: list, cost: CostModel) -> float:
     """What the cost model says a run's steps should have achieved over plain decoding: the same
     tokens at ``T(1)`` each, against each step's target pass and drafting at modelled cost.
     Measured speedup over this is the loop's efficiency (1.0: it costs nothing beyond the passes).
-    The step whose pass read the prompt's end (``prompt_tokens``) is prefill, not decoding: left out."""
-    steps = [s for s in steps if not s.get("prompt_tokens")]
+    The step whose pass read the prompt's end is prefill, not decoding: left out."""
+    steps = decoding_steps(steps)
     tokens = sum(s["emitted"] for s in steps)
     spent = sum(cost.target(s["target_tokens"]) + s["drafted"] * cost.draft() for s in steps)
     return tokens * cost.target(1) / spent if spent > 0 else 0.0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .config import ConfigError
 from .costmodel import CostModel, best_draft_len, prior_pass_ratio
-from .stats import rates_by_position, tally_positions
+from .stats import decoding_steps, rates_by_position, tally_positions
 
 
 def load_steps(path: str) -> tuple[list[dict], list[dict]]:
@@ -35,10 +35,11 @@ def load_steps(path: str) -> tuple[list[dict], list[dict]]:
                 obj = json.loads(line)
             except json.JSONDecodeError:
                 raise ConfigError("trace", f"line {n} of {path} is not JSON: is this a specdecode trace?") from None
-            if obj.get("type") == "step" and not obj.get("prompt_tokens"):
+            if obj.get("type") == "step":
                 steps.append(obj)
             elif obj.get("type") == "run":
                 runs.append(obj)
+    steps = decoding_steps(steps)
     if not steps:
         raise ConfigError("trace", f"{path} holds no decoding steps (write one with specdecode generate --trace FILE)")
     return steps, runs

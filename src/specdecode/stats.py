@@ -115,6 +115,12 @@ class RunStats:
         return out
 
 
+def decoding_steps(steps: list[dict]) -> list[dict]:
+    """Traced steps (``StepRecord.to_json``) without the one whose pass read the prompt's end:
+    that pass is prefill, not decoding."""
+    return [s for s in steps if not s.get("prompt_tokens")]
+
+
 def tally_positions(drafted_at: list[int], reached_at: list[int], accepted_at: list[int], positions: int,
                     accepted: int) -> None:
     """Count one step into per-position tallies: it drafted positions 1..``positions`` (a tree:

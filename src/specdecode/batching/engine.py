@@ -183,11 +183,10 @@ class BatchEngine:
         events = []
         for s, (n, carries_pending) in chunks.items():
             s.read += n
+            if not s.reading_prompt:
+                s.stats.prefill_s = time.perf_counter() - s.started
             if carries_pending:  # the last chunk held the pending token too: its logits give the first token
-                s.stats.prefill_s = time.perf_counter() - s.started
                 events.append(self._advance(s, Draft([]), logits[s.slot], plan, t1 - t0, pass_s, prompt=n))
-            elif not s.reading_prompt:
-                s.stats.prefill_s = time.perf_counter() - s.started
         for s in decoding:
             events.append(self._advance(s, sent[s.slot], logits[s.slot], plan, t1 - t0, pass_s))
         return events

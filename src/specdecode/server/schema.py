@@ -40,7 +40,8 @@ def _common(max_tokens: int | None) -> dict:
             "description": "this server's extension: how requests are drafted",
             "properties": {"draft_len": {"type": "integer", "minimum": 0, "maximum": MAX_DRAFT_LEN},
                            "policy": {"type": "string", "enum": list(POLICIES),
-                                      "description": "batched (--max-batch > 1): cost or fixed"},
+                                      "description": "how tau is chosen; in a pass shared with other requests, "
+                                                     "cost requests are planned by the verification budget"},
                            "tree": {"anyOf": [{"type": "boolean"}, {"type": "string", "enum": ["auto"]}]}}}),
         **{name: {"description": "accepted, changes nothing"} for name in sorted(INERT_FIELDS)},
         **{name: {"enum": [list(v) if isinstance(v, list) else v for v in values] + [None],
