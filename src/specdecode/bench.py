@@ -266,8 +266,11 @@ def _run(settings: BenchSettings, config: GenerationConfig, questions, target, d
     summary["cost_model"] = cost_report(
         measured, summary["overall"]["acceptance_by_position"] or [0.0], config.draft_len
     )
+    from .runners import describe_engine
+
     summary["config"] = {
         "target": settings.target or f"default ({DEFAULT_TARGET_NAME})",
+        "engine": describe_engine(target.model),
         "draft": settings.draft,
         "dataset": settings.dataset,
         "limit": settings.limit,
@@ -329,9 +332,9 @@ def format_table(summary: dict) -> str:
         line = (f"{name:<16}{c['prompts']:>4}{c['speedup']:>8.2f}x{c['median_speedup']:>7.2f}x{c['min_speedup']:>6.2f}x"
                 f"{c['predicted_speedup']:>6.2f}x{c['efficiency']:>6.2f}{c['mean_accepted_tokens']:>8.2f}{c['acceptance_rate']:>9.2f}"
                 f"{c['draft_cost_ratio']:>7.3f}{c['tokens_per_second']:>8.1f}{c['baseline_tokens_per_second']:>7.1f}{match:>7}")
-        for name in peers:
-            width = max(len(name) + 6, 9)
-            line += f"{c[name + '_tokens_per_second']:>{width}.1f}{c['ratio_vs_' + name]:>{width - 1}.2f}x"
+        for peer in peers:
+            width = max(len(peer) + 6, 9)
+            line += f"{c[peer + '_tokens_per_second']:>{width}.1f}{c['ratio_vs_' + peer]:>{width - 1}.2f}x"
         if name == "overall":
             lines.append("-" * len(head))
         lines.append(line)
@@ -341,6 +344,8 @@ def format_table(summary: dict) -> str:
     lines.append(f"target pass T(1) = {cm['target_pass_ms'][1]:.1f} ms; T(n)/T(1) {ratios}; draft token = "
                  f"{cm['draft_cost_ratio']:.3f} T(1); best fixed tau by the cost model: {cm['best_tau']} "
                  f"(predicted {cm['best_predicted_speedup']:.2f}x)")
+    if "engine" in summary.get("config", {}):
+        lines.append(f"engine: {summary['config']['engine']}")
     return "\n".join(lines)
 
 

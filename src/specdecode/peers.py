@@ -1,10 +1,10 @@
 """The engines people already use, run by ``specdecode bench --compare`` on the same prompts in the
 same process: Hugging Face ``generate`` with its nearest assisted generation (``hf``), and llama.cpp
 through llama-cpp-python as its users run it (``llamacpp``: plain decoding and its prompt-lookup
-speculation), ik_llama.cpp's plain decoding (``ik``), and, given its binary, llama.cpp's own server
-(``llama_server``: plain decoding and its n-gram speculation). ``--compare`` takes several,
-comma-separated (``ik,llamacpp``). Each peer turns prompt token ids into (generated token ids,
-seconds)."""
+speculation), ik_llama.cpp's plain decoding (``ik``), ik's own server built from the same source
+(``ik_server``: plain decoding and its n-gram speculation) and, given its binary, llama.cpp's own
+server (``llama_server``, likewise). ``--compare`` takes several, comma-separated (``ik,llamacpp``).
+Each peer turns prompt token ids into (generated token ids, seconds)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 
 from .config import ConfigError, GenerationConfig
 
-COMPARE = ("hf", "llamacpp", "ik")
+COMPARE = ("hf", "llamacpp", "ik", "ik_server")
 PROMPT_LOOKUP_TOKENS = 10  # tokens proposed per prompt-lookup step, both peers' usual setting
 
 
@@ -160,25 +160,29 @@ class IkPeer(Peer):
 
 
 class LlamaServerPeer(Peer):
-    """llama.cpp's server (``llama-server``, C++) on the GGUF file, as its users run it with one
-    slot: plain decoding (``llama_server``) and its n-gram speculation (``llama_server_ngram``,
-    ``--spec-type ngram-simple``), each its own process on 127.0.0.1, started once and asked with
-    the prompt's token ids, prompt caching off; the seconds are the request's, HTTP included."""
+    """A llama-server (C++) on the GGUF file, as its users run it with one slot: plain decoding
+    (``NAME``) and its n-gram speculation (``NAME_ngram``, ``--spec-type ngram-simple``), each its
+    own process on 127.0.0.1, started once and asked with the prompt's token ids, prompt caching
+    off; the seconds are the request's, HTTP included. llama.cpp's (``llama_server``, flash
+    attention on, its faster path here) or ik_llama.cpp's from our build (``ik_server``, flash
+    attention off, as the ik backend runs)."""
 
-    SPEC_TYPES = {"llama_server": "none", "llama_server_ngram": "ngram-simple"}
-
-    def __init__(self, binary: str, gguf_path, threads: int, context: int):
+    def __init__(self, binary: str, gguf_path, threads: int, context: int, name: str = "llama_server",
+                 flash_attention: bool = True, param: str = "llama_server", ids_from_logprobs: bool = False):
+        """``param``: the option that asked for it, named by a start-up error; ``ids_from_logprobs``:
+        the server returns token ids only with log-probabilities (ik's, ``_request``)."""
         from .procs import free_port, start_server
 
-        self.procs, self.bases = [], {}
+        self.procs, self.bases, self.ids_from_logprobs = [], {}, ids_from_logprobs
         try:
-            for name, spec_type in self.SPEC_TYPES.items():
+            for label, spec_type in ((name, "none"), (f"{name}_ngram", "ngram-simple")):
                 port = free_port()
                 base = f"http://127.0.0.1:{port}"
                 command = [binary, "-m", str(gguf_path), "--host", "127.0.0.1", "--port", str(port), "-np", "1",
-                           "-c", str(context), "-t", str(threads), "-fa", "on", "--spec-type", spec_type]
-                self.procs.append(start_server(command, base, "llama_server", timeout_s=120, quiet=True))
-                self.bases[name] = base
+                           "-c", str(context), "-t", str(threads), "-fa", "on" if flash_attention else "off",
+                           "--spec-type", spec_type, "--log-disable"]  # ik's writes ./llama.log otherwise
+                self.procs.append(start_server(command, base, param, timeout_s=120, quiet=True, name=name))
+                self.bases[label] = base
         except BaseException:
             self.close()
             raise
@@ -188,18 +192,35 @@ class LlamaServerPeer(Peer):
 
         if not config.greedy or config.stop:
             raise ConfigError("compare", "llama-server is compared under greedy decoding without --stop")
-        body = {"prompt": list(prompt_ids), "n_predict": config.max_new_tokens, "temperature": 0.0, "top_k": 1,
-                "cache_prompt": False, "ignore_eos": config.ignore_eos, "return_tokens": True, "stream": False}
+        path, body = self._request(list(prompt_ids), config)
         out = {}
         for name, base in self.bases.items():
             t = time.perf_counter()
-            reply = httpx.post(base + "/completion", json=body, timeout=600)
+            reply = httpx.post(base + path, json=body, timeout=600)
             seconds = time.perf_counter() - t
-            tokens = reply.json().get("tokens") if reply.status_code == 200 else None
+            tokens = self._tokens(reply.json()) if reply.status_code == 200 else None
             if tokens is None:
                 raise RuntimeError(f"{name} answered {reply.status_code}: {reply.text[:200]}")
-            out[name] = (list(tokens), seconds)
+            out[name] = (tokens, seconds)
         return out
+
+    def _request(self, prompt_ids: list[int], config: GenerationConfig) -> tuple[str, dict]:
+        """Where and what to send for ``config``'s greedy tokens, their ids returned: llama.cpp's
+        /completion returns them when asked (``return_tokens``); ik's has no such field, so its
+        OpenAI-style endpoint is asked for each token's log-probability, which carries its id."""
+        common = {"prompt": prompt_ids, "temperature": 0.0, "top_k": 1, "cache_prompt": False,
+                  "ignore_eos": config.ignore_eos, "stream": False}
+        if self.ids_from_logprobs:
+            return "/v1/completions", {**common, "max_tokens": config.max_new_tokens, "logprobs": 1}
+        return "/completion", {**common, "n_predict": config.max_new_tokens, "return_tokens": True}
+
+    def _tokens(self, reply: dict) -> list[int] | None:
+        if not self.ids_from_logprobs:
+            return list(reply["tokens"]) if "tokens" in reply else None
+        try:
+            return [int(entry["id"]) for entry in reply["choices"][0]["logprobs"]["content"]]
+        except (KeyError, IndexError, TypeError):
+            return None
 
     def close(self) -> None:
         from .procs import stop_server
@@ -247,10 +268,26 @@ def make_peers(compare: str | None, target, drafter, threads: int | None, llama_
     if path is None:
         raise ConfigError("compare", f"{compare} runs a GGUF file; the target is not one")
     threads, context = threads or default_threads(), target.model.config.max_position_embeddings
-    peers = [IkPeer(path, threads, context) if name == "ik" else LlamaCppPeer(path, threads, context)
-             for name in names]
+    peers = [_gguf_peer(name, path, threads, context) for name in names]
     if llama_server is not None:
         if not os.path.isfile(llama_server) or not os.access(llama_server, os.X_OK):
             raise ConfigError("llama_server", f"not an executable file: {llama_server}")
         peers.append(LlamaServerPeer(llama_server, path, threads, context))
     return peers[0] if len(peers) == 1 else Peers(*peers)
+
+
+def _gguf_peer(name: str, path, threads: int, context: int) -> Peer:
+    if name == "ik":
+        return IkPeer(path, threads, context)
+    if name == "ik_server":
+        from .runners.ik_api import server_binary
+
+        binary = server_binary()
+        if binary is None:
+            raise ConfigError("compare", "ik_server needs ik_llama.cpp built from source with its llama-server "
+                                         "(make setup, or python ik/build.py); the prebuilt wheel has none")
+        from .runners.ik import FLASH_ATTENTION
+
+        return LlamaServerPeer(str(binary), path, threads, context, name="ik_server", flash_attention=FLASH_ATTENTION,
+                               param="compare", ids_from_logprobs=True)
+    return LlamaCppPeer(path, threads, context)

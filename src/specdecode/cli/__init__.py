@@ -17,8 +17,29 @@ def _flag(param: str) -> str:
     return param if param in POSITIONAL else "--" + param.replace("_", "-")
 
 
+class _Version(argparse.Action):
+    """``--version``: this package's version and the engine builds it would run, found without
+    loading a model."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        from .. import __version__
+        from ..runners.ik_api import describe
+
+        try:
+            llamacpp = f"llama.cpp: llama-cpp-python {version('llama-cpp-python')}"
+        except PackageNotFoundError:
+            llamacpp = "llama.cpp: not installed"
+        parser.exit(message=f"specdecode {__version__}\n{describe()}\n{llamacpp}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specdecode", description="Lossless speculative decoding of language models.")
+    parser.add_argument("--version", action=_Version, help="the version and the engine builds in use, then exit")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(sub)

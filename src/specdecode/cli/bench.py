@@ -16,7 +16,8 @@ def register(sub) -> None:
     p.add_argument("--compare", default=None,
                    help="also run the engines people use on the same prompts, comma-separated: hf (Hugging Face "
                         "generate with its nearest assisted generation), or llamacpp (llama.cpp plain decoding and "
-                        f"its prompt lookup) and ik (ik_llama.cpp plain decoding); one of {', '.join(COMPARE)}")
+                        f"its prompt lookup), ik (ik_llama.cpp plain decoding) and ik_server (ik's own llama-server "
+                        f"from our build, plain and with its n-gram speculation); one of {', '.join(COMPARE)}")
     p.add_argument("--llama-server", default=None, metavar="PATH",
                    help="with --compare llamacpp: also run this llama-server binary on the same file, plain and "
                         "with --spec-type ngram-simple")

@@ -23,7 +23,8 @@ from .llama import LeanLlama, supports
 from .llamacpp import LlamaCppModel, LlamaCppRunner
 
 __all__ = ["FeatureRunner", "HFRunner", "LeanLlama", "LeanRunner", "LlamaCppModel", "LlamaCppRunner", "Runner",
-           "TreeRunner", "common_prefix", "is_torch", "lean_model", "make_runner", "output_rows", "runs_lean"]
+           "TreeRunner", "common_prefix", "describe_engine", "is_torch", "lean_model", "make_runner", "output_rows",
+           "runs_lean"]
 
 # one lean copy per model, so that a drafter and a decoder over it share the weights; kept apart from
 # the model (not as an attribute) so that a deep copy of the model does not carry the original's
@@ -62,3 +63,20 @@ def make_runner(model, vocab_size: int | None = None, fast: bool = True) -> Runn
     if runs_lean(model, fast):
         return LeanRunner(lean_model(model), vocab_size=vocab_size)
     return HFRunner(model, vocab_size=vocab_size)
+
+
+def describe_engine(model) -> str:
+    """One line naming what runs ``model``: the library build for a GGUF file (ik_llama.cpp's says
+    its source and our patches, ``ik_api.describe``), torch's version otherwise."""
+    if getattr(model, "backend", None) == "ik":
+        from .ik_api import describe
+
+        return describe()
+    if isinstance(model, LlamaCppModel):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"llama.cpp: llama-cpp-python {version('llama-cpp-python')}"
+        except PackageNotFoundError:
+            return "llama.cpp"
+    return f"torch {torch.__version__}"

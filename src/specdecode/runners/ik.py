@@ -7,13 +7,14 @@ llama.cpp runner (``LlamaCppRunner``) drives it unchanged: batches, decode and l
 same C calls in both libraries. Several sequences get a context each (``IkBatchRunner``).
 
 Kernels. A position's logits must not depend on how its pass was cut (``runners.llamacpp``).
-Here they are the same, bit for bit, for a pass of 1 token and for blocks up to a length that
-depends on the build and the CPU, which ``ik_api.probe`` measures once (on some CPUs every
-length; on others longer passes take a kernel that gives other logits): every call is cut to
-that length (``max_block``), so plain steps are 1-token passes and a drafted block costs about a
-third of a token more per extra token. Keys and
-values are cached as f16. Flash attention is off (``FLASH_ATTENTION``): the fork asserts on
-longer prompts with it on some CPUs and aborted with several sequences on one with AVX512-VNNI.
+ik picks another kernel for a product of 32 or more rows (it repacks the weights on the fly), with
+other roundings. Our build (ik/build.py, patch 0004) lets ``ik_api.load`` turn that switch off
+(``NEVER_REPACK``): every pass length then scores each token bit for bit alike, and the start-up
+check (``ik_api.probe``) finds every call length up to ``MAX_BLOCK`` exact. With the prebuilt wheel
+the switch stays, and every call is cut to the longest length the check found exact (31), so
+prompts are read in 31-token calls. Keys and values are cached as f16. Flash attention is off
+(``FLASH_ATTENTION``): the fork asserts on longer prompts with it on some CPUs and aborted with
+several sequences on one with AVX512-VNNI.
 """
 
 from __future__ import annotations

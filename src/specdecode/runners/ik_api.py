@@ -51,6 +51,15 @@ DECLARED = {
     "llama_print_system_info": ([], c_char_p),
     "llama_log_set": ([LOG_CALLBACK, c_void_p], None),
 }
+# our patches' additions (ik/patches), absent from the prebuilt wheel: None in ``load``'s namespace there
+PATCHED = {
+    "iqk_set_repack_min_rows": ([ctypes.c_int], None),  # 0004: which products take the repacking kernel
+    "iqk_get_repack_min_rows": ([], ctypes.c_int),
+}
+# iqk_set_repack_min_rows's argument for "no product repacks": every product keeps its weight
+# type's own kernel whatever the pass's size, so a token's logits do not depend on how many
+# tokens share its pass (batch-invariant) and no call has to be cut short (docs/backends.md)
+NEVER_REPACK = 2**31 - 1
 # taken from the wheel's binding as it declares them
 FROM_WHEEL = ("llama_backend_init", "llama_model_default_params", "llama_context_default_params",
               "llama_model_load_from_file", "llama_free_model", "llama_model_n_embd", "llama_init_from_model",
@@ -80,10 +89,15 @@ def load() -> SimpleNamespace:
                             f"pip install {WHEEL}") from None
     lib = wheel._lib
     api = {name: getattr(wheel, name) for name in FROM_WHEEL}
-    for name, (argtypes, restype) in DECLARED.items():
-        func = getattr(lib, name)
+    for name, (argtypes, restype) in {**DECLARED, **PATCHED}.items():
+        func = getattr(lib, name, None)
+        if func is None and name in PATCHED:
+            api[name] = None
+            continue
         func.argtypes, func.restype = argtypes, restype
         api[name] = func
+    if api["iqk_set_repack_min_rows"] is not None:
+        api["iqk_set_repack_min_rows"](NEVER_REPACK)
     api["llama_log_set"](_QUIET_LOG, None)  # it logs every load to stderr otherwise
     api["llama_backend_init"]()
     return SimpleNamespace(**api, library=Path(lib._name))
@@ -100,6 +114,43 @@ def library_path() -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0]) / "lib" / "libllama.so"
+
+
+MANIFEST = "specdecode-build.json"  # ik/build.py writes it into the ik_llama_cpp package it installs
+
+
+def build_info() -> dict:
+    """Which build of ik_llama.cpp the backend runs: ``source`` (the sdist with ``patches`` applied
+    by ik/build.py, or the prebuilt wheel), ``flags`` and ``library``; ``source`` None where
+    neither is installed."""
+    lib = library_path()
+    if lib is None:
+        return {"source": None, "patches": [], "flags": None, "library": None}
+    manifest = lib.parent.parent / MANIFEST
+    info = {"source": f"{WHEEL} (prebuilt wheel)", "patches": [], "flags": "wheel"}
+    if manifest.is_file() and not os.environ.get("IK_LLAMA_CPP_LIB_PATH"):
+        try:
+            info = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            pass
+    return {**info, "library": str(lib)}
+
+
+def describe() -> str:
+    """One line for logs and ``--version``: the build the ik backend runs."""
+    info = build_info()
+    if info["source"] is None:
+        return f"ik_llama.cpp: not installed (pip install {WHEEL}, or make setup to build it)"
+    patches = ", ".join(p["name"].removesuffix(".patch") for p in info["patches"]) or "none"
+    return f"ik_llama.cpp: {info['source']}, {info['flags']} flags, patches: {patches}"
+
+
+def server_binary() -> Path | None:
+    """ik's own llama-server from the build in use (ik/build.py installs it beside the library;
+    the prebuilt wheel has none)."""
+    lib = library_path()
+    path = lib.parent.parent / "bin" / "llama-server" if lib is not None else None
+    return path if path is not None and path.is_file() and os.access(path, os.X_OK) else None
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,11 @@ It scores ``PROBE_TOKENS`` tokens of the file one at a time, then blocks of each
 tokens from the first position and from the middle of that context, and prints as JSON the
 longest block length up to which every block's logits are bit-identical to the 1-token passes'.
 Speculation is exact only where they are (a drafted block scored in one pass must give what
-plain decoding would), and a build whose longer passes take another kernel can break that: on an
-AMD EPYC (Zen 5, AVX-512) ik_llama.cpp 0.1.5's passes of 32 or more tokens gave logits off by up
-to ~40 with another argmax at most positions, while every pass of up to 31 matched exactly.
+plain decoding would), and a build whose longer passes take another kernel breaks that: the
+prebuilt ik_llama.cpp 0.1.5 repacks the weights for products of 32 or more rows, so its passes of
+32+ tokens give other logits (on Q4_1, off by up to ~40: that kernel dropped a row's last blocks,
+which our patch 0003 mends). Our build with the switch off (``ik_api.NEVER_REPACK``) matches at
+every length.
 """
 
 from __future__ import annotations
