@@ -480,3 +480,19 @@ def test_summary_counts_the_prompts_where_a_peer_decoded_as_our_plain_decoding()
     assert summary["overall"]["ratio_vs_peer"] == pytest.approx((30 / 1.5) / (30 / 4.0))
     unchecked = summarize([result("a", None, 1.0)], CostModel(target_s={1: 0.01}))
     assert unchecked["overall"]["peer_identical_to_plain"] is None  # no greedy comparison was made
+
+
+def test_the_bench_table_keeps_every_peer_header_apart_and_explains_its_columns():
+    row = {"prompts": 2, "speedup": 1.1, "median_speedup": 1.0, "min_speedup": 0.9, "predicted_speedup": 1.2,
+           "efficiency": 0.9, "mean_accepted_tokens": 1.5, "acceptance_rate": 0.5, "draft_cost_ratio": 0.01,
+           "tokens_per_second": 100.0, "baseline_tokens_per_second": 90.0, "greedy_match": True}
+    for peer in ("ik", "llamacpp", "ik_server_ngram"):
+        row |= {f"{peer}_tokens_per_second": 80.0, f"ratio_vs_{peer}": 1.25}
+    summary = {"overall": row, "categories": {"qa": row}, "config": {"engine": "ik_llama.cpp: test"},
+               "cost_model": {"pass_ratio": {2: 1.2}, "target_pass_ms": {1: 5.0}, "draft_cost_ratio": 0.01,
+                              "best_tau": 2, "best_predicted_speedup": 1.1}}
+    lines = format_table(summary).splitlines()
+    for peer in ("ik", "llamacpp", "ik_server_ngram"):
+        assert f" {peer} tok/s" in lines[0] and f" vs {peer}" in lines[0]
+    assert any(line.startswith("speedup: ") and "pred: " in line and "base" in line for line in lines)
+    assert lines[-1] == "engine: ik_llama.cpp: test"

@@ -47,11 +47,23 @@ def test_bad_input_is_one_clear_line(capsys, argv, flag):
 
 @pytest.mark.parametrize("argv", [["generate", "hi", "--tree", "maybe"], ["generate", "hi", "--policy", "fast"]])
 def test_bad_choice_names_the_option_and_the_choices(capsys, argv):
-    with pytest.raises(SystemExit) as exit_:  # argparse's own message, with the usage
+    with pytest.raises(SystemExit) as exit_:
         main(argv)
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "Traceback" not in err
-    assert f"error: argument {argv[2]}: invalid choice: '{argv[3]}' (choose from" in err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"specdecode: error: {argv[2]}: invalid choice: '{argv[3]}' (choose from")
+    assert err.strip().endswith("(see: specdecode generate --help)")
+
+
+@pytest.mark.parametrize("argv, flag", [(["generate", "hi", "--max-new-tokens", "many"], "--max-new-tokens"),
+                                        (["bench"], "the following arguments are required: --dataset"),
+                                        (["generate", "hi", "--no-such-option"], "unrecognized arguments")])
+def test_a_usage_error_is_one_line_not_the_whole_usage(capsys, argv, flag):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and "usage:" not in err
+    assert err.startswith(f"specdecode: error: {flag}")
 
 
 def test_tokenizer_mismatch_is_refused(capsys, tmp_path, tiny_target):
@@ -103,3 +115,13 @@ def test_the_command_line_parses_its_options_without_importing_torch():
             "build_parser().parse_args(['generate', 'hi']); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_version_names_the_package_and_the_engine_builds_without_loading_a_model(capsys):
+    from specdecode import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    lines = capsys.readouterr().out.splitlines()
+    assert exit_.value.code == 0 and lines[0] == f"specdecode {__version__}"
+    assert lines[1].startswith("ik_llama.cpp: ") and lines[2].startswith("llama.cpp: ")

@@ -323,7 +323,7 @@ def format_table(summary: dict) -> str:
     head = (f"{'category':<16}{'n':>4}{'speedup':>9}{'median':>8}{'min':>7}{'pred':>7}{'eff':>6}{'acc.tok':>8}"
             f"{'acc.rate':>9}{'draft':>7}{'tok/s':>8}{'base':>7}{'match':>7}")
     for name in peers:
-        width = max(len(name) + 6, 9)
+        width = _peer_width(name)
         head += f"{name + ' tok/s':>{width}}{'vs ' + name:>{width}}"
     lines = [head, "-" * len(head)]
     rows = list(summary["categories"].items()) + [("overall", summary["overall"])]
@@ -333,7 +333,7 @@ def format_table(summary: dict) -> str:
                 f"{c['predicted_speedup']:>6.2f}x{c['efficiency']:>6.2f}{c['mean_accepted_tokens']:>8.2f}{c['acceptance_rate']:>9.2f}"
                 f"{c['draft_cost_ratio']:>7.3f}{c['tokens_per_second']:>8.1f}{c['baseline_tokens_per_second']:>7.1f}{match:>7}")
         for peer in peers:
-            width = max(len(peer) + 6, 9)
+            width = _peer_width(peer)
             line += f"{c[peer + '_tokens_per_second']:>{width}.1f}{c['ratio_vs_' + peer]:>{width - 1}.2f}x"
         if name == "overall":
             lines.append("-" * len(head))
@@ -344,9 +344,22 @@ def format_table(summary: dict) -> str:
     lines.append(f"target pass T(1) = {cm['target_pass_ms'][1]:.1f} ms; T(n)/T(1) {ratios}; draft token = "
                  f"{cm['draft_cost_ratio']:.3f} T(1); best fixed tau by the cost model: {cm['best_tau']} "
                  f"(predicted {cm['best_predicted_speedup']:.2f}x)")
+    lines.append(LEGEND)
     if "engine" in summary.get("config", {}):
         lines.append(f"engine: {summary['config']['engine']}")
     return "\n".join(lines)
+
+
+LEGEND = ("speedup: our tok/s over our plain decoding's (all prompts' tokens over all their seconds); median, min: "
+          "per prompt; pred: the cost model's prediction from the pass times measured before the run; eff: "
+          "speedup / pred; acc.tok: tokens per target pass, its own included; acc.rate: drafted tokens accepted; "
+          "draft: a drafted token's cost in 1-token passes; tok/s, base: ours and our plain decoding's; match: "
+          "greedy output identical to plain decoding; NAME tok/s, vs NAME: a peer's and ours over it")
+
+
+def _peer_width(name: str) -> int:
+    """A peer's two columns, wide enough that its headers never run into the next one's."""
+    return max(len(name) + 7, 9)
 
 
 PEER_COLOURS = ("tab:orange", "tab:purple", "tab:blue")  # none is the bars' green or red

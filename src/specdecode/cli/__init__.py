@@ -4,6 +4,7 @@ each subcommand is a module here with ``register`` (its options) and ``run`` (th
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from ..config import SpecDecodeError
@@ -34,11 +35,21 @@ class _Version(argparse.Action):
             llamacpp = f"llama.cpp: llama-cpp-python {version('llama-cpp-python')}"
         except PackageNotFoundError:
             llamacpp = "llama.cpp: not installed"
-        parser.exit(message=f"specdecode {__version__}\n{describe()}\n{llamacpp}\n")
+        print(f"specdecode {__version__}\n{describe()}\n{llamacpp}")
+        parser.exit()
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with its usage errors in our one-line form (``specdecode: error: --flag:
+    what``), where argparse prints the whole usage first; the help is one command away."""
+
+    def error(self, message: str):
+        message = re.sub(r"^argument ([^:]+): ", lambda m: m.group(1).split("/")[-1] + ": ", message)
+        self.exit(2, f"specdecode: error: {message} (see: {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="specdecode", description="Lossless speculative decoding of language models.")
+    parser = _Parser(prog="specdecode", description="Lossless speculative decoding of language models.")
     parser.add_argument("--version", action=_Version, help="the version and the engine builds in use, then exit")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
