@@ -34,6 +34,7 @@ def run(capsys, *argv):
         (["serve", "--slot-context", "8"], "--slot-context"),
         (["serve", "--max-queue", "0"], "--max-queue"),
         (["serve", "--keep-alive-timeout", "0"], "--keep-alive-timeout"),
+        (["serve", "--port", "99999"], "--port"),
     ],
 )
 def test_bad_input_is_one_clear_line(capsys, argv, flag):
@@ -125,3 +126,17 @@ def test_version_names_the_package_and_the_engine_builds_without_loading_a_model
     lines = capsys.readouterr().out.splitlines()
     assert exit_.value.code == 0 and lines[0] == f"specdecode {__version__}"
     assert lines[1].startswith("ik_llama.cpp: ") and lines[2].startswith("llama.cpp: ")
+
+
+def test_serve_on_a_port_in_use_is_one_line_naming_port_before_any_model_loads(capsys, monkeypatch):
+    import socket
+
+    from specdecode.server import app
+
+    monkeypatch.setattr(app.ModelSpec, "load", lambda self: pytest.fail("loaded a model"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code, out, err = run(capsys, "serve", "--port", str(taken.getsockname()[1]))
+    assert code == 2 and err.startswith("specdecode: error: --port: cannot listen on 127.0.0.1:")
+    assert "serving" not in out

@@ -660,3 +660,23 @@ def test_the_library_server_refuses_limits_out_of_range_naming_them(option, valu
     with pytest.raises(ConfigError) as err:
         Server(loader, "m", **{option: value})
     assert err.value.param == option
+
+
+def test_serve_on_port_0_says_the_port_it_listens_on():
+    proc = subprocess.Popen([sys.executable, "-m", "specdecode", "serve", "--port", "0", "--draft", "none"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()  # printed once the socket is bound
+        port = int(line.rsplit(":", 1)[1])
+        assert line.startswith("specdecode: serving ") and port > 0
+        until(lambda: _answers(f"http://127.0.0.1:{port}/health"), "the server to answer on the port it printed")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code in (200, 503)
+    except httpx.TransportError:
+        return False

@@ -27,8 +27,9 @@ from .options import add_model_args, add_speculation_args
 def register(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000,
+                   help="the TCP port to listen on, 0 for any free one (default: %(default)s)")
     p.add_argument("--model-name", default=None, help="the id clients pass as 'model' (default: the target)")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help="requests that may wait; past it: 429 (default: %(default)s)")
@@ -94,6 +95,8 @@ def run(args) -> int:
     check_serving(args.max_queue, args.max_batch, args.slot_context, queue_timeout=args.queue_timeout,
                   shutdown_grace=args.shutdown_grace, body_timeout=args.body_timeout,
                   keep_alive_timeout=args.keep_alive_timeout)  # before the model loads
+    if not 0 <= args.port <= 65535:
+        raise SpecDecodeError("port", f"must be a TCP port in [0, 65535] (got {args.port})")
     ray_options = _ray_options(args)
     defaults = DEFAULTS.with_(draft_len=args.draft_len, policy=args.policy)
     name = args.model_name or (args.target or DEFAULT_TARGET_NAME)
@@ -106,16 +109,33 @@ def run(args) -> int:
 
         serve_forever(spec, name, options, ray_options, args.host, args.port, keep_alive=args.keep_alive_timeout)
         return 0
+    sock = _listen(args.host, args.port)  # before the model loads: a port taken is an error at once
+    port = sock.getsockname()[1]
     server = Server(spec.load, name, on_load_error=_exit_on_config_error, **options)
-    print(f"specdecode: serving {name} (draft: {args.draft}) on http://{args.host}:{args.port}", flush=True)
-    config = uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
+    print(f"specdecode: serving {name} (draft: {args.draft}) on http://{args.host}:{port}", flush=True)
+    config = uvicorn.Config(create_app(server), host=args.host, port=port, log_level=args.log_level,
                             timeout_graceful_shutdown=int(args.shutdown_grace) + 2,
                             timeout_keep_alive=args.keep_alive_timeout)
-    _run_uvicorn(config, server)
+    _run_uvicorn(config, server, sock)
     return 0
 
 
-def _run_uvicorn(config, server) -> None:
+def _listen(host: str, port: int):
+    """A socket bound to ``host:port`` (0: a free port), as uvicorn would bind it."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        raise SpecDecodeError("port", f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _run_uvicorn(config, server, sock) -> None:
     """uvicorn's server, which on SIGTERM or SIGINT first stops the worker (queued requests get
     503 at once, running ones the grace period, then 503 in their stream), so that the
     connections uvicorn then waits for end within that period."""
@@ -127,4 +147,4 @@ def _run_uvicorn(config, server) -> None:
                 threading.Thread(target=server.worker.stop, args=(server.shutdown_grace,), daemon=True).start()
             super().handle_exit(sig, frame)
 
-    StoppingServer(config).run()
+    StoppingServer(config).run(sockets=[sock])
