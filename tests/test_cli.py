@@ -140,3 +140,20 @@ def test_serve_on_a_port_in_use_is_one_line_naming_port_before_any_model_loads(c
         code, out, err = run(capsys, "serve", "--port", str(taken.getsockname()[1]))
     assert code == 2 and err.startswith("specdecode: error: --port: cannot listen on 127.0.0.1:")
     assert "serving" not in out
+
+
+def test_every_option_with_a_default_says_it_in_its_help():
+    import argparse
+
+    from specdecode.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        formatter = command._get_formatter()
+        for action in command._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.option_strings[0]} has no help"
+            if action.default not in (None, False, [], argparse.SUPPRESS):
+                assert "default" in formatter._get_help_string(action), f"{name} {action.option_strings[0]}"

@@ -39,9 +39,25 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Every option's help says its default where it has one (argparse's own
+    ArgumentDefaultsHelpFormatter also prints "default: None" and "default: False")."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's parser with its usage errors in our one-line form (``specdecode: error: --flag:
-    what``), where argparse prints the whole usage first; the help is one command away."""
+    what``), where argparse prints the whole usage first; the help is one command away. Its
+    subcommands' parsers are of this class too, with ``_Formatter``."""
+
+    def __init__(self, *args, formatter_class=_Formatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
     def error(self, message: str):
         message = re.sub(r"^argument ([^:]+): ", lambda m: m.group(1).split("/")[-1] + ": ", message)

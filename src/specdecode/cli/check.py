@@ -21,7 +21,7 @@ def register(sub) -> None:
     p.add_argument("--compare", default=None,
                    help="llamacpp, ik or both (ik,llamacpp): also report how their plain decoding compares with "
                         "ours, and whether llama.cpp's prompt lookup leaves its own plain decoding (greedy)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the report as one JSON object")
     p.set_defaults(run=run, max_new_tokens=CHECK_MAX_NEW_TOKENS)
 
 

@@ -34,10 +34,10 @@ def register(sub) -> None:
     p.add_argument("--rounds", type=int, default=1,
                    help="measure each load this many times per server, the servers interleaved; rows give "
                         "the median (default: %(default)s)")
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens each request asks for")
     p.add_argument("--stop-at-eos", action="store_true", help="let requests end at end-of-sequence")
-    p.add_argument("--out", default="out/loadtest")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default="out/loadtest", help="directory for results.json, table.md and the plot")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 

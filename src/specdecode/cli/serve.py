@@ -59,7 +59,7 @@ def register(sub) -> None:
     ray.add_argument("--max-replicas", type=int, default=None, help="... and this, on requests in flight")
     ray.add_argument("--ray-address", default=None, help="join this Ray cluster (e.g. ray://head:10001 or auto)")
     add_speculation_args(p)
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     p.set_defaults(run=run)
 
 

@@ -31,12 +31,12 @@ def register(sub) -> None:
     p.add_argument("--init", default=D.init,
                    help="a draft head directory to train further (the shipped one: 'head'), keeping its shape and "
                         "vocabulary, instead of a new head started from the target's last layer")
-    p.add_argument("--max-new-tokens", type=int, default=D.max_new_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=D.max_new_tokens, help="tokens per answer")
     p.add_argument("--batch", type=int, default=D.batch, help="generation batch size")
-    p.add_argument("--epochs", type=int, default=D.epochs)
+    p.add_argument("--epochs", type=int, default=D.epochs, help="passes over the captured features")
     p.add_argument("--batch-tokens", type=int, default=D.batch_tokens, help="training batch size, in padded positions")
     p.add_argument("--depth", type=int, default=D.depth, help="draft steps unrolled in training")
-    p.add_argument("--lr", type=float, default=D.lr)
+    p.add_argument("--lr", type=float, default=D.lr, help="learning rate")
     p.add_argument(
         "--inner",
         type=int,
@@ -63,7 +63,7 @@ def register(sub) -> None:
         "or numbers such as "
         "2,15 (the last layer is always read)",
     )
-    p.add_argument("--seed", type=int, default=D.seed)
+    p.add_argument("--seed", type=int, default=D.seed, help="seed of prompts, sampling and training")
     p.add_argument("--device", default=D.device, help="auto (a GPU where there is one), cpu or cuda[:N]")
     p.set_defaults(run=run)
 
