@@ -61,3 +61,20 @@ def test_fails_on_cache_rollback_off_by_one(tiny_target, tiny_draft, tokenizer):
     report = run_check(dec, GREEDY, PROMPTS, progress=False)
     assert not report["passed"]
     assert any(c["verdict"] == "wrong output" for c in report["cases"])
+
+
+def test_a_sampling_check_that_accepted_too_few_drafts_is_inconclusive_not_passed(monkeypatch, capsys):
+    """A run whose drafts were never accepted tested the acceptance rule too little to vouch for it."""
+    from specdecode import check
+    from specdecode.cli import check as check_cli
+
+    unexercised = {"prompt": "p", "first_token": {"passed": True, "draws": 1000, "chi2": 1.0, "dof": 3,
+                   "p_value": 0.5, "alpha": 0.01, "tv_distance": 0.01}, "second_token_after_mode": None,
+                   "drafted": 315, "accepted": 0, "passed": True}
+    monkeypatch.setattr(check, "check_sampling", lambda *args, **kw: [unexercised])
+    report = run_check(None, SAMPLING, ["p"], progress=False)
+    assert report["inconclusive"] and not report["passed"]
+    assert check.format_report(report, None).splitlines()[-1].startswith("INCONCLUSIVE: drafts were accepted 0 times")
+    monkeypatch.setattr(check, "check_sampling", lambda *args, **kw: [{**unexercised, "accepted": check.MIN_ACCEPTED}])
+    assert run_check(None, SAMPLING, ["p"], progress=False)["passed"]
+    assert check_cli.INCONCLUSIVE not in (0, 1, 2)

@@ -25,6 +25,9 @@ def register(sub) -> None:
     p.set_defaults(run=run, max_new_tokens=CHECK_MAX_NEW_TOKENS)
 
 
+INCONCLUSIVE = 3  # exit status of a check that tested too little to pass or fail (check.MIN_ACCEPTED)
+
+
 def run(args) -> int:
     from ..api import load
     from ..check import check_prompts, format_report, run_check, validate_check
@@ -47,4 +50,4 @@ def run(args) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(format_report(report, spec.tokenizer))
-    return 0 if report["passed"] else 1
+    return 0 if report["passed"] else INCONCLUSIVE if report.get("inconclusive") else 1
