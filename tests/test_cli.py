@@ -157,3 +157,18 @@ def test_every_option_with_a_default_says_it_in_its_help():
             assert action.help, f"{name} {action.option_strings[0]} has no help"
             if action.default not in (None, False, [], argparse.SUPPRESS):
                 assert "default" in formatter._get_help_string(action), f"{name} {action.option_strings[0]}"
+
+
+@pytest.mark.parametrize("env, says", [({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+                                       ({"HF_ENDPOINT": "http://127.0.0.1:1"}, "(127.0.0.1) cannot be reached")])
+def test_a_name_that_is_no_path_and_not_cached_fails_at_once_where_the_hub_is_out_of_reach(monkeypatch, env, says):
+    from specdecode.config import ConfigError
+    from specdecode.models import load_model
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError) as err:
+        load_model("nobody-here/banana", param="draft")
+    assert err.value.param == "draft" and says in err.value.message
+    assert "'nobody-here/banana' is not a local directory or .gguf file" in err.value.message

@@ -27,6 +27,9 @@ GGUF_BACKENDS = ("llamacpp", "ik")  # backends that run a GGUF file in its own q
 DEFAULT_TARGET = "default"
 DEFAULT_GGUF = f"{DEFAULT_TARGET_NAME}.Q4_1.gguf"
 DTYPES = dict(zip(DTYPE_NAMES, (None, torch.float32, torch.bfloat16, torch.float16)))
+# one quick connection to the model hub before a hub id that is not cached is fetched: offline,
+# transformers' own retries take about a minute before their error
+HUB_PROBE_S = 3.0
 
 
 def cache_dir() -> Path:
@@ -98,7 +101,8 @@ def load_model(spec: str | None, *, param: str = "target", dtype: str = DEFAULT_
         path = spec
         if _looks_local(spec) and not os.path.isdir(spec):
             raise ConfigError(param, f"not a model directory or .gguf file: {spec}")
-    model, tokenizer = _from_pretrained(path, param, torch_dtype)
+    local = not isinstance(path, str) or os.path.isdir(path) or _hub_cached(path, param)
+    model, tokenizer = _from_pretrained(path, param, torch_dtype, **({"local_files_only": True} if local else {}))
     return LoadedModel(model.to(device).eval(), tokenizer, spec)
 
 
@@ -181,6 +185,30 @@ def _gguf_cache_path(gguf: Path, kind: str) -> Path:
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     return cache_dir() / kind / f"{gguf.stem}-{key}"
+
+
+def _hub_cached(repo: str, param: str) -> bool:
+    """Whether hub id ``repo`` is in the local Hugging Face cache (then it loads offline). Where it
+    is not, the hub must be reached: offline first, as HF_HUB_OFFLINE does, then one quick
+    connection; either failing is one line naming ``param``, at once."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return True
+    what = f"{repo!r} is not a local directory or .gguf file, nor a model in the local Hugging Face cache"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ConfigError(param, f"{what}, and HF_HUB_OFFLINE is set")
+    hub = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    import socket
+
+    try:
+        socket.create_connection((hub.hostname, hub.port or (443 if hub.scheme == "https" else 80)),
+                                 timeout=HUB_PROBE_S).close()
+    except OSError:
+        raise ConfigError(param, f"{what}, and the model hub ({hub.hostname}) cannot be reached") from None
+    return False
 
 
 def _looks_local(spec: str) -> bool:
