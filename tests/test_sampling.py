@@ -48,3 +48,24 @@ def test_argmax_takes_the_first_index_on_ties_as_torch_does():
     assert torch.equal(argmax(strided), strided.argmax(dim=-1))
     half = torch.tensor([[0.5, 2.0, 2.0]], dtype=torch.bfloat16)  # not through NumPy
     assert argmax(half).tolist() == [1]
+
+
+def _top_p_by_full_sort(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The reference: sort the whole vocabulary, keep a token while the mass before it is below top_p."""
+    sorted_probs, order = torch.sort(torch.softmax(logits, dim=-1), dim=-1, descending=True)
+    drop_sorted = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return torch.softmax(logits.masked_fill(drop, float("-inf")), dim=-1)
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.95, 0.999])
+@pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])  # flat to peaked: the nucleus from thousands of tokens to one
+def test_top_p_keeps_what_a_full_sort_keeps(top_p, scale):
+    logits = torch.randn(6, 49152, generator=torch.Generator().manual_seed(7)) * scale
+    assert torch.equal(logits_to_probs(logits, 0.8, 0, top_p), _top_p_by_full_sort(logits / 0.8, top_p))
+
+
+def test_top_p_keeps_every_token_tied_with_the_last_one_kept():
+    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, -5.0]])
+    probs = logits_to_probs(logits, 1.0, 0, 0.5)  # the first alone holds under half: one of the tied three ends it
+    assert (probs[0, 1:4] > 0).all() and probs[0, 4] == 0

@@ -42,14 +42,28 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, to
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = torch.softmax(sorted_logits, dim=-1)
-        # mass strictly before each token; a token is kept while that mass is still below top_p
-        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        drop_sorted = mass_before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = logits.masked_fill(~_nucleus(torch.softmax(logits, dim=-1), top_p), float("-inf"))
     return torch.softmax(logits, dim=-1)
+
+
+TOP_P_CANDIDATES = 64  # the largest probabilities top-p looks at first; 8 times more while they fall short
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``[..., vocab]`` bool: the tokens top-p keeps. In descending order of probability, a token is
+    kept while the mass strictly before it is below ``top_p`` (the likeliest always), and so is
+    every token as likely as the last one kept. Only the largest probabilities are sorted: the
+    ``TOP_P_CANDIDATES`` largest, more where they hold less than ``top_p``; a full sort of the
+    vocabulary cost several milliseconds a step."""
+    vocab, k = probs.shape[-1], min(TOP_P_CANDIDATES, probs.shape[-1])
+    while True:
+        largest = torch.topk(probs, k, dim=-1).values  # [..., k], descending
+        mass = torch.cumsum(largest, dim=-1)
+        if k == vocab or bool((mass[..., -1] >= top_p).all()):
+            break
+        k = min(vocab, 8 * k)
+    kept = ((mass - largest) < top_p).sum(dim=-1, keepdim=True)  # >= 1: the first has nothing before it
+    return probs >= largest.gather(-1, kept - 1)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
