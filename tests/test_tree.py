@@ -224,15 +224,19 @@ def test_sampling_drafts_trees_and_keeps_the_target_distribution(tiny_target, to
     draft = drafter.propose(context, DraftPlan(3), sampling, torch.Generator().manual_seed(1))
     assert draft.parents is not None and draft.probs is None  # one-hot candidates
     for tree in (False, "auto"):  # --tree off, and the default under sampling: a sampled chain with its distribution
-        chain = drafter.propose(context, DraftPlan(3), sampling.with_(tree=tree), torch.Generator().manual_seed(1))
-        assert chain.parents is None and chain.probs is not None
+        chain = drafter.propose(context, DraftPlan(3, keep_probs=True), sampling.with_(tree=tree),
+                                torch.Generator().manual_seed(1))
+        assert chain.parents is None and chain.probs is not None and chain.probs.shape[0] == len(chain.tokens)
+        unasked = drafter.propose(context, DraftPlan(3), sampling.with_(tree=tree), torch.Generator().manual_seed(1))
+        assert unasked.tokens == chain.tokens and unasked.probs is None  # built only where asked for
     assert (
         drafter.propose(context, DraftPlan(3), GenerationConfig(draft_len=3, policy="fixed"), None).parents is not None
     )  # auto, greedy
     # end to end (the check's chi-square on the first two tokens): a random head's candidates are
-    # mostly rejected, so the rejection-and-residual path is what this exercises
+    # mostly rejected, so the rejection path is what this exercises; with (almost) none accepted
+    # the check calls itself inconclusive, but its tests must still pass
     report = run_check(dec, sampling, ["The cat sat on the mat and the cat"], draws=400, alpha=1e-3, progress=False)
-    assert report["passed"], report
+    assert all(context["passed"] for context in report["contexts"]), report
     assert report["contexts"][0]["drafted"] > 0
 
 

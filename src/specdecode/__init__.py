@@ -1,4 +1,5 @@
-"""specdecode: lossless speculative decoding for Hugging Face causal LMs.
+"""specdecode: lossless speculative decoding of language models (Hugging Face causal LMs, and GGUF
+files run by ik_llama.cpp or llama.cpp): a library, a command-line tool and an OpenAI-compatible server.
 
 Implements speculative sampling (Leviathan et al. 2023, "Fast Inference from Transformers via
 Speculative Decoding"; Chen et al. 2023, "Accelerating Large Language Model Decoding with

@@ -19,10 +19,12 @@ This makes every emitted token an exact sample of the target's distribution. Gre
 special case where both distributions are one-hot (see ``sampling.logits_to_probs``): then the test
 accepts exactly when the drafted token is the target's argmax.
 
-Both decoding loops settle by the coupled rule below (``verify_tree_coupled``, through
-``step.settle``): it emits what plain decoding with the request's seed emits, so a seeded request's
-tokens do not depend on its drafts or its batch. ``verify`` and ``verify_tree`` are the standard
-rules, kept as the reference the coupled one is measured against (``scripts/coupled_acceptance.py``).
+Every request is settled by the coupled rule below (``verify_tree_coupled``, through
+``step.settle``, in the one decoding loop): it emits what plain decoding with the request's seed
+emits, so a seeded request's tokens do not depend on its drafts or its batch. ``verify`` and
+``verify_tree`` are the standard rules, kept out of the hot path as the reference the coupled one
+is held to (the tests; ``scripts/coupled_acceptance.py``); they read ``Draft.probs``, which a
+drafter builds only when its plan asks (``DraftPlan.keep_probs``).
 """
 
 from __future__ import annotations

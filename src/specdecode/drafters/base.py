@@ -37,13 +37,18 @@ class DraftPlan:
     # token the target will draw (drafter-invariant speculative decoding, Daliri et al. 2024).
     # None: draw from the generator
     noise: Callable[[int], torch.Tensor] | None = None
+    # sampling only: return each drafted token's distribution (``Draft.probs``). The coupled rule
+    # every request is settled by does not read them; the standard rule (``verify.verify``), the
+    # reference it is held to, does. Off, a sampling drafter builds no [tau, vocab] tensor a step
+    keep_probs: bool = False
 
 
 @dataclass
 class Draft:
     tokens: list[int]
-    # [len(tokens), vocab]: the exact distribution each token was drawn from. None means every
-    # token was drawn from a one-hot distribution on itself (greedy drafts, n-gram lookup).
+    # [len(tokens), vocab]: the exact distribution each token was drawn from, where the plan asked
+    # for it (``DraftPlan.keep_probs``). None otherwise, and where every token was drawn from a
+    # one-hot distribution on itself (greedy drafts, n-gram lookup).
     probs: torch.Tensor | None = None
     # the drafter's own probability of each drafted token; empty when it has none (n-gram lookup)
     confidence: list[float] = field(default_factory=list)

@@ -79,7 +79,7 @@ class FeatureDrafter(Drafter):
             pick = int(dist.argmax()) if config.greedy else draw(dist, generator, plan.noise and plan.noise(i)[ids])
             tokens.append(int(ids[pick]))
             confidence.append(top)
-            if not config.greedy:
+            if plan.keep_probs and not config.greedy:
                 full = torch.zeros(self.vocab_size)
                 full[ids] = dist
                 probs.append(full)

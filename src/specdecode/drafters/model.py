@@ -57,11 +57,12 @@ class ModelDrafter(Drafter):
             else:
                 top = float(dist.max())
             tokens.append(token)
-            probs.append(dist)
+            if plan.keep_probs and not config.greedy:
+                probs.append(dist)
             confidence.append(top)
             path *= top
             if i + 1 == max_tokens or top < config.confidence_floor or path < plan.path_floor:
                 break
             logits = self.runner.forward([token], num_logits=1)[0]
         # greedy draws are one-hot on the drafted token: no need to carry the distributions
-        return Draft(tokens, None if config.greedy else torch.stack(probs), confidence)
+        return Draft(tokens, torch.stack(probs) if probs else None, confidence)
