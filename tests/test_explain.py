@@ -134,3 +134,31 @@ def test_the_predicted_speedup_leaves_the_prompt_step_out():
     decoding = trace("verification_cost")
     prefill = {**step(0, 0, 0, 0, 0.0, 50 * T1), "target_tokens": 200, "prompt_tokens": 200}
     assert predicted_speedup_of_steps([prefill] + decoding, cost) == predicted_speedup_of_steps(decoding, cost)
+
+
+def test_explain_counts_tokens_and_passes_as_generate_does(tiny_target, tokenizer, tmp_path, capsys):
+    """The pass that read the prompt gave the first token: explain counts it as generate does."""
+    from specdecode import GenerationConfig
+    from specdecode.drafters.ngram import NgramDrafter
+    from specdecode.engine import SpeculativeDecoder
+    from specdecode.trace import TraceWriter
+
+    path = tmp_path / "run.jsonl"
+    trace = TraceWriter(str(path))
+    dec = SpeculativeDecoder(tiny_target, tokenizer, NgramDrafter())
+    result = dec.generate("the cat sat on the mat the cat sat on the", GenerationConfig(
+        max_new_tokens=30, ignore_eos=True, policy="fixed", draft_len=4), chat=False, trace=trace)
+    trace.close()
+    assert main(["explain", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tokens"] == result.stats.new_tokens == 30
+    assert report["tokens_per_target_pass"] == pytest.approx(result.stats.mean_accepted_length)
+    assert report["passes"] == report["steps"] + 1
+
+
+def test_a_position_never_reached_is_not_reported_as_zero_acceptance():
+    steps = [step(i, 3, 3, 0, 0.0001, T1) for i in range(20)]  # position 1 always rejected: 2 and 3 never tested
+    report = analyse(steps)
+    assert report["reached_by_position"] == [20, 0, 0]
+    first = next(line for line in report["advice"] if line.startswith("Acceptance"))
+    assert "1:0.00" in first and "2:" not in first and "3:" not in first

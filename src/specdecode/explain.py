@@ -23,10 +23,17 @@ from .stats import decoding_steps, rates_by_position, tally_positions
 
 def load_steps(path: str) -> tuple[list[dict], list[dict]]:
     """A trace's decoding steps (not the step whose pass read the prompt's end: prefill) and its runs."""
+    steps, _, runs = load_trace(path)
+    return steps, runs
+
+
+def load_trace(path: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """A trace's decoding steps, its prompt steps (each a pass that read a prompt's end and gave
+    its first token) and its runs."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError("trace", f"no such file: {path}")
-    steps, runs = [], []
+    records, runs = [], []
     with p.open() as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -36,13 +43,13 @@ def load_steps(path: str) -> tuple[list[dict], list[dict]]:
             except json.JSONDecodeError:
                 raise ConfigError("trace", f"line {n} of {path} is not JSON: is this a specdecode trace?") from None
             if obj.get("type") == "step":
-                steps.append(obj)
+                records.append(obj)
             elif obj.get("type") == "run":
                 runs.append(obj)
-    steps = decoding_steps(steps)
+    steps = decoding_steps(records)
     if not steps:
         raise ConfigError("trace", f"{path} holds no decoding steps (write one with specdecode generate --trace FILE)")
-    return steps, runs
+    return steps, [r for r in records if r.get("prompt_tokens")], runs
 
 
 def _median(xs):
@@ -68,15 +75,15 @@ def _positions(step: dict) -> int:
     return step["drafted"] if depth is None else depth
 
 
-def acceptance_by_position(steps: list[dict]) -> tuple[list[float], list[int]]:
+def acceptance_by_position(steps: list[dict]) -> tuple[list[float], list[int], list[int]]:
     """Acceptance at each position given the earlier ones were accepted, as ``RunStats`` counts
-    it, and how many steps drafted each position."""
+    it, how many steps drafted each position, and how many reached (tested) it."""
     drafted_at: list[int] = []
     reached_at: list[int] = []
     accepted_at: list[int] = []
     for s in steps:
         tally_positions(drafted_at, reached_at, accepted_at, _positions(s), s["accepted"])
-    return rates_by_position(accepted_at, reached_at), drafted_at
+    return rates_by_position(accepted_at, reached_at), drafted_at, reached_at
 
 
 def _speedup(steps, cost: CostModel, *, accept_all=False, free_draft=False, flat_verify=False, no_overhead=False):
@@ -93,7 +100,10 @@ def _speedup(steps, cost: CostModel, *, accept_all=False, free_draft=False, flat
     return tokens * t1 / spent if spent > 0 else 0.0
 
 
-def analyse(steps: list[dict]) -> dict:
+def analyse(steps: list[dict], prompt_steps: list[dict] = ()) -> dict:
+    """The report on decoding ``steps``; ``prompt_steps`` (the passes that read a prompt's end, each
+    giving its first token) count into tokens and passes as ``generate`` counts them, and into
+    nothing else: their time is prefill."""
     cost = cost_from_steps(steps)
     t1 = cost.target(1)
     n = len(steps)
@@ -101,7 +111,7 @@ def analyse(steps: list[dict]) -> dict:
     drafted = sum(s["drafted"] for s in steps)
     accepted = sum(s["accepted"] for s in steps)
     emitted = sum(s["emitted"] for s in steps)
-    acc_pos, drafted_at = acceptance_by_position(steps)
+    acc_pos, drafted_at, reached_at = acceptance_by_position(steps)
     off = sum(1 for s in steps if s["draft_len"] == 0) / n
     used = [s["target_tokens"] for s in steps if s["drafted"]]
     typical_block = int(_median(used)) if used else 1
@@ -125,7 +135,8 @@ def analyse(steps: list[dict]) -> dict:
 
     report = {
         "steps": n,
-        "tokens": emitted,
+        "passes": n + len(prompt_steps),  # target passes, the prompt's included (generate's count)
+        "tokens": emitted + sum(s["emitted"] for s in prompt_steps),
         "time_s": total,
         "time_split": {
             "draft": sum(s["draft_s"] for s in steps) / total if total else 0.0,
@@ -137,10 +148,11 @@ def analyse(steps: list[dict]) -> dict:
             "verify": 1000 * sum(s["verify_s"] for s in steps) / n,
             "overhead": 1000 * sum(s["overhead_s"] for s in steps) / n,
         },
-        "tokens_per_target_pass": emitted / n,
+        "tokens_per_target_pass": (emitted + sum(s["emitted"] for s in prompt_steps)) / (n + len(prompt_steps)),
         "acceptance_rate": accepted / drafted if drafted else 0.0,
         "acceptance_by_position": acc_pos,
         "drafted_by_position": drafted_at,
+        "reached_by_position": reached_at,
         "acceptance_collapses_at": collapse,
         "policy_off_fraction": off,
         "target_pass_ms": {
@@ -166,13 +178,17 @@ def advice(r: dict) -> list[str]:
     """Plain-words statements, each with the figures behind it."""
     out = []
     split = r["time_split"]
+    prompts = r["passes"] - r["steps"]
     out.append(
-        f"{r['steps']} steps, {r['tokens']} tokens: {r['tokens_per_target_pass']:.2f} tokens per target pass. "
-        f"Time: {100 * split['verify']:.0f}% verifying, {100 * split['draft']:.0f}% drafting, "
-        f"{100 * split['overhead']:.0f}% loop overhead (per step {r['per_step_ms']['verify']:.1f} / "
-        f"{r['per_step_ms']['draft']:.1f} / {r['per_step_ms']['overhead']:.1f} ms)."
+        f"{r['tokens']} tokens in {r['passes']} target passes: {r['tokens_per_target_pass']:.2f} tokens per pass"
+        + (f" (the {'pass' if prompts == 1 else f'{prompts} passes'} that read the prompt gave the first token)"
+           if prompts else "")
+        + f". Time of the {r['steps']} decoding steps: {100 * split['verify']:.0f}% verifying, "
+        f"{100 * split['draft']:.0f}% drafting, {100 * split['overhead']:.0f}% loop overhead (per step "
+        f"{r['per_step_ms']['verify']:.1f} / {r['per_step_ms']['draft']:.1f} / {r['per_step_ms']['overhead']:.1f} ms)."
     )
-    pos = ", ".join(f"{i + 1}:{a:.2f}" for i, a in enumerate(r["acceptance_by_position"][:8]))
+    pos = ", ".join(f"{i + 1}:{a:.2f}" for i, (a, reached) in
+                    enumerate(zip(r["acceptance_by_position"][:8], r["reached_by_position"])) if reached)
     if pos:
         out.append(
             f"Acceptance {r['acceptance_rate']:.2f} overall; by position (given the earlier ones accepted): {pos}."
@@ -208,8 +224,9 @@ def advice(r: dict) -> list[str]:
         )
     elif b == "overhead":
         out.append(
-            f"Bottleneck: loop overhead: {r['overhead_ratio']:.2f} of a target pass per step outside the models. "
-            f"Without it the run would be {g['overhead']:.2f}x faster."
+            f"Bottleneck: loop overhead: {r['overhead_ratio']:.2f} of a target pass per step outside the models, "
+            "sampling included (temperature, top-k and top-p turn every scored position's logits into a "
+            f"distribution). Without it the run would be {g['overhead']:.2f}x faster."
         )
     else:
         out.append("No single bottleneck: every factor is within 5% of ideal.")
@@ -229,20 +246,25 @@ def advice(r: dict) -> list[str]:
     return out
 
 
+BOTTLENECK_WORDS = {"acceptance": "acceptance", "draft_cost": "draft cost", "verification_cost": "verification cost",
+                    "overhead": "loop overhead", "policy_off": "speculation off", "none": "none"}
+
+
 def plot(report: dict, steps: list[dict], out_prefix: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = list(range(len(steps)))
+    x = list(range(1, len(steps) + 1))  # decoding steps from 1, the prompt's pass not drawn
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(7, len(steps) * 0.06), 6), sharex=True)
     top.bar(x, [s["drafted"] for s in steps], color="lightgray", label="drafted")
     top.bar(x, [s["accepted"] for s in steps], color="tab:green", label="accepted")
     top.plot(x, [s["draft_len"] for s in steps], color="black", lw=0.8, drawstyle="steps-mid", label="tau allowed")
     top.set_ylabel("tokens")
     top.legend(fontsize=7, loc="upper right")
-    top.set_title(f"timeline: {report['tokens']} tokens in {report['steps']} steps, bottleneck: {report['bottleneck']}")
+    top.set_title(f"timeline: {report['tokens']} tokens in {report['passes']} target passes; "
+                  f"bottleneck: {BOTTLENECK_WORDS[report['bottleneck']]}")
     d = [1000 * s["draft_s"] for s in steps]
     v = [1000 * s["verify_s"] for s in steps]
     o = [1000 * s["overhead_s"] for s in steps]
@@ -250,7 +272,7 @@ def plot(report: dict, steps: list[dict], out_prefix: Path) -> list[Path]:
     bottom.bar(x, v, bottom=d, color="tab:blue", label="verify")
     bottom.bar(x, o, bottom=[a + b for a, b in zip(d, v)], color="tab:red", label="overhead")
     bottom.set_ylabel("ms")
-    bottom.set_xlabel("step")
+    bottom.set_xlabel("decoding step")
     bottom.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     paths = [out_prefix.with_name(out_prefix.name + "_timeline.png")]
@@ -258,8 +280,8 @@ def plot(report: dict, steps: list[dict], out_prefix: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    acc = report["acceptance_by_position"]
-    ax.bar(range(1, len(acc) + 1), acc, color="tab:green")
+    reached = [i for i, n in enumerate(report["reached_by_position"]) if n]  # never tested: no bar, not 0
+    ax.bar([i + 1 for i in reached], [report["acceptance_by_position"][i] for i in reached], color="tab:green")
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("draft position")
     ax.set_ylabel("acceptance | earlier accepted")

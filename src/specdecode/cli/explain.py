@@ -15,10 +15,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..explain import analyse, load_steps, plot
+    from ..explain import analyse, load_trace, plot
 
-    steps, _ = load_steps(args.trace)
-    report = analyse(steps)
+    steps, prompt_steps, _ = load_trace(args.trace)
+    report = analyse(steps, prompt_steps)
     if args.plots:
         report["plots"] = [str(p) for p in plot(report, steps, Path(args.plots))]
     if args.json:

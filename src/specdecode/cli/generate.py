@@ -45,6 +45,7 @@ def run(args) -> int:
             sys.stdout.flush()
             last = event
         sys.stdout.write("\n")
+        sys.stdout.flush()  # the text and its newline before the stats line on stderr, however it ended
         s = last.stats
         print(
             f"[{s.new_tokens} tokens, {s.tokens_per_second:.1f} tok/s, finish={last.finish_reason}, "
