@@ -13,8 +13,8 @@ sdist, the patches and the flags; the ``ik`` backend reports it (``ik_api.build_
 F16C; no AVX-512), so every x86-64 machine that runs the wheel runs the build and gets its
 tokens; ``native`` builds for this CPU (``-march=native``).
 
-Exit status 3, with one line saying why, where this machine cannot build (no cmake or C++
-compiler): the caller keeps the wheel. Any other failure is an error.
+Exit status 3, with one line saying why, where this machine cannot build (no cmake, C++ compiler or
+patch): the caller keeps the wheel. Any other failure is an error.
 """
 
 from __future__ import annotations
