@@ -96,7 +96,8 @@ def run(args) -> int:
     urls = {name: url.rstrip("/") for name, url in _named(args.url, "url", "URL").items()}
     own = _named(args.serve, "serve", "OPTIONS")
     servers = _named(args.llama_server, "llama_server", "BINARY [OPTIONS]")
-    clash = (set(urls) | set(own)) & set(servers) or set(urls) & set(own)
+    names = [*urls, *own, *servers]
+    clash = {name for name in names if names.count(name) > 1}
     if clash:
         raise SpecDecodeError("serve", f"names a server twice: {sorted(clash)}")
     if args.serve_args is not None and (urls or own or servers):
