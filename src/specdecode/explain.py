@@ -110,7 +110,7 @@ def analyse(steps: list[dict], prompt_steps: list[dict] = ()) -> dict:
     total = sum(s["draft_s"] + s["verify_s"] + s["overhead_s"] for s in steps)
     drafted = sum(s["drafted"] for s in steps)
     accepted = sum(s["accepted"] for s in steps)
-    emitted = sum(s["emitted"] for s in steps)
+    tokens = sum(s["emitted"] for s in [*steps, *prompt_steps])  # as generate counts them
     acc_pos, drafted_at, reached_at = acceptance_by_position(steps)
     off = sum(1 for s in steps if s["draft_len"] == 0) / n
     used = [s["target_tokens"] for s in steps if s["drafted"]]
@@ -136,7 +136,7 @@ def analyse(steps: list[dict], prompt_steps: list[dict] = ()) -> dict:
     report = {
         "steps": n,
         "passes": n + len(prompt_steps),  # target passes, the prompt's included (generate's count)
-        "tokens": emitted + sum(s["emitted"] for s in prompt_steps),
+        "tokens": tokens,
         "time_s": total,
         "time_split": {
             "draft": sum(s["draft_s"] for s in steps) / total if total else 0.0,
@@ -148,7 +148,7 @@ def analyse(steps: list[dict], prompt_steps: list[dict] = ()) -> dict:
             "verify": 1000 * sum(s["verify_s"] for s in steps) / n,
             "overhead": 1000 * sum(s["overhead_s"] for s in steps) / n,
         },
-        "tokens_per_target_pass": (emitted + sum(s["emitted"] for s in prompt_steps)) / (n + len(prompt_steps)),
+        "tokens_per_target_pass": tokens / (n + len(prompt_steps)),
         "acceptance_rate": accepted / drafted if drafted else 0.0,
         "acceptance_by_position": acc_pos,
         "drafted_by_position": drafted_at,
