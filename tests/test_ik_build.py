@@ -160,3 +160,130 @@ def test_loadtest_starts_iks_own_server_by_name_and_loads_it(tmp_path):
     assert main(argv) == 0
     rows = json.loads((tmp_path / "l" / "results.json").read_text())["rows"]
     assert [(r["server"], r["requests"], r["failed"], r["output_tokens"]) for r in rows] == [("ik2", 2, 0, 12)]
+
+
+# ---- patch 0005: a KV stream per sequence -----------------------------------------------------
+SLOT_CONTEXT = 512
+STREAM_PASSES = 7
+
+
+def _schedule(slots: int, seed: int) -> list[list[tuple]]:
+    """Passes of a random serving run: per pass, (slot, tokens, logits wanted, tokens kept after)
+    for the slots in it. A slot's first block is a prompt (or a prompt chunk); later blocks are
+    drafted blocks or more prompt, of any length the pass can hold, and a random number of each
+    block's tokens is rolled back after its pass (rejected drafts); some slots sit passes out, and
+    some are cleared and start again."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(low: int, high: int) -> int:
+        return int(torch.randint(low, high + 1, (1,), generator=generator))
+
+    held, passes = [0] * slots, []
+    widest = MAX_BLOCK // slots
+    for _ in range(STREAM_PASSES):
+        blocks = []
+        for slot in range(slots):
+            if rand(0, 9) < 2:
+                continue  # sits this pass out
+            if held[slot] and rand(0, 9) == 0:
+                held[slot] = 0
+                blocks.append((slot, "clear"))
+                continue
+            n = rand(1, min(widest, SLOT_CONTEXT - held[slot] - 1))
+            tokens = torch.randint(100, 40000, (n,), generator=generator).tolist()
+            kept = held[slot] + (n if rand(0, 1) else rand(0, n))
+            blocks.append((slot, tokens, min(n, rand(1, 4)), kept))
+            held[slot] = kept
+        passes.append(blocks)
+    return passes
+
+
+def _run_together(runner, passes) -> dict[int, list[torch.Tensor]]:
+    """Each slot's logits, pass by pass, with every slot's block in one pass."""
+    from specdecode.runners.base import Block
+
+    out: dict[int, list[torch.Tensor]] = {}
+    for blocks in passes:
+        for slot, *op in blocks:
+            if op == ["clear"]:
+                runner.clear(slot)
+        scored = [Block(slot, tokens, logits) for slot, *op in blocks if op != ["clear"]
+                  for tokens, logits, _ in [op]]
+        if scored:
+            for slot, rows in runner.forward(scored).items():
+                out.setdefault(slot, []).append(rows)
+        for slot, *op in blocks:
+            if op != ["clear"]:
+                runner.truncate(slot, op[2])
+    return out
+
+
+def _run_alone(model, passes, slot: int) -> list[torch.Tensor]:
+    """The same slot's blocks, rollbacks and clears in a context of its own."""
+    from specdecode.runners.llamacpp import LlamaCppRunner
+
+    runner, out = LlamaCppRunner(model, capacity=SLOT_CONTEXT), []
+    for blocks in passes:
+        for s, *op in blocks:
+            if s != slot:
+                continue
+            if op == ["clear"]:
+                runner.reset()
+                continue
+            tokens, logits, kept = op
+            out.append(runner.forward(tokens, logits))
+            runner.truncate(kept)
+    return out
+
+
+def _slots_that_differ(model, runner, passes) -> list[int]:
+    together = _run_together(runner, passes)
+    return [slot for slot, rows in together.items()
+            if not all(torch.equal(a, b) for a, b in zip(rows, _run_alone(model, passes, slot), strict=True))]
+
+
+@pytest.mark.parametrize("slots", [2, 4, 8, 16])
+def test_with_a_kv_stream_per_sequence_each_gets_its_logits_alone_bit_for_bit(model, slots):
+    """Patch 0005: every slot in one context and one llama_decode per pass (prompt chunks, drafted
+    blocks and rollbacks mixed), each slot's logits equal to its own context's."""
+    from specdecode.runners.ik import IkStreamBatchRunner
+
+    runner = model.batch_runner(slots, SLOT_CONTEXT)
+    assert isinstance(runner, IkStreamBatchRunner)
+    passes = _schedule(slots, seed=slots)
+    assert _slots_that_differ(model, runner, passes) == []
+
+
+def test_a_slot_decoding_alone_reuses_its_graph_and_stays_exact(model):
+    """One token a pass from one slot is the case ik reuses its last graph for, moving only where K
+    and V are stored; a stream graph is reused for the same slot only (its cells are elsewhere)."""
+    prompt = [(0, list(range(300, 340)), 1, 40), (1, list(range(500, 520)), 1, 20)]
+    held, passes = {0: 40, 1: 20}, [prompt]
+    for i, slot in enumerate([0, 0, 0, 1, 1, 0, 0]):
+        held[slot] += 1
+        passes.append([(slot, [1000 + i], 1, held[slot])])
+    runner = model.batch_runner(2, SLOT_CONTEXT)
+    assert _slots_that_differ(model, runner, passes) == []
+
+
+def test_without_streams_sequences_sharing_the_pool_get_other_logits(model):
+    """The negative control: the same run in ik's one pool (no streams) differs from alone."""
+    from specdecode.runners.llamacpp_batch import LlamaCppBatchRunner
+
+    runner = LlamaCppBatchRunner(model, 8, SLOT_CONTEXT)
+    assert _slots_that_differ(model, runner, _schedule(8, seed=8)) != []
+
+
+def test_a_batch_that_breaks_the_stream_layout_is_refused(model):
+    """A position past a stream, or a sequence's tokens apart in the batch: decode fails, no cell
+    changes (ik logs why)."""
+    runner = model.batch_runner(2, SLOT_CONTEXT)
+    lib, b = runner.lib, runner.batch
+    for n, (seq, pos) in enumerate([(0, 0), (1, 0), (0, 1)]):  # sequence 0 split by sequence 1
+        b.token[n], b.pos[n], b.n_seq_id[n], b.seq_id[n][0], b.logits[n] = 100, pos, 1, seq, 1
+    b.n_tokens = 3
+    assert lib.llama_decode(runner.ctx, b) != 0
+    b.pos[0], b.seq_id[0][0], b.n_tokens = -(-SLOT_CONTEXT // 32) * 32, 0, 1  # past its stream
+    assert lib.llama_decode(runner.ctx, b) != 0
+    passes = [[(0, [100, 101], 2, 2)]]  # and the context still holds nothing, so scores as alone
+    assert _slots_that_differ(model, runner, passes) == []

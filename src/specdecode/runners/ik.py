@@ -4,7 +4,8 @@ declaration of its C API (``ik_api``).
 
 ``IkModel`` is a ``LlamaCppModel`` whose contexts and KV operations are the fork's, so the
 llama.cpp runner (``LlamaCppRunner``) drives it unchanged: batches, decode and logits are the
-same C calls in both libraries. Several sequences get a context each (``IkBatchRunner``).
+same C calls in both libraries. Several sequences share one context with a KV stream each on our
+build (``IkStreamBatchRunner``, patch 0005), a context each on the prebuilt wheel (``IkBatchRunner``).
 
 Kernels. A position's logits must not depend on how its pass was cut (``runners.llamacpp``).
 ik picks another kernel for a product of 32 or more rows (it repacks the weights on the fly), with
@@ -27,8 +28,10 @@ from ..config import MAX_BLOCK, ConfigError
 from .base import BatchRunner, Block
 from .ik_api import IkUnavailable, load, probe
 from .llamacpp import LlamaCppModel, LlamaCppRunner, check_threads, default_threads
+from .llamacpp_batch import LlamaCppBatchRunner
 
 FLASH_ATTENTION = False  # off: see the module docstring
+KV_PAD = 32  # ik pads a context's cells, and the cells attention reads, to this without flash attention
 
 
 class IkModel(LlamaCppModel):
@@ -81,7 +84,12 @@ class IkModel(LlamaCppModel):
                                         f"for {streams} sequences")
         return ctx
 
-    def batch_runner(self, slots: int, slot_context: int, vocab_size: int | None = None) -> "IkBatchRunner":
+    def batch_runner(self, slots: int, slot_context: int,
+                     vocab_size: int | None = None) -> "IkStreamBatchRunner | IkBatchRunner":
+        """One context with a KV stream per slot where the build has them (patch 0005) and every
+        call length up to ``MAX_BLOCK`` is exact; else a context per slot."""
+        if self.lib.llama_kv_cache_seq_streams is not None and self.max_block >= MAX_BLOCK:
+            return IkStreamBatchRunner(self, slots, slot_context, vocab_size)
         return IkBatchRunner(self, slots, slot_context, vocab_size)
 
     def kv_remove(self, ctx, seq: int, start: int, end: int = -1) -> None:
@@ -95,12 +103,36 @@ class IkModel(LlamaCppModel):
         self.lib.llama_free_model(self.model)
 
 
+class IkStreamBatchRunner(LlamaCppBatchRunner):
+    """``slots`` sequences of up to ``slot_context`` tokens each in one ik context with a KV stream
+    per slot (our build's patch 0005, ``llama_kv_cache_seq_streams``): a pass is one llama_decode
+    call over every slot's block, the weight products run once over all its tokens, and each
+    slot's attention reads only its own cells, laid out as in a context of its own, so a slot's
+    logits are bit-identical to a lone runner's whatever shares its pass (tests/test_ik_build.py).
+    ik cuts a call into micro-batches of consecutive tokens, not per slot as llama.cpp does, and
+    the engine's passes fit in one (``MAX_BLOCK``)."""
+
+    def __init__(self, model: IkModel, slots: int, slot_context: int, vocab_size: int | None = None):
+        # a stream is n_ctx / slots cells and ik pads n_ctx to a multiple of KV_PAD: a stream of
+        # whole pads has the size a lone context of slot_context gets, so the cells attention reads
+        # (padded to KV_PAD, at most the stream) match it at every length
+        super().__init__(model, slots, -(-slot_context // KV_PAD) * KV_PAD, vocab_size)
+        self.capacity = slot_context
+        if not self.lib.llama_kv_cache_seq_streams(self.ctx, True):
+            raise ConfigError("target", f"ik_llama.cpp cannot give {model.path.name} a KV stream per sequence")
+
+    def pass_shape(self, blocks: dict[int, int]) -> tuple[int, int]:
+        """One micro-batch (ik's, of consecutive tokens, up to ``MAX_BLOCK``) for the whole pass."""
+        total = sum(blocks.values())
+        return -(-total // MAX_BLOCK), int(total == 1)
+
+
 class IkBatchRunner(BatchRunner):
     """``slots`` sequences of up to ``slot_context`` tokens each, a context of its own per slot,
     behind the batch runner methods of ``LlamaCppBatchRunner``; a pass is one llama_decode call
-    per slot with tokens in it.
+    per slot with tokens in it. Where the library has no KV stream per sequence (the wheel).
 
-    Not one context for all slots, as on llama.cpp: the fork keeps several sequences' cells in one
+    Not one context for all slots without streams: the fork keeps several sequences' cells in one
     pool, and there its attention gives a sequence other logits than alone (by up to ~20 in a
     logit) for blocks of many shapes, depending on where the other sequences' cells lie, with flash
     attention off; with it on, it aborts on an assertion (a row whose chunk of cells is all masked).

@@ -55,6 +55,7 @@ DECLARED = {
 PATCHED = {
     "iqk_set_repack_min_rows": ([ctypes.c_int], None),  # 0004: which products take the repacking kernel
     "iqk_get_repack_min_rows": ([], ctypes.c_int),
+    "llama_kv_cache_seq_streams": ([ctypes.c_void_p, ctypes.c_bool], ctypes.c_bool),  # 0005: a KV stream per sequence
 }
 # iqk_set_repack_min_rows's argument for "no product repacks": every product keeps its weight
 # type's own kernel whatever the pass's size, so a token's logits do not depend on how many
