@@ -1,9 +1,10 @@
 """The same seeded sampled request through every entry point: ``specdecode generate`` (the CLI),
 ``serve --max-batch 1`` (one request at a time) and ``serve`` (the batch engine), alone and beside
-other requests. Prints each entry point's text and whether they agree; exits 1 when they do not.
+other requests (3 and 15 others: 4 and 16 concurrent, by default). Prints each entry point's text
+and whether they agree; exits 1 when they do not.
 
 Usage: python scripts/seeded_identity.py [--backend auto|ik|llamacpp|torch] [--seed 11]
-       [--temperature 0.8] [--max-tokens 48]
+       [--temperature 0.8] [--max-tokens 48] [--beside 3,15]
 """
 
 import argparse
@@ -25,6 +26,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--beside", default="3,15", help="how many other requests run beside it, comma-separated")
     args = p.parse_args()
     cli = subprocess.run([sys.executable, "-m", "specdecode", "generate", PROMPT, "--json", "--backend", args.backend,
                           "--temperature", str(args.temperature), "--seed", str(args.seed),
@@ -32,8 +34,9 @@ def main() -> int:
     texts = {"generate (CLI)": json.loads(cli.stdout)["text"]}
     body = {"model": "m", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": args.max_tokens,
             "temperature": args.temperature, "seed": args.seed}
+    beside = [int(n) for n in args.beside.split(",")]
     others = [{**body, "messages": [{"role": "user", "content": f"Name {n} animals."}], "seed": n}
-              for n in range(2, 8)]
+              for n in range(2, 2 + max(beside))]
     for name, extra in (("serve --max-batch 1", ["--max-batch", "1"]), ("serve", [])):
         port = free_port()
         base = f"http://127.0.0.1:{port}"
@@ -44,9 +47,10 @@ def main() -> int:
                 return httpx.post(base + "/v1/chat/completions", json=b, timeout=300).json()
 
             texts[f"{name}, alone"] = ask(body)["choices"][0]["message"]["content"]
-            with concurrent.futures.ThreadPoolExecutor(len(others) + 1) as pool:
-                answers = list(pool.map(ask, [*others, body]))
-            texts[f"{name}, beside {len(others)} others"] = answers[-1]["choices"][0]["message"]["content"]
+            for n in beside:
+                with concurrent.futures.ThreadPoolExecutor(n + 1) as pool:
+                    answers = list(pool.map(ask, [*others[:n], body]))
+                texts[f"{name}, beside {n} others"] = answers[-1]["choices"][0]["message"]["content"]
         finally:
             proc.terminate()
             proc.wait(60)
