@@ -265,10 +265,11 @@ def test_a_sequence_gets_the_same_logits_alone_and_beside_15_others(ik_target):
 
 
 def test_one_shared_context_for_all_slots_gives_other_logits(ik_target):
-    """Negative control: why each slot has a context of its own (``runners.ik.IkBatchRunner``).
-    The llama.cpp batch runner's one context over the fork gives some of the 16 sequences other
-    logits than alone, even with every pass on one kernel (our build): their cells interleave in
-    the fork's one pool."""
+    """Negative control: why slots share a context only with a KV stream each (patch 0005,
+    ``runners.ik.IkStreamBatchRunner``) and otherwise have one each (``IkBatchRunner``). The
+    llama.cpp batch runner's one context over the fork's one pool gives some of the 16 sequences
+    other logits than alone, even with every pass on one kernel (our build): their cells
+    interleave in the pool."""
     from specdecode.runners.llamacpp_batch import LlamaCppBatchRunner
 
     runner = LlamaCppBatchRunner(ik_target.model, 16, 512)
