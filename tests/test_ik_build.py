@@ -257,8 +257,9 @@ def test_with_a_kv_stream_per_sequence_each_gets_its_logits_alone_bit_for_bit(mo
 def test_a_slot_decoding_alone_reuses_its_graph_and_stays_exact(model):
     """One token a pass from one slot is the case ik reuses its last graph for, moving only where K
     and V are stored; a stream graph is reused for the same slot only (its cells are elsewhere)."""
-    prompt = [(0, list(range(300, 340)), 1, 40), (1, list(range(500, 520)), 1, 20)]
-    held, passes = {0: 40, 1: 20}, [prompt]
+    # both slots' cells padded to 64, so only the slot tells one slot's graph from the other's
+    prompt = [(0, list(range(300, 340)), 1, 40), (1, list(range(500, 538)), 1, 38)]
+    held, passes = {0: 40, 1: 38}, [prompt]
     for i, slot in enumerate([0, 0, 0, 1, 1, 0, 0]):
         held[slot] += 1
         passes.append([(slot, [1000 + i], 1, held[slot])])
