@@ -255,8 +255,9 @@ def test_with_a_kv_stream_per_sequence_each_gets_its_logits_alone_bit_for_bit(mo
 
 
 def test_a_slot_decoding_alone_reuses_its_graph_and_stays_exact(model):
-    """One token a pass from one slot is the case ik reuses its last graph for, moving only where K
-    and V are stored; a stream graph is reused for the same slot only (its cells are elsewhere)."""
+    """One token a pass from one slot is the case ik reuses its last graph for, with new inputs (the
+    cells K and V go to among them); a stream graph is reused for the same slot only (its views
+    start at that slot's cells)."""
     # both slots' cells padded to 64, so only the slot tells one slot's graph from the other's
     prompt = [(0, list(range(300, 340)), 1, 40), (1, list(range(500, 538)), 1, 38)]
     held, passes = {0: 40, 1: 38}, [prompt]
@@ -278,13 +279,15 @@ def test_without_streams_sequences_sharing_the_pool_get_other_logits(model):
 def test_a_batch_that_breaks_the_stream_layout_is_refused(model):
     """A position past a stream, or a sequence's tokens apart in the batch: decode fails, no cell
     changes (ik logs why)."""
+    from specdecode.runners.ik import KV_PAD
+
     runner = model.batch_runner(2, SLOT_CONTEXT)
     lib, b = runner.lib, runner.batch
     for n, (seq, pos) in enumerate([(0, 0), (1, 0), (0, 1)]):  # sequence 0 split by sequence 1
         b.token[n], b.pos[n], b.n_seq_id[n], b.seq_id[n][0], b.logits[n] = 100, pos, 1, seq, 1
     b.n_tokens = 3
     assert lib.llama_decode(runner.ctx, b) != 0
-    b.pos[0], b.seq_id[0][0], b.n_tokens = -(-SLOT_CONTEXT // 32) * 32, 0, 1  # past its stream
+    b.pos[0], b.seq_id[0][0], b.n_tokens = -(-SLOT_CONTEXT // KV_PAD) * KV_PAD, 0, 1  # past its stream
     assert lib.llama_decode(runner.ctx, b) != 0
     passes = [[(0, [100, 101], 2, 2)]]  # and the context still holds nothing, so scores as alone
     assert _slots_that_differ(model, runner, passes) == []
